@@ -1,0 +1,136 @@
+"""The run directory: atomic files, content hashes, manifests and the COMPLETE marker.
+
+    runs/<name>/<stage>/  model/  data/  metrics.json  manifest.json  COMPLETE
+
+A stage is done only when COMPLETE exists; it is written last, atomically, after the
+manifest, so a crash at any moment leaves either a finished stage or an unfinished one,
+never a stage that looks finished with files missing. RUNNING marks a stage in progress
+with the fingerprint it was started with, so a re-run can tell "resume" from "start over".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+COMPLETE = "COMPLETE"
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+RUNNING = "RUNNING"
+LARGE_FILE = 256 * 1024 * 1024  # past this, a file is fingerprinted by size and mtime, not content
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` so that readers see the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """The parsed file, or None when it is missing or unreadable (a torn file from an old crash)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def canonical_hash(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def path_fingerprint(path: Path) -> str:
+    """Content hash of a file (or every file under a folder); size+mtime for very large files."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        stat = f.stat()
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        if stat.st_size > LARGE_FILE:
+            h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            continue
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def completed_manifest(stage_dir: Path) -> dict | None:
+    """The manifest of a finished stage, or None when the stage is not COMPLETE."""
+    marker = read_json(stage_dir / COMPLETE)
+    manifest = read_json(stage_dir / MANIFEST)
+    if marker is None or manifest is None or marker.get("completion_id") != manifest.get("completion_id"):
+        return None
+    return manifest
+
+
+def invalidate(stage_dir: Path) -> None:
+    """Un-finish a stage before touching any of its files (COMPLETE goes first)."""
+    (stage_dir / COMPLETE).unlink(missing_ok=True)
+
+
+def start_stage(stage_dir: Path, fingerprint: str, fresh: bool = False) -> bool:
+    """Prepare `stage_dir` for a run; True when an interrupted run of the same config can resume.
+
+    Anything else in the folder (an older config's run, a forced re-run) is deleted first."""
+    invalidate(stage_dir)
+    running = read_json(stage_dir / RUNNING)
+    resume = not fresh and running is not None and running.get("fingerprint") == fingerprint
+    if not resume and stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    write_json(stage_dir / RUNNING, {"fingerprint": fingerprint, "pid": os.getpid()})
+    return resume
+
+
+def finish_stage(stage_dir: Path, manifest: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """Write metrics and manifest, then COMPLETE; drop the RUNNING marker and checkpoints."""
+    manifest = {**manifest, "completion_id": uuid.uuid4().hex}
+    write_json(stage_dir / METRICS, metrics)
+    write_json(stage_dir / MANIFEST, manifest)
+    write_json(stage_dir / COMPLETE, {"completion_id": manifest["completion_id"]})
+    (stage_dir / RUNNING).unlink(missing_ok=True)
+    shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+    return manifest
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["posttrain", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed"]
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The commit of the checkout the recipe lives in, when there is one (with -dirty if modified)."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -1,0 +1,76 @@
+"""Batched generation with transformers, shared by evaluation, labelling and distillation."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def render_prompts(tokenizer: Any, prompts: list[Any]) -> list[str]:
+    """Conversational prompts go through the chat template (with the assistant header); text stays."""
+    return [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        if isinstance(p, list)
+        else p
+        for p in prompts
+    ]
+
+
+def model_device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    num_return_sequences: int = 1,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> tuple[list[list[str]], dict[str, float]]:
+    """Completions for rendered `prompts` (k per prompt), decoded without special tokens, and
+    throughput stats. Greedy unless `do_sample`; prompts are left-padded in batches."""
+    import torch
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs: list[list[str]] = []
+    new_tokens = 0
+    started = time.perf_counter()
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    )
+    try:
+        for i in range(0, len(prompts), batch_size):
+            batch = tokenizer(
+                prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
+            batch = batch.to(model_device(model))
+            with torch.no_grad():
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=num_return_sequences,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    top_k=None,
+                    **sampling,
+                )
+            completion_ids = out[:, batch["input_ids"].shape[1] :]
+            finished = completion_ids != tokenizer.pad_token_id
+            new_tokens += int(finished.sum())
+            texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+            k = num_return_sequences
+            outputs.extend(texts[j : j + k] for j in range(0, len(texts), k))
+    finally:
+        tokenizer.padding_side = side
+    seconds = time.perf_counter() - started
+    return outputs, {
+        "tokens": new_tokens,
+        "seconds": seconds,
+        "tokens_per_s": new_tokens / max(seconds, 1e-9),
+    }

@@ -1,0 +1,143 @@
+"""Load a model and tokenizer from a path or hub id, build the tiny presets, save results.
+
+Presets are small random-initialised models built from `recipes/models/<name>.json` with the
+character-level tokenizer in `recipes/models/tokenizer/` (both ship in the package), so
+every stage runs offline on a CPU in seconds. A preset is written once into the run
+directory, after which it is a model path like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import PosttrainError, did_you_mean, one_of
+from posttrain.recipe import PathModel
+
+PRESETS = Path(str(files("posttrain.recipes") / "models"))
+TOKENIZER_DIR = PRESETS / "tokenizer"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.json"))
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    path = PRESETS / f"{name}.json"
+    if not path.exists():
+        names = preset_names()
+        raise PosttrainError(f"unknown model preset '{name}'", fix=did_you_mean(name, names) or one_of(names))
+    return json.loads(path.read_text())
+
+
+def materialize_preset(name: str, seed: int, dest: Path) -> Path:
+    """Build preset `name` with weights drawn from `seed` and save it (with tokenizer) at `dest`.
+
+    Written to a temporary folder and renamed, so a crash never leaves half a model behind."""
+    if (dest / "config.json").exists():
+        return dest
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = preset_config(name)
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    config = AutoConfig.for_model(
+        **spec,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    save_pretrained(model, tokenizer, dest)
+    return dest
+
+
+def save_pretrained(model: Any, tokenizer: Any, dest: Path) -> None:
+    """Save model + tokenizer atomically: into `dest.partial`, then one rename."""
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(partial)
+    if dest.exists():
+        shutil.rmtree(dest)
+    partial.rename(dest)
+
+
+def _from_pretrained_kwargs(source: PathModel) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": source.trust_remote_code}
+    if source.revision:
+        kwargs["revision"] = source.revision
+    return kwargs
+
+
+def _check_exists(source: PathModel) -> None:
+    path = Path(source.path)
+    looks_local = source.path.startswith((".", "/", "~")) or path.exists() or source.path.count("/") > 1
+    if looks_local and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        raise PosttrainError(
+            f"no model at '{source.path}' (no config.json)", fix="check the path, or finish that stage"
+        )
+
+
+def load_tokenizer(source: PathModel) -> Any:
+    """The tokenizer that ships with the model; a pad token is set to EOS when it has none."""
+    from transformers import AutoTokenizer
+
+    _check_exists(source)
+    path = source.path
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.exists() and not (Path(path) / "tokenizer_config.json").exists():
+        path = json.loads(adapter.read_text())["base_model_name_or_path"]
+    tokenizer = AutoTokenizer.from_pretrained(path, **_from_pretrained_kwargs(source))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(name: str | None) -> Any:
+    import torch
+
+    if name in (None, "auto"):
+        return "auto" if name == "auto" else None
+    return getattr(torch, name)
+
+
+def load_causal_lm(source: PathModel, **kwargs: Any) -> Any:
+    """A causal LM from a path or hub id; a saved LoRA adapter is loaded on its base and merged."""
+    from transformers import AutoModelForCausalLM
+
+    _check_exists(source)
+    kwargs = {**_from_pretrained_kwargs(source), **kwargs}
+    dtype = torch_dtype(source.dtype)
+    if dtype is not None:
+        kwargs.setdefault("dtype", dtype)
+    if (Path(source.path) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(source.path, **kwargs).merge_and_unload()
+    return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+
+
+def count_parameters(model: Any) -> dict[str, int]:
+    """Total and trainable parameters; for MoE models also the parameters active per token."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts = {"total": total, "trainable": trainable}
+    config = getattr(model, "config", None)
+    n_experts = getattr(config, "n_routed_experts", None) or getattr(config, "num_local_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if n_experts and top_k:
+        routed = sum(
+            p.numel() for n, p in model.named_parameters() if ".experts." in n or n.endswith(".experts")
+        )
+        counts["active"] = total - routed + routed * top_k // n_experts
+    return counts

@@ -1,0 +1,528 @@
+"""The recipe: one YAML file that describes a whole post-training run.
+
+`load_recipe(path, overrides)` reads the YAML (keeping line numbers), applies `--set`
+overrides, validates it with pydantic and checks every `train:` key against the matching
+trl config dataclass, so a typo fails in a second with `file:line: key: message`, not
+after an hour of training. Unknown keys are errors everywhere, with a did-you-mean.
+
+A bare string in a model or data slot (`model: sft`, `data: label`) is another stage's
+name, or else a path / hub id; `references()` lists them so the runner can order stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from posttrain.errors import PosttrainError, did_you_mean, one_of
+
+# --------------------------------------------------------------------------- base types
+
+
+class Strict(BaseModel):
+    """Every recipe block: unknown keys are errors that suggest the closest known key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and cls.model_config.get("extra") == "forbid":
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            for key in data:
+                if key not in known:
+                    hint = did_you_mean(key, known) or one_of(known)
+                    raise PydanticCustomError(
+                        "unknown_key", "unknown key '{key}'; {hint}", {"key": str(key), "hint": hint}
+                    )
+        return data
+
+
+class ModelReference(str):
+    """A model slot's bare string: a stage name (that stage's `model/`), else a path or hub id."""
+
+
+class DataReference(str):
+    """A data slot's bare string: a stage name (that stage's `data/`), else a file, folder or hub id."""
+
+
+def _tag(value: Any) -> str:
+    if isinstance(value, str):
+        return "ref"
+    if isinstance(value, dict):
+        for key in ("preset", "synthetic", "path"):
+            if key in value:
+                return key
+    if isinstance(value, BaseModel):
+        return {PresetModel: "preset", PathModel: "path", SyntheticData: "synthetic"}.get(type(value), "path")
+    return "path"
+
+
+class PresetModel(Strict):
+    """A tiny random-initialised model built from `recipes/models/<preset>.json` (offline, seconds)."""
+
+    preset: str
+
+
+class PathModel(Strict):
+    """A model on disk or on the Hugging Face Hub."""
+
+    path: str
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    trust_remote_code: bool = False  # off unless the recipe turns it on: remote code runs on your machine
+
+
+ModelRef = Annotated[
+    Annotated[Annotated[str, AfterValidator(ModelReference)], Tag("ref")] | Annotated[PresetModel, Tag("preset")] | Annotated[PathModel, Tag("path")],
+    Discriminator(_tag),
+]
+
+
+class SyntheticData(Strict):
+    """Generated rows (offline). `arithmetic`: multi-digit addition/subtraction with a worked chain
+    of thought; the `test` split never overlaps `train`, whatever `n` and `seed`."""
+
+    synthetic: Literal["arithmetic"]
+    n: int = Field(1000, gt=0)
+    split: Literal["train", "test"] = "train"
+    seed: int | None = None  # defaults to the recipe seed
+    digits: int = Field(2, ge=1, le=12)  # operands have 1..digits digits
+    min_digits: int = Field(1, ge=1, le=12)
+    ops: list[Literal["+", "-"]] = ["+", "-"]
+    cot: Literal["columns", "none"] = "columns"  # the worked carry/borrow steps, or an empty <think>
+
+    @model_validator(mode="after")
+    def _digits(self) -> SyntheticData:
+        if self.min_digits > self.digits:
+            raise ValueError(f"min_digits ({self.min_digits}) must not exceed digits ({self.digits})")
+        return self
+
+
+class FileData(Strict):
+    """Rows from a local file (jsonl, json, parquet, csv), a folder of them, or a hub dataset id."""
+
+    path: str
+    name: str | None = None  # the hub dataset's config name
+    split: str | None = None
+    columns: dict[str, str] = {}  # canonical name -> the column in the source, e.g. {prompt: question}
+    n: int | None = Field(None, gt=0)  # keep the first n rows
+
+
+DataSpec = Annotated[
+    Annotated[Annotated[str, AfterValidator(DataReference)], Tag("ref")] | Annotated[SyntheticData, Tag("synthetic")] | Annotated[FileData, Tag("path")],
+    Discriminator(_tag),
+]
+
+
+class LoraSpec(Strict):
+    """peft LoRA options. `alpha` and `dropout` are short for `lora_alpha` and `lora_dropout`; any other
+    key of peft's LoraConfig is passed through (checked against it). For MoE models, fused expert
+    weights (`mlp.experts.gate_up_proj`) are reached through `target_parameters`."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    r: int = Field(16, gt=0)
+    alpha: float = 32
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str | None = "all-linear"
+    target_parameters: list[str] | None = None
+    merge: bool = True  # merge into model/ at the end; false saves the adapter alone
+
+    def peft_kwargs(self) -> dict[str, Any]:
+        extra = dict(self.model_extra or {})
+        return {
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": self.target_modules,
+            "target_parameters": self.target_parameters,
+            **extra,
+        }
+
+
+class EvalSpec(Strict):
+    """Held-out evaluation run after every training stage (greedy by default)."""
+
+    data: DataSpec
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+# --------------------------------------------------------------------------- stages
+
+STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+class StageBase(Strict):
+    name: str
+    kind: str
+    # The trl config dataclass whose fields the `train:` block may set (None: no trainer).
+    trainer_config: ClassVar[str | None] = None
+
+    @model_validator(mode="after")
+    def _name(self) -> StageBase:
+        if not STAGE_NAME.match(self.name):
+            raise ValueError(
+                f"stage name '{self.name}' must start with a letter and use only letters, digits, _ and -"
+            )
+        return self
+
+
+class SFTStage(StageBase):
+    """Supervised fine-tuning with trl's SFTTrainer, full or LoRA.
+
+    Data rows hold `messages` (a conversation), `prompt` + `completion`, or `text`. The loss
+    covers the assistant turns only, unless `train.assistant_only_loss: false`."""
+
+    kind: Literal["sft"]
+    model: ModelRef | None = None  # a stage name, {path: ...} or {preset: ...}; absent = base_model
+    data: DataSpec
+    lora: LoraSpec | None = None
+    train: dict[str, Any] = {}  # keys of trl's SFTConfig
+    trainer_config: ClassVar[str | None] = "SFTConfig"
+
+
+STAGE_KINDS: dict[str, type[StageBase]] = {"sft": SFTStage}
+
+
+def _stage_kind(value: Any) -> str | None:
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return kind if kind in STAGE_KINDS else "__unknown__"
+
+
+def _unknown_kind(value: Any) -> Any:
+    kind = value.get("kind") if isinstance(value, dict) else None
+    if kind is None:
+        raise PydanticCustomError(
+            "missing_kind", "stage has no 'kind'; {choices}", {"choices": one_of(STAGE_KINDS)}
+        )
+    hint = did_you_mean(kind, STAGE_KINDS) or one_of(STAGE_KINDS)
+    raise PydanticCustomError(
+        "unknown_kind", "unknown stage kind '{kind}'; {hint}", {"kind": str(kind), "hint": hint}
+    )
+
+
+Stage = Annotated[
+    (tuple(Annotated[cls, Tag(kind)] for kind, cls in STAGE_KINDS.items())
+        + (Annotated[Annotated[Any, AfterValidator(_unknown_kind)], Tag("__unknown__")],)),
+    Discriminator(_stage_kind),
+]
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+class Recipe(Strict):
+    """A whole run: a base model, stages that feed each other, and the held-out evaluation."""
+
+    name: str
+    output_dir: str | None = None  # default runs/<name>
+    seed: int = 0
+    base_model: Annotated[
+        Annotated[PresetModel, Tag("preset")] | Annotated[PathModel, Tag("path")], Discriminator(_tag)
+    ]
+    stages: list[Stage] = Field(min_length=1)
+    eval: EvalSpec | None = None
+
+    _source: SourceMap = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Recipe:
+        seen: set[str] = set()
+        for stage in self.stages:
+            if stage.name in seen:
+                raise ValueError(f"two stages are named '{stage.name}'; stage names must be unique")
+            seen.add(stage.name)
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    @property
+    def source(self) -> SourceMap:
+        return self._source or SourceMap("<recipe>", {})
+
+    def stage(self, name: str) -> StageBase:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise PosttrainError(f"no stage named '{name}'", fix=did_you_mean(name, self.stage_names()) or None)
+
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def error(self, path: tuple, message: str, fix: str | None = None) -> PosttrainError:
+        """A PosttrainError that points at `path` (as in the YAML) with its file and line."""
+        return self.source.error(path, message, fix)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceMap:
+    """Where each key of the recipe came from: its file and line, or `--set` for overrides."""
+
+    file: str
+    lines: dict[tuple, tuple[str, int | None]]
+    data: Any = None
+
+    def locate(self, path: tuple) -> tuple[str, int | None]:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return (self.file, None)
+
+    def display(self, path: tuple) -> str:
+        """`stages.sft.train.lr` rather than `stages.0.train.lr`: the spelling `--set` takes."""
+        parts: list[str] = []
+        node = self.data
+        for part in path:
+            if isinstance(node, list) and isinstance(part, int) and part < len(node):
+                item = node[part]
+                parts.append(
+                    item["name"]
+                    if isinstance(item, dict) and isinstance(item.get("name"), str)
+                    else str(part)
+                )
+                node = item
+            else:
+                parts.append(str(part))
+                node = node.get(part) if isinstance(node, dict) else None
+        return ".".join(parts)
+
+    def error(self, path: tuple, message: str, fix: str | None = None) -> PosttrainError:
+        file, line = self.locate(path)
+        return PosttrainError(message, file=file, line=line, key=self.display(path) or None, fix=fix)
+
+
+def _yaml_lines(node: yaml.Node, file: str, path: tuple, out: dict) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                raise PosttrainError(f"duplicate key '{key}'", file=file, line=key_node.start_mark.line + 1)
+            seen.add(key)
+            out[(*path, key)] = (file, key_node.start_mark.line + 1)
+            _yaml_lines(value_node, file, (*path, key), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[(*path, i)] = (file, item.start_mark.line + 1)
+            _yaml_lines(item, file, (*path, i), out)
+
+
+def read_yaml(path: str | Path) -> tuple[Any, dict]:
+    """Parse a YAML file into plain data plus a map from key path to (file, line)."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PosttrainError("no such file", file=file, fix="check the path") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise PosttrainError(f"cannot read: {e.__class__.__name__}", file=file) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        lines: dict = {}
+        if node is not None:
+            _yaml_lines(node, file, (), lines)
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        raise PosttrainError(f"invalid YAML: {e.problem or e.context}", file=file, line=line) from None
+    except yaml.YAMLError as e:
+        raise PosttrainError(f"invalid YAML: {e}", file=file) from None
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+def apply_override(data: dict, assignment: str, lines: dict) -> None:
+    """Apply one `--set a.b.c=value`; list items (stages) are addressed by name or index."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise PosttrainError(
+            f"--set '{assignment}': expected KEY=VALUE, e.g. stages.sft.train.learning_rate=1e-4"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    node: Any = data
+    path: tuple = ()
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            names = [item.get("name") for item in node if isinstance(item, dict)]
+            index = names.index(part) if part in names else (int(part) if part.isdigit() else None)
+            if index is None or index >= len(node):
+                hint = (
+                    did_you_mean(part, [n for n in names if n])
+                    or f"use a stage name: {', '.join(map(str, names))}"
+                )
+                raise PosttrainError(f"--set {key}: no item '{part}' under '{'.'.join(parts[:i])}'", fix=hint)
+            part = index
+        elif not isinstance(node, dict):
+            raise PosttrainError(f"--set {key}: '{'.'.join(parts[:i])}' is not a mapping")
+        path = (*path, part)
+        if last:
+            node[part] = value
+            lines[path] = ("--set", None)
+        else:
+            if isinstance(node, dict) and not isinstance(node.get(part), dict | list):
+                node[part] = {}
+            node = node[part]
+
+
+def _validation_error(exc: ValidationError, source: SourceMap) -> PosttrainError:
+    """The first pydantic error as one line with the YAML key path and its line."""
+    err = exc.errors(include_url=False)[0]
+    loc = _yaml_path(err["loc"], source.data)
+    message = err["msg"]
+    if err["type"] == "unknown_key":
+        loc = (*loc, err["ctx"]["key"])
+        message = f"unknown key; {err['ctx']['hint']}"
+    elif err["type"] in ("unknown_kind", "missing_kind"):
+        loc = (*loc, "kind")
+    elif err["type"] == "missing":
+        message = "required key is missing"
+    elif message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    more = len(exc.errors()) - 1
+    if more:
+        message += f" (+{more} more problem{'s' if more > 1 else ''})"
+    return source.error(loc, message)
+
+
+def _yaml_path(loc: tuple, data: Any) -> tuple:
+    """Drop pydantic's union tags and validator names from an error location."""
+    path: list = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            continue
+        path.append(part)
+    return tuple(path)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; every problem is a PosttrainError with file and line."""
+    data, lines = read_yaml(path)
+    if not isinstance(data, dict):
+        raise PosttrainError("a recipe is a mapping with name, base_model and stages", file=str(path), line=1)
+    for assignment in overrides:
+        apply_override(data, assignment, lines)
+    source = SourceMap(str(path), lines, data)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc, source) from None
+    recipe._source = source
+    check_references(recipe)
+    check_trainer_keys(recipe)
+    return recipe
+
+
+# --------------------------------------------------------------------------- cross-checks
+
+
+def references(value: Any, path: tuple = ()) -> Iterator[tuple[tuple, str]]:
+    """Every bare-string reference inside a validated block, with its key path."""
+    if isinstance(value, ModelReference | DataReference):
+        yield path, value
+    elif isinstance(value, BaseModel):
+        for field in type(value).model_fields:
+            yield from references(getattr(value, field), (*path, field))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from references(item, (*path, i))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from references(item, (*path, key))
+
+
+def looks_like_path(value: str) -> bool:
+    """A string that can only be a file or a hub id, never a stage name."""
+    return "/" in value or "\\" in value or Path(value).suffix != "" or Path(value).exists()
+
+
+def stage_dependencies(recipe: Recipe, stage: StageBase) -> list[str]:
+    """The names of the stages this stage reads from, in the order they are referenced."""
+    names = set(recipe.stage_names())
+    deps: list[str] = []
+    for _, value in references(stage):
+        if value in names and value not in deps:
+            deps.append(value)
+    return deps
+
+
+def check_references(recipe: Recipe) -> None:
+    """Every bare string must name a stage, or be a path / hub id; a typo gets a did-you-mean."""
+    names = recipe.stage_names()
+    for i, stage in enumerate(recipe.stages):
+        for path, value in references(stage, ("stages", i)):
+            if value in names or looks_like_path(value):
+                continue
+            hint = did_you_mean(value, names)
+            fix = hint or f"stages are {', '.join(names)}; a hub id or path needs a '/' or {{path: {value}}}"
+            raise recipe.error(path, f"'{value}' is not a stage of this recipe", fix)
+    if recipe.eval is not None:
+        for path, value in references(recipe.eval, ("eval",)):
+            if value in names:
+                raise recipe.error(
+                    path, "evaluation data cannot come from a stage", "use a file or {synthetic: ...}"
+                )
+
+
+def trainer_config_class(name: str) -> type:
+    import trl
+
+    return getattr(trl, name)
+
+
+def check_trainer_keys(recipe: Recipe) -> None:
+    """`train:` keys must be fields of the stage's trl config; `lora:` extras of peft's LoraConfig."""
+    for i, stage in enumerate(recipe.stages):
+        train = getattr(stage, "train", None)
+        if stage.trainer_config and train:
+            fields = {f.name for f in dataclasses.fields(trainer_config_class(stage.trainer_config))}
+            for key in train:
+                if key not in fields:
+                    hint = did_you_mean(key, fields) or f"see trl's {stage.trainer_config}"
+                    raise recipe.error(
+                        ("stages", i, "train", key), f"not a field of trl.{stage.trainer_config}", hint
+                    )
+        lora = getattr(stage, "lora", None)
+        if lora is not None and lora.model_extra:
+            from peft import LoraConfig
+
+            fields = {f.name for f in dataclasses.fields(LoraConfig)}
+            for key in lora.model_extra:
+                if key not in fields:
+                    hint = did_you_mean(key, fields | set(LoraSpec.model_fields)) or "see peft's LoraConfig"
+                    raise recipe.error(("stages", i, "lora", key), "not a LoRA option", hint)

@@ -1,0 +1,321 @@
+"""Turn a validated recipe into a plan of stages, then run it: cache, resume, evaluate, record.
+
+The plan orders stages by their references (`model: sft` runs after `sft`) and gives each
+a fingerprint: the hash of its config and of what it reads (upstream completion ids, data
+file contents). A stage whose fingerprint matches a COMPLETE stage is skipped; one whose
+RUNNING marker matches resumes from its last checkpoint; anything else starts fresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from posttrain import artifacts
+from posttrain.errors import PosttrainError
+from posttrain.recipe import (
+    FileData,
+    PathModel,
+    PresetModel,
+    Recipe,
+    StageBase,
+    references,
+    stage_dependencies,
+)
+
+# --------------------------------------------------------------------------- context
+
+
+@dataclasses.dataclass(frozen=True)
+class StageContext:
+    """What a stage sees of the run: where to write, what it may read, and the seed."""
+
+    stage: str
+    out_dir: Path
+    run_dir: Path
+    seed: int
+    base_model: PresetModel | PathModel
+    stage_dirs: Mapping[str, Path]
+    resume: bool = False
+    eval: Any = None
+
+    def model(self, ref: Any) -> PathModel:
+        """A model slot resolved to a path: a stage's `model/`, a materialised preset, or as given."""
+        if ref is None:
+            ref = self.base_model
+        if isinstance(ref, PresetModel):
+            from posttrain.models import materialize_preset
+
+            dest = self.run_dir / "presets" / f"{ref.preset}-seed{self.seed}"
+            if self.is_main:
+                materialize_preset(ref.preset, self.seed, dest)
+            self.barrier()
+            return PathModel(path=str(dest))
+        if isinstance(ref, PathModel):
+            return ref
+        if ref in self.stage_dirs:
+            return PathModel(path=str(self.stage_dirs[ref] / "model"))
+        return PathModel(path=str(ref))
+
+    def data(self, spec: Any) -> Any:
+        from posttrain.data_tools import load_rows
+
+        return load_rows(spec, seed=self.seed, stage_dirs=self.stage_dirs)
+
+    @property
+    def is_main(self) -> bool:
+        from accelerate import PartialState
+
+        return PartialState().is_main_process
+
+    def barrier(self) -> None:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedStage:
+    stage: StageBase
+    deps: list[str]
+    status: str  # "cached" | "run" | "resume" | "waits" (an upstream stage runs first)
+    fingerprint: str | None  # None while an upstream stage has still to run
+
+
+def order_stages(recipe: Recipe) -> list[StageBase]:
+    """Stages in an order where every stage comes after those it reads; recipe order otherwise."""
+    deps = {s.name: stage_dependencies(recipe, s) for s in recipe.stages}
+    ordered: list[StageBase] = []
+    state: dict[str, str] = {}
+
+    def visit(stage: StageBase, trail: list[str]) -> None:
+        if state.get(stage.name) == "done":
+            return
+        if state.get(stage.name) == "visiting":
+            cycle = " -> ".join([*trail[trail.index(stage.name) :], stage.name])
+            index = recipe.stage_names().index(stage.name)
+            raise recipe.error(("stages", index), f"stages depend on each other in a cycle: {cycle}")
+        state[stage.name] = "visiting"
+        for dep in deps[stage.name]:
+            visit(recipe.stage(dep), [*trail, stage.name])
+        state[stage.name] = "done"
+        ordered.append(stage)
+
+    for stage in recipe.stages:
+        visit(stage, [])
+    return ordered
+
+
+def stage_config(recipe: Recipe, stage: StageBase) -> dict[str, Any]:
+    """Everything about a stage's own config that changes its result."""
+    files = {}
+    for _, value in references(stage):
+        if value not in recipe.stage_names() and Path(value).exists():
+            files[str(value)] = artifacts.path_fingerprint(Path(value))
+    for block in _file_data(stage):
+        if Path(block.path).exists():
+            files[block.path] = artifacts.path_fingerprint(Path(block.path))
+    return {
+        "stage": stage.model_dump(mode="json"),
+        "seed": recipe.seed,
+        "base_model": recipe.base_model.model_dump(mode="json"),
+        "files": files,
+    }
+
+
+def _file_data(value: Any) -> list[FileData]:
+    if isinstance(value, FileData):
+        return [value]
+    if isinstance(value, StageBase) or hasattr(value, "model_fields"):
+        return [b for f in type(value).model_fields for b in _file_data(getattr(value, f))]
+    if isinstance(value, list | tuple):
+        return [b for item in value for b in _file_data(item)]
+    return []
+
+
+def fingerprint(recipe: Recipe, stage: StageBase, upstream: Mapping[str, dict]) -> str:
+    inputs = {name: upstream[name]["completion_id"] for name in stage_dependencies(recipe, stage)}
+    return artifacts.canonical_hash({"config": stage_config(recipe, stage), "inputs": inputs})
+
+
+def decide(
+    recipe: Recipe, stage: StageBase, finished: Mapping[str, dict], force: tuple[str, ...]
+) -> tuple[str, str, dict | None]:
+    """("cached", fp, manifest) for a finished stage of this fingerprint, else ("resume" | "run", fp, None)."""
+    fp = fingerprint(recipe, stage, finished)
+    stage_dir = recipe.run_dir / stage.name
+    forced = stage.name in force
+    manifest = artifacts.completed_manifest(stage_dir)
+    if manifest and manifest.get("fingerprint") == fp and not forced:
+        return "cached", fp, manifest
+    running = artifacts.read_json(stage_dir / artifacts.RUNNING)
+    resumable = running is not None and running.get("fingerprint") == fp and not forced
+    return ("resume" if resumable else "run"), fp, None
+
+
+def make_plan(recipe: Recipe, force: tuple[str, ...] = ()) -> list[PlannedStage]:
+    """The stages in run order, each with what `posttrain run` would do to it now."""
+    for name in force:
+        recipe.stage(name)  # unknown names fail here, with a did-you-mean
+    plan: list[PlannedStage] = []
+    finished: dict[str, dict] = {}
+    for stage in order_stages(recipe):
+        deps = stage_dependencies(recipe, stage)
+        if any(d not in finished for d in deps):
+            plan.append(PlannedStage(stage, deps, "waits", None))
+            continue
+        status, fp, manifest = decide(recipe, stage, finished, force)
+        if manifest is not None:
+            finished[stage.name] = manifest
+        plan.append(PlannedStage(stage, deps, status, fp))
+    return plan
+
+
+# --------------------------------------------------------------------------- run
+
+Reporter = Callable[[str, str, dict], None]  # (stage name, event, details)
+
+
+def run(
+    recipe: Recipe,
+    *,
+    force: tuple[str, ...] = (),
+    only: str | None = None,
+    report: Reporter | None = None,
+) -> dict[str, dict]:
+    """Run the recipe; returns each stage's metrics. Each stage is skipped, resumed or run fresh."""
+    from posttrain.stages import get_runner
+
+    report = report or (lambda name, event, details: None)
+    for name in (*force, *([only] if only else [])):
+        recipe.stage(name)
+    needed = _upstream_of(recipe, only) if only else set()
+    _write_resolved(recipe)
+    finished: dict[str, dict] = {}
+    results: dict[str, dict] = {}
+    for stage in order_stages(recipe):
+        stage_dir = recipe.run_dir / stage.name
+        if only is not None and stage.name != only:
+            manifest = artifacts.completed_manifest(stage_dir)
+            if manifest is None and stage.name in needed:
+                raise PosttrainError(
+                    f"--only {only} needs stage '{stage.name}' to be complete first",
+                    fix=f"run without --only, or with --only {stage.name} first",
+                )
+            if manifest is not None:
+                finished[stage.name] = manifest
+            continue
+        status, fp, manifest = decide(recipe, stage, finished, force)
+        if manifest is not None:
+            finished[stage.name] = manifest
+            metrics = artifacts.read_json(stage_dir / artifacts.METRICS) or {}
+            results[stage.name] = _refresh_eval(recipe, stage, stage_dir, finished, metrics, report)
+            report(stage.name, "cached", {"dir": str(stage_dir)})
+            continue
+        resume = artifacts.start_stage(stage_dir, fp, fresh=status != "resume")
+        ctx = _context(recipe, stage, stage_dir, finished, resume)
+        report(stage.name, "resume" if resume else "start", {"kind": stage.kind, "dir": str(stage_dir)})
+        started = time.time()
+        try:
+            metrics = _with_eval(recipe, stage_dir, ctx, get_runner(stage.kind)(stage, ctx))
+        except PosttrainError as e:
+            e.key = e.key or f"stages.{stage.name}"
+            raise
+        wall = time.time() - started
+        manifest = _manifest(recipe, stage, fp, finished, wall)
+        finished[stage.name] = artifacts.finish_stage(
+            stage_dir, manifest, {**metrics, "wall_time_s": round(wall, 2)}
+        )
+        results[stage.name] = metrics
+        report(stage.name, "done", {"wall_time_s": wall, "metrics": metrics})
+    return results
+
+
+def _upstream_of(recipe: Recipe, name: str) -> set[str]:
+    seen: set[str] = set()
+    todo = list(stage_dependencies(recipe, recipe.stage(name)))
+    while todo:
+        dep = todo.pop()
+        if dep not in seen:
+            seen.add(dep)
+            todo.extend(stage_dependencies(recipe, recipe.stage(dep)))
+    return seen
+
+
+def _context(recipe: Recipe, stage: StageBase, stage_dir: Path, finished: dict, resume: bool) -> StageContext:
+    return StageContext(
+        stage=stage.name,
+        out_dir=stage_dir,
+        run_dir=recipe.run_dir,
+        seed=recipe.seed,
+        base_model=recipe.base_model,
+        stage_dirs={name: recipe.run_dir / name for name in finished},
+        resume=resume,
+        eval=recipe.eval,
+    )
+
+
+def _eval_hash(recipe: Recipe) -> str | None:
+    return artifacts.canonical_hash(recipe.eval.model_dump(mode="json")) if recipe.eval else None
+
+
+def _with_eval(recipe: Recipe, stage_dir: Path, ctx: StageContext, metrics: dict) -> dict:
+    """Evaluate the stage's model on the recipe's held-out data, when both exist."""
+    if recipe.eval is None or not (stage_dir / "model").is_dir():
+        return metrics
+    from posttrain.evaluation import evaluate_model
+
+    result = evaluate_model(PathModel(path=str(stage_dir / "model")), recipe.eval, ctx)
+    return {**metrics, "eval": result}
+
+
+def _refresh_eval(
+    recipe: Recipe, stage: StageBase, stage_dir: Path, finished: dict, metrics: dict, report: Reporter
+) -> dict:
+    """A cached stage whose recipe `eval:` changed is re-evaluated, not re-trained."""
+    manifest = finished[stage.name]
+    if manifest.get("eval_hash") == _eval_hash(recipe) or not (stage_dir / "model").is_dir():
+        return metrics
+    report(stage.name, "re-evaluate", {})
+    ctx = _context(recipe, stage, stage_dir, finished, False)
+    metrics = {k: v for k, v in metrics.items() if k != "eval"}
+    metrics = _with_eval(recipe, stage_dir, ctx, metrics)
+    artifacts.write_json(stage_dir / artifacts.METRICS, metrics)
+    artifacts.write_json(stage_dir / artifacts.MANIFEST, {**manifest, "eval_hash": _eval_hash(recipe)})
+    return metrics
+
+
+def _manifest(recipe: Recipe, stage: StageBase, fp: str, finished: dict, wall: float) -> dict[str, Any]:
+    from posttrain.distributed import launch_info
+
+    deps = stage_dependencies(recipe, stage)
+    return {
+        "stage": stage.name,
+        "kind": stage.kind,
+        "fingerprint": fp,
+        "config_hash": artifacts.canonical_hash(stage_config(recipe, stage)),
+        "config": stage.model_dump(mode="json"),
+        "inputs": {
+            d: {"path": str(recipe.run_dir / d), "completion_id": finished[d]["completion_id"]} for d in deps
+        },
+        "eval_hash": _eval_hash(recipe),
+        "versions": artifacts.package_versions(),
+        "git_commit": artifacts.git_commit(Path(recipe.source.file).resolve().parent),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_time_s": round(wall, 2),
+        **launch_info(),
+    }
+
+
+def _write_resolved(recipe: Recipe) -> None:
+    import yaml
+
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    artifacts.write_atomic(recipe.run_dir / "recipe.resolved.yaml", text)

@@ -1,0 +1,75 @@
+"""SFT stage: supervised fine-tuning with trl's SFTTrainer, full or LoRA.
+
+The cold start of the R1 pipeline and plain instruction tuning alike. Rows hold `messages`
+(loss on assistant turns only, by default), `prompt` + `completion` (loss on the completion),
+or `text` (loss on everything). The result is `<stage>/model/` (LoRA merged unless
+`lora.merge: false`, which saves the adapter alone).
+
+    - name: sft
+      kind: sft
+      data: {synthetic: arithmetic, n: 4000}
+      lora: {r: 16, target_parameters: [mlp.experts.gate_up_proj]}   # or null: full fine-tune
+      train: {num_train_epochs: 2, learning_rate: 3.0e-3}              # any trl SFTConfig key
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from posttrain.errors import PosttrainError
+from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.recipe import SFTStage
+from posttrain.training import (
+    callbacks,
+    last_checkpoint,
+    lora_config,
+    release,
+    save_final_model,
+    train_metrics,
+    trainer_args,
+)
+
+if TYPE_CHECKING:
+    from posttrain.runner import StageContext
+
+SFT_FORMATS = (["messages"], ["prompt", "completion"], ["text"])
+
+
+def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    set_seed(ctx.seed)
+    dataset = sft_columns(ctx.data(stage.data))
+    source = ctx.model(stage.model)
+    tokenizer = load_tokenizer(source)
+    model = load_causal_lm(source)
+    args = trainer_args("SFTConfig", stage.train, ctx, assistant_only_loss="messages" in dataset.column_names)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(stage.lora),
+        callbacks=callbacks(ctx),
+    )
+    trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    save_final_model(trainer, tokenizer, ctx, stage.lora)
+    metrics = {
+        "train": train_metrics(trainer),
+        "parameters": count_parameters(trainer.model),
+        "rows": len(dataset),
+    }
+    release(trainer, model)
+    return metrics
+
+
+def sft_columns(dataset: Any) -> Any:
+    """Keep the columns of the first SFT format the data has; say which exist when none fits."""
+    for columns in SFT_FORMATS:
+        if all(c in dataset.column_names for c in columns):
+            return dataset.select_columns(columns)
+    raise PosttrainError(
+        f"SFT needs a 'messages' column, 'prompt' + 'completion', or 'text'; the data has: {', '.join(dataset.column_names)}",
+        fix="map yours with `columns: {messages: <your column>}`",
+    )

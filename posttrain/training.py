@@ -1,0 +1,146 @@
+"""What every trainer-driven stage shares: trl config defaults, LoRA, resume, final save, cleanup.
+
+Stages call trl's trainers directly (no subclasses); these helpers only move the recipe's
+settings into trl and the trained weights into the run directory.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from posttrain.errors import PosttrainError
+from posttrain.recipe import LoraSpec, trainer_config_class
+
+if TYPE_CHECKING:
+    from posttrain.runner import StageContext
+
+
+def has_accelerator() -> bool:
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
+def trainer_args(config: str, train: dict[str, Any], ctx: StageContext, **defaults: Any) -> Any:
+    """Build trl's `config` dataclass from the recipe's `train:` block over posttrain's defaults.
+
+    Checkpoints go to `<stage>/checkpoints` (removed once the stage is COMPLETE); TensorBoard
+    logs to `<stage>/logs`. Without a GPU, `use_cpu=True` (also under DeepSpeed, whose batch
+    check fails otherwise) and bf16 off unless the recipe asks for it."""
+    cls = trainer_config_class(config)
+    kwargs: dict[str, Any] = {
+        "output_dir": str(ctx.out_dir / "checkpoints"),
+        "seed": ctx.seed,
+        "save_total_limit": 2,
+        "report_to": "none",
+        "disable_tqdm": False,
+        **defaults,
+    }
+    if not has_accelerator():
+        kwargs.update(use_cpu=True, bf16=False)
+    kwargs.update(train)
+    report_to = kwargs["report_to"]
+    if report_to == "tensorboard" or (isinstance(report_to, list) and "tensorboard" in report_to):
+        kwargs["report_to"] = [
+            r for r in ([report_to] if isinstance(report_to, str) else report_to) if r != "tensorboard"
+        ]
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise PosttrainError(f"{str(e).splitlines()[0]}", key=f"stages.{ctx.stage}.train") from None
+
+
+def callbacks(ctx: StageContext) -> list[Any]:
+    """TensorBoard in `<stage>/logs`, always on and local: nothing leaves the machine by default."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    if not ctx.is_main:
+        return []
+    return [TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out_dir / "logs")))]
+
+
+def lora_config(spec: LoraSpec | None, task_type: str = "CAUSAL_LM") -> Any:
+    if spec is None:
+        return None
+    from peft import LoraConfig
+
+    try:
+        return LoraConfig(task_type=task_type, **spec.peft_kwargs())
+    except (ValueError, TypeError) as e:
+        raise PosttrainError(f"invalid LoRA options: {str(e).splitlines()[0]}") from None
+
+
+def last_checkpoint(ctx: StageContext) -> str | None:
+    """The newest Trainer checkpoint of an interrupted run of this same stage config."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = ctx.out_dir / "checkpoints"
+    return get_last_checkpoint(str(folder)) if ctx.resume and folder.is_dir() else None
+
+
+def save_final_model(trainer: Any, tokenizer: Any, ctx: StageContext, lora: LoraSpec | None) -> Path:
+    """Write the trained model to `<stage>/model/` atomically (LoRA merged unless `merge: false`).
+
+    `trainer.save_model` gathers sharded (ZeRO-3) weights; merging reloads the saved adapter
+    on the main process, so it works the same however training was distributed."""
+    dest = ctx.out_dir / "model"
+    partial = ctx.out_dir / "model.partial"
+    if ctx.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+    trainer.save_model(str(partial))
+    if ctx.is_main:
+        for junk in ("training_args.bin",):
+            (partial / junk).unlink(missing_ok=True)
+        tokenizer.save_pretrained(str(partial))
+        if lora is not None and lora.merge:
+            _merge_adapter(partial, tokenizer)
+        shutil.rmtree(dest, ignore_errors=True)
+        partial.rename(dest)
+    ctx.barrier()
+    return dest
+
+
+def _merge_adapter(folder: Path, tokenizer: Any) -> None:
+    from peft import AutoPeftModelForCausalLM
+
+    merged = AutoPeftModelForCausalLM.from_pretrained(str(folder)).merge_and_unload()
+    shutil.rmtree(folder)
+    merged.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+
+
+def train_metrics(trainer: Any) -> dict[str, Any]:
+    """Loss at the first and last logging step (did it fall?), steps, runtime and throughput."""
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    final = next((h for h in reversed(history) if "train_runtime" in h), {})
+    metrics: dict[str, Any] = {
+        "steps": trainer.state.global_step,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "loss_min": min(losses) if losses else None,
+        "runtime_s": final.get("train_runtime"),
+        "samples_per_s": final.get("train_samples_per_second"),
+    }
+    tokens = [h["num_tokens"] for h in history if "num_tokens" in h]
+    if tokens and final.get("train_runtime"):
+        metrics["tokens"] = tokens[-1]
+    return metrics
+
+
+def release(*objects: Any) -> None:
+    """Free a finished stage's trainer and models so the next stage starts clean."""
+    import torch
+
+    for obj in objects:
+        if hasattr(obj, "accelerator"):
+            obj.accelerator.free_memory()
+    del objects
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,1 @@
+"""Reward functions for GRPO and rejection sampling (imported as `posttrain.rewards`)."""
