@@ -51,6 +51,9 @@ def _load(recipe: Path, overrides: list[str] | None):  # -> Recipe
 def _quiet_libraries() -> None:
     """Keep the trainer's progress bar; drop datasets' per-map bars and info chatter."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notices
     import datasets
     import transformers
 

@@ -15,7 +15,7 @@ import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union  # noqa: UP035
 
 import yaml
 from pydantic import (
@@ -91,7 +91,9 @@ class PathModel(Strict):
 
 
 ModelRef = Annotated[
-    Annotated[Annotated[str, AfterValidator(ModelReference)], Tag("ref")] | Annotated[PresetModel, Tag("preset")] | Annotated[PathModel, Tag("path")],
+    Annotated[Annotated[str, AfterValidator(ModelReference)], Tag("ref")]
+    | Annotated[PresetModel, Tag("preset")]
+    | Annotated[PathModel, Tag("path")],
     Discriminator(_tag),
 ]
 
@@ -127,7 +129,9 @@ class FileData(Strict):
 
 
 DataSpec = Annotated[
-    Annotated[Annotated[str, AfterValidator(DataReference)], Tag("ref")] | Annotated[SyntheticData, Tag("synthetic")] | Annotated[FileData, Tag("path")],
+    Annotated[Annotated[str, AfterValidator(DataReference)], Tag("ref")]
+    | Annotated[SyntheticData, Tag("synthetic")]
+    | Annotated[FileData, Tag("path")],
     Discriminator(_tag),
 ]
 
@@ -141,10 +145,18 @@ class LoraSpec(Strict):
 
     r: int = Field(16, gt=0)
     alpha: float = 32
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)  # must stay 0 where LoRA wraps fused expert parameters
     target_modules: list[str] | str | None = "all-linear"
     target_parameters: list[str] | None = None
     merge: bool = True  # merge into model/ at the end; false saves the adapter alone
+
+    @model_validator(mode="after")
+    def _dropout(self) -> LoraSpec:
+        if self.target_parameters and self.dropout:
+            raise ValueError(
+                "dropout must be 0 with target_parameters (peft's ParamWrapper does not support it)"
+            )
+        return self
 
     def peft_kwargs(self) -> dict[str, Any]:
         extra = dict(self.model_extra or {})
@@ -220,11 +232,10 @@ def _unknown_kind(value: Any) -> Any:
     )
 
 
-Stage = Annotated[
-    (tuple(Annotated[cls, Tag(kind)] for kind, cls in STAGE_KINDS.items())
-        + (Annotated[Annotated[Any, AfterValidator(_unknown_kind)], Tag("__unknown__")],)),
-    Discriminator(_stage_kind),
-]
+_STAGE_MEMBERS = tuple(Annotated[cls, Tag(kind)] for kind, cls in STAGE_KINDS.items()) + (
+    Annotated[Annotated[Any, AfterValidator(_unknown_kind)], Tag("__unknown__")],
+)
+Stage = Annotated[Union[_STAGE_MEMBERS], Discriminator(_stage_kind)]  # noqa: UP007 (built from a tuple)
 
 
 # --------------------------------------------------------------------------- recipe
@@ -422,7 +433,13 @@ def _yaml_path(loc: tuple, data: Any) -> tuple:
     path: list = []
     node = data
     for part in loc:
-        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if (
+            isinstance(node, dict)
+            and part in node
+            or isinstance(node, list)
+            and isinstance(part, int)
+            and part < len(node)
+        ):
             node = node[part]
         else:
             continue

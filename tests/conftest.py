@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny models, recipe files, and the CLI called through main().
+
+Every test runs offline on CPU. Tiny runs use the `tiny-deepseek-v3` / `tiny-dense` presets.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny DeepSeek-V3 MoE (random weights, seed 0) with the shipped tokenizer."""
+    from posttrain.models import materialize_preset
+
+    return materialize_preset("tiny-deepseek-v3", 0, tmp_path_factory.mktemp("models") / "tiny-moe")
+
+
+@pytest.fixture(scope="session")
+def tiny_dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny dense Qwen2-style model (random weights, seed 0) with the shipped tokenizer."""
+    from posttrain.models import materialize_preset
+
+    return materialize_preset("tiny-dense", 0, tmp_path_factory.mktemp("models") / "tiny-dense")
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path):
+    """write_recipe(yaml_text) -> path of a recipe whose output_dir is inside tmp_path."""
+
+    def write(text: str, name: str = "recipe.yaml") -> Path:
+        text = textwrap.dedent(text)
+        if "output_dir" not in text:
+            text = f"output_dir: {tmp_path / 'runs'}\n" + text
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture):
+    """cli(*args) -> (exit_code, stdout, stderr), calling posttrain's main() in-process."""
+    from posttrain.cli import main
+
+    def call(*args: str) -> tuple[int, str, str]:
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
