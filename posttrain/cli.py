@@ -86,6 +86,8 @@ def run(
     from posttrain.runner import run as run_recipe
 
     results = run_recipe(loaded, force=tuple(force or ()), only=only, report=_report)
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch, the main process reports
+        return
     console.print(f"[bold green]done[/] {loaded.run_dir}")
     for name, metrics in results.items():
         console.print(f"  {name}: {_summary(metrics)}")
@@ -178,20 +180,31 @@ def main(argv: list[str] | None = None) -> None:
     except PosttrainError as e:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        console.print(f"[bold red]error{_rank_label()}:[/] {e}", soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click's usage errors
+    except Exception as e:  # click's usage errors; a peer rank's failure
         import click
+
+        from posttrain.distributed import PeerFailed
 
         if isinstance(e, click.ClickException):
             e.show()
             sys.exit(2)
+        if isinstance(e, PeerFailed):  # the main process failed and has printed why
+            console.print(f"[dim]stopping{_rank_label()}: {e}[/]", soft_wrap=True)
+            sys.exit(2)
         raise
+
+
+def _rank_label() -> str:
+    """' (rank 1/2)' in a multi-process launch, so each line says which process wrote it."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return f" (rank {rank}/{world})" if world > 1 else ""
 
 
 if __name__ == "__main__":

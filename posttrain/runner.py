@@ -47,12 +47,12 @@ class StageContext:
         if ref is None:
             ref = self.base_model
         if isinstance(ref, PresetModel):
+            from posttrain.distributed import on_main, unsharded_loading
             from posttrain.models import materialize_preset
 
             dest = self.run_dir / "presets" / f"{ref.preset}-seed{self.seed}"
-            if self.is_main:
-                materialize_preset(ref.preset, self.seed, dest)
-            self.barrier()
+            with unsharded_loading():
+                on_main(materialize_preset, ref.preset, self.seed, dest)
             return PathModel(path=str(dest))
         if isinstance(ref, PathModel):
             return ref
@@ -67,14 +67,14 @@ class StageContext:
 
     @property
     def is_main(self) -> bool:
-        from accelerate import PartialState
+        from posttrain.distributed import state
 
-        return PartialState().is_main_process
+        return state().is_main_process
 
     def barrier(self) -> None:
-        from accelerate import PartialState
+        from posttrain.distributed import state
 
-        PartialState().wait_for_everyone()
+        state().wait_for_everyone()
 
 
 # --------------------------------------------------------------------------- plan
@@ -189,20 +189,26 @@ def run(
     only: str | None = None,
     report: Reporter | None = None,
 ) -> dict[str, dict]:
-    """Run the recipe; returns each stage's metrics. Each stage is skipped, resumed or run fresh."""
+    """Run the recipe; returns each stage's metrics. Each stage is skipped, resumed or run fresh.
+
+    Under `accelerate launch` every rank runs this same loop and trains together; the main
+    process alone decides what is cached, writes the run directory and evaluates, and every
+    decision reaches the other ranks through `on_main` (which doubles as the barrier after
+    each stage)."""
+    from posttrain.distributed import on_main
     from posttrain.stages import get_runner
 
-    report = report or (lambda name, event, details: None)
+    report = _main_only(report or (lambda name, event, details: None))
     for name in (*force, *([only] if only else [])):
         recipe.stage(name)
     needed = _upstream_of(recipe, only) if only else set()
-    _write_resolved(recipe)
+    on_main(_write_resolved, recipe)
     finished: dict[str, dict] = {}
     results: dict[str, dict] = {}
     for stage in order_stages(recipe):
         stage_dir = recipe.run_dir / stage.name
         if only is not None and stage.name != only:
-            manifest = artifacts.completed_manifest(stage_dir)
+            manifest = on_main(artifacts.completed_manifest, stage_dir)
             if manifest is None and stage.name in needed:
                 raise PosttrainError(
                     f"--only {only} needs stage '{stage.name}' to be complete first",
@@ -211,30 +217,44 @@ def run(
             if manifest is not None:
                 finished[stage.name] = manifest
             continue
-        status, fp, manifest = decide(recipe, stage, finished, force)
+        status, fp, manifest = on_main(decide, recipe, stage, finished, force)
         if manifest is not None:
             finished[stage.name] = manifest
-            metrics = artifacts.read_json(stage_dir / artifacts.METRICS) or {}
-            results[stage.name] = _refresh_eval(recipe, stage, stage_dir, finished, metrics, report)
+            results[stage.name] = on_main(_cached_metrics, recipe, stage, stage_dir, finished, report)
             report(stage.name, "cached", {"dir": str(stage_dir)})
             continue
-        resume = artifacts.start_stage(stage_dir, fp, fresh=status != "resume")
+        resume = on_main(artifacts.start_stage, stage_dir, fp, fresh=status != "resume")
         ctx = _context(recipe, stage, stage_dir, finished, resume)
         report(stage.name, "resume" if resume else "start", {"kind": stage.kind, "dir": str(stage_dir)})
         started = time.time()
         try:
-            metrics = _with_eval(recipe, stage_dir, ctx, get_runner(stage.kind)(stage, ctx))
+            metrics = get_runner(stage.kind)(stage, ctx)
+            metrics = on_main(_with_eval, recipe, stage_dir, ctx, metrics)
         except PosttrainError as e:
             e.key = e.key or f"stages.{stage.name}"
             raise
         wall = time.time() - started
         manifest = _manifest(recipe, stage, fp, finished, wall)
-        finished[stage.name] = artifacts.finish_stage(
-            stage_dir, manifest, {**metrics, "wall_time_s": round(wall, 2)}
+        finished[stage.name] = on_main(
+            artifacts.finish_stage, stage_dir, manifest, {**metrics, "wall_time_s": round(wall, 2)}
         )
         results[stage.name] = metrics
         report(stage.name, "done", {"wall_time_s": wall, "metrics": metrics})
     return results
+
+
+def _main_only(report: Reporter) -> Reporter:
+    """Progress is printed once, by the main process."""
+    from posttrain.distributed import state
+
+    return report if state().is_main_process else (lambda name, event, details: None)
+
+
+def _cached_metrics(
+    recipe: Recipe, stage: StageBase, stage_dir: Path, finished: dict, report: Reporter
+) -> dict:
+    metrics = artifacts.read_json(stage_dir / artifacts.METRICS) or {}
+    return _refresh_eval(recipe, stage, stage_dir, finished, metrics, report)
 
 
 def _upstream_of(recipe: Recipe, name: str) -> set[str]:
@@ -269,9 +289,11 @@ def _with_eval(recipe: Recipe, stage_dir: Path, ctx: StageContext, metrics: dict
     """Evaluate the stage's model on the recipe's held-out data, when both exist."""
     if recipe.eval is None or not (stage_dir / "model").is_dir():
         return metrics
+    from posttrain.distributed import unsharded_loading
     from posttrain.evaluation import evaluate_model
 
-    result = evaluate_model(PathModel(path=str(stage_dir / "model")), recipe.eval, ctx)
+    with unsharded_loading():  # main process only: the model is loaded whole, outside any ZeRO-3 sharding
+        result = evaluate_model(PathModel(path=str(stage_dir / "model")), recipe.eval, ctx)
     return {**metrics, "eval": result}
 
 

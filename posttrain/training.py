@@ -7,6 +7,7 @@ settings into trl and the trained weights into the run directory.
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,9 @@ def trainer_args(config: str, train: dict[str, Any], ctx: StageContext, **defaul
     logs to `<stage>/logs`. Without a GPU, `use_cpu=True` (also under DeepSpeed, whose batch
     check fails otherwise) and bf16 off unless the recipe asks for it."""
     cls = trainer_config_class(config)
+    # Under ZeRO-3, gather the shards into one model at save time (accelerate's default writes a
+    # DeepSpeed checkpoint instead of a model); the launch's own config still wins.
+    os.environ.setdefault("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true")
     kwargs: dict[str, Any] = {
         "output_dir": str(ctx.out_dir / "checkpoints"),
         "seed": ctx.seed,
@@ -108,7 +112,10 @@ def save_final_model(trainer: Any, tokenizer: Any, ctx: StageContext, lora: Lora
 def _merge_adapter(folder: Path, tokenizer: Any) -> None:
     from peft import AutoPeftModelForCausalLM
 
-    merged = AutoPeftModelForCausalLM.from_pretrained(str(folder)).merge_and_unload()
+    from posttrain.distributed import unsharded_loading
+
+    with unsharded_loading():  # the main process alone loads it: no ZeRO-3 partitioning
+        merged = AutoPeftModelForCausalLM.from_pretrained(str(folder)).merge_and_unload()
     shutil.rmtree(folder)
     merged.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
