@@ -68,13 +68,24 @@ def callbacks(ctx: StageContext) -> list[Any]:
     return [TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out_dir / "logs")))]
 
 
-def lora_config(spec: LoraSpec | None, task_type: str = "CAUSAL_LM") -> Any:
+def lora_config(
+    spec: LoraSpec | None, task_type: str = "CAUSAL_LM", model: Any = None, modules_to_save: list[str] = ()
+) -> Any:
+    """peft's LoraConfig for the recipe's `lora:` block; named `targets` are looked up in `model`,
+    and `modules_to_save` (e.g. MoE routers with `moe.router: train`) are trained in full."""
     if spec is None:
         return None
     from peft import LoraConfig
 
+    kwargs = spec.peft_kwargs()
+    if spec.targets is not None:
+        from posttrain.lora_targets import peft_targets
+
+        kwargs.update(peft_targets(model, spec.targets))
+    if modules_to_save:
+        kwargs["modules_to_save"] = [*(kwargs.get("modules_to_save") or []), *modules_to_save]
     try:
-        return LoraConfig(task_type=task_type, **spec.peft_kwargs())
+        return LoraConfig(task_type=task_type, **kwargs)
     except (ValueError, TypeError) as e:
         raise PosttrainError(f"invalid LoRA options: {str(e).splitlines()[0]}") from None
 
