@@ -10,6 +10,12 @@ adapts per expert) by looking at the model itself:
     routed_experts  every routed expert: fused `experts.gate_up_proj` / `experts.down_proj`
                     parameters, or the Linear layers of an `experts` ModuleList
 
+peft 0.21 rewrites, for DeepSeek/Qwen MoE models, every target ending in `gate_proj`, `up_proj`
+or `down_proj` into the fused routed experts (its transformers-v4 adapter compatibility, peft
+issue #3711), so a LoRA meant for shared experts or dense MLPs lands on the routed experts.
+`literal_targets()` turns that rewrite off while named targets are applied and while saved
+adapters (whose config is already in v5 terms) are reloaded.
+
 Routers and embeddings are never LoRA targets (`moe.router: train` trains routers in full).
 `count` gives the exact number of LoRA parameters without building adapters, so it works on
 a model built on the `meta` device (see posttrain.architecture).
@@ -17,8 +23,9 @@ a model built on the `meta` device (see posttrain.architecture).
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 TARGETS = ("attention", "dense_mlp", "shared_experts", "routed_experts")
@@ -103,3 +110,19 @@ def count(model: Any, targets: Iterable[str] | str, r: int) -> dict[str, int]:
 
 def _shape(param: Any) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", None) or param.shape)
+
+
+@contextlib.contextmanager
+def literal_targets(enabled: bool = True) -> Iterator[None]:
+    """Within the block, peft applies LoRA targets as written (see the module docstring)."""
+    if not enabled:
+        yield
+        return
+    from peft.utils import transformers_weight_conversion as conversion
+
+    original = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original

@@ -123,7 +123,10 @@ def load_causal_lm(source: PathModel, **kwargs: Any) -> Any:
     if (Path(source.path) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
-        return AutoPeftModelForCausalLM.from_pretrained(source.path, **kwargs).merge_and_unload()
+        from posttrain.lora_targets import literal_targets
+
+        with literal_targets():  # the saved adapter config already names v5 modules
+            return AutoPeftModelForCausalLM.from_pretrained(source.path, **kwargs).merge_and_unload()
     return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
 
 

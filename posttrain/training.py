@@ -124,8 +124,9 @@ def _merge_adapter(folder: Path, tokenizer: Any) -> None:
     from peft import AutoPeftModelForCausalLM
 
     from posttrain.distributed import unsharded_loading
+    from posttrain.lora_targets import literal_targets
 
-    with unsharded_loading():  # the main process alone loads it: no ZeRO-3 partitioning
+    with unsharded_loading(), literal_targets():  # main process only: no ZeRO-3 partitioning
         merged = AutoPeftModelForCausalLM.from_pretrained(str(folder)).merge_and_unload()
     shutil.rmtree(folder)
     merged.save_pretrained(str(folder))

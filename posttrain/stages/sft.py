@@ -41,6 +41,7 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
     from trl import SFTTrainer
 
     from posttrain import moe
+    from posttrain.lora_targets import literal_targets
 
     set_seed(ctx.seed)
     dataset = sft_columns(ctx.data(stage.data))
@@ -55,14 +56,15 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
         assistant_only_loss="messages" in dataset.column_names,
         **moe.train_defaults(stage.moe),
     )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
-        callbacks=[*experts.callbacks, *callbacks(ctx)],
-    )
+    with literal_targets(stage.lora is not None and stage.lora.targets is not None):
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
+            callbacks=[*experts.callbacks, *callbacks(ctx)],
+        )
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     save_final_model(trainer, tokenizer, ctx, stage.lora)
     metrics = {
