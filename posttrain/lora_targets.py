@@ -126,3 +126,32 @@ def literal_targets(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         conversion.convert_peft_config_for_transformers = original
+
+
+def count_modules(
+    model: Any, target_modules: list[str] | str | None, target_parameters: list[str] | None, r: int
+) -> int:
+    """LoRA parameters for explicit peft targets, matched as peft matches them (`all-linear`: every
+    Linear but the output head; a string: a regex over full names; a list: names or name
+    suffixes). peft's transformers-v4 rewrite of expert names is not modelled."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head and _matches(name, target_modules):
+            total += r * (module.in_features + module.out_features)
+    for name, param in model.named_parameters():
+        if target_parameters and any(name == t or name.endswith("." + t) for t in target_parameters):
+            shape = _shape(param)
+            experts = shape[0] if len(shape) == 3 else 1
+            total += r * experts * (shape[-1] + shape[-2])
+    return total
+
+
+def _matches(name: str, targets: list[str] | str | None) -> bool:
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return targets.lower() == "all-linear" or re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
