@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from typing import Any
 
 from posttrain.architecture import ModelShape
@@ -203,6 +204,13 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
+def accelerate_config(name: str) -> Path:
+    """The shipped accelerate config file of a sharding (recipes/accelerate/<name>.yaml)."""
+    from posttrain.models import PRESETS
+
+    return PRESETS.parent / "accelerate" / f"{name}.yaml"
+
+
 def recommend(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The lightest shipped setting under which every estimated stage fits (one launch runs them all)."""
     planned = [s for s in stages if "estimates" in s]
@@ -211,7 +219,7 @@ def recommend(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
             return {
                 "sharding": sharding.name,
                 "zero_stage": sharding.zero_stage,
-                "accelerate_config": f"recipes/accelerate/{sharding.name}.yaml",
+                "accelerate_config": str(accelerate_config(sharding.name)),
             }
     return None
 
