@@ -65,7 +65,7 @@ def find(model: Any, targets: Iterable[str] | str) -> tuple[list[str], list[str]
             modules.append(name)
         for pname, param in module.named_parameters(recurse=False):
             full = f"{name}.{pname}" if name else pname
-            if param.dim() == 3 and group_of(full) in wanted:
+            if len(_shape(param)) == 3 and group_of(full) in wanted:
                 params.append(full)
     return modules, params
 

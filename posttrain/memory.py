@@ -159,7 +159,7 @@ def suggestions(work: Workload, cluster: Cluster, fits: list[str]) -> list[str]:
     if fits:
         return [] if fits[0] == "ddp" else [f"use recipes/accelerate/{fits[0]}.yaml"]
     out = []
-    if not work.lora:
+    if not work.lora and work.model.model is not None:
         lora = dataclasses.replace(work, lora=True, trainable=_lora_size(work.model))
         for sharding in SHARDINGS:
             total = estimate(lora, sharding, cluster.gpus)["total"]

@@ -338,6 +338,13 @@ def _manifest(recipe: Recipe, stage: StageBase, fp: str, finished: dict, wall: f
 def _write_resolved(recipe: Recipe) -> None:
     import yaml
 
-    recipe.run_dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-    artifacts.write_atomic(recipe.run_dir / "recipe.resolved.yaml", text)
+    try:
+        recipe.run_dir.mkdir(parents=True, exist_ok=True)
+        artifacts.write_atomic(recipe.run_dir / "recipe.resolved.yaml", text)
+    except OSError as e:
+        raise recipe.error(
+            ("output_dir",),
+            f"cannot write the run directory {recipe.run_dir}: {e.strerror}",
+            "pick a writable folder",
+        ) from None
