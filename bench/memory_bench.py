@@ -27,13 +27,29 @@ import threading
 import time
 from pathlib import Path
 
-SETTINGS = {"ddp": [], "zero2": ["--use_deepspeed", "--zero_stage", "2"], "zero3": ["--use_deepspeed", "--zero_stage", "3"]}
+SETTINGS = {
+    "ddp": [],
+    "zero2": ["--use_deepspeed", "--zero_stage", "2"],
+    "zero3": ["--use_deepspeed", "--zero_stage", "3"],
+}
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
-    )]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 class PeakHeap:
@@ -68,8 +84,16 @@ def model_config(preset: str, scale: int):
     from posttrain.architecture import preset_config
 
     config = preset_config(preset)
-    for key in ("hidden_size", "intermediate_size", "moe_intermediate_size", "q_lora_rank", "kv_lora_rank",
-                "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_rope_head_dim",
+        "qk_nope_head_dim",
+        "v_head_dim",
+    ):
         if getattr(config, key, None):
             setattr(config, key, getattr(config, key) * scale)
     if getattr(config, "head_dim", None):
@@ -88,11 +112,22 @@ def worker(args: argparse.Namespace) -> None:
     state()
     cuda = torch.cuda.is_available()
     config = model_config(args.preset, args.scale)
-    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, config.vocab_size, (64, args.seq)).tolist()]
+    rows = [
+        {"input_ids": ids, "labels": ids}
+        for ids in torch.randint(3, config.vocab_size, (64, args.seq)).tolist()
+    ]
     training = TrainingArguments(
-        output_dir=args.out, per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-4,
-        report_to="none", save_strategy="no", use_cpu=not cuda, bf16=False, gradient_checkpointing=False,
-        logging_strategy="no", disable_tqdm=True,
+        output_dir=args.out,
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps,
+        learning_rate=1e-4,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=not cuda,
+        bf16=False,
+        gradient_checkpointing=False,
+        logging_strategy="no",
+        disable_tqdm=True,
     )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -110,7 +145,13 @@ def estimate(preset: str, scale: int, setting: str, batch: int, seq: int) -> int
 
     model = shape(model_config(preset, scale))
     work = memory.Workload(
-        model=model, trainable=model.total, lora=False, batch=batch, seq=seq, gradient_checkpointing=False, bf16=False
+        model=model,
+        trainable=model.total,
+        lora=False,
+        batch=batch,
+        seq=seq,
+        gradient_checkpointing=False,
+        bf16=False,
     )
     sharding = next(s for s in memory.SHARDINGS if s.name == setting)
     return memory.estimate(work, sharding, 2)["total"] - memory.RUNTIME_OVERHEAD
@@ -121,10 +162,32 @@ def measure(preset: str, scale: int, setting: str, args: argparse.Namespace, out
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--main_process_port", str(port), *SETTINGS[setting], __file__, "--worker",
-        "--preset", preset, "--scale", str(scale), "--steps", str(args.steps), "--batch", str(args.batch),
-        "--seq", str(args.seq), "--out", str(out),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(port),
+        *SETTINGS[setting],
+        __file__,
+        "--worker",
+        "--preset",
+        preset,
+        "--scale",
+        str(scale),
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--out",
+        str(out),
     ]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     peaks = [json.loads(line[5:])["bytes"] for line in done.stdout.splitlines() if line.startswith("PEAK ")]
@@ -149,13 +212,17 @@ def main() -> None:
         worker(args)
         return
     mib = 1024**2
-    print(f"{'preset':<18} {'scale':>5} {'setting':<7} {'estimate MiB':>12} {'measured MiB':>12} {'ratio':>6}")
+    print(
+        f"{'preset':<18} {'scale':>5} {'setting':<7} {'estimate MiB':>12} {'measured MiB':>12} {'ratio':>6}"
+    )
     for preset in args.preset or ["tiny-deepseek-v3", "tiny-dense"]:
         for setting in args.settings:
             guess = estimate(preset, args.scale, setting, args.batch, args.seq)
             peak = measure(preset, args.scale, setting, args, Path(args.out))
-            print(f"{preset:<18} {args.scale:>5} {setting:<7} {guess / mib:>12.1f} {peak / mib:>12.1f} {guess / peak:>6.2f}",
-                  flush=True)
+            print(
+                f"{preset:<18} {args.scale:>5} {setting:<7} {guess / mib:>12.1f} {peak / mib:>12.1f} {guess / peak:>6.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
