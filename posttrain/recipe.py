@@ -170,6 +170,30 @@ class LoraSpec(Strict):
         }
 
 
+class RewardSpec(Strict):
+    """One reward: `{name: accuracy, weight: 1.0, <its options>}`. `name` is a registered reward
+    (`posttrain rewards list`) or `package.module:function`; every other key is an option of that
+    reward, checked against its factory's signature when the recipe loads (posttrain.rewards)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    weight: float = 1.0
+    model: ModelRef | None = None  # for rewards that score with a model: a stage name or a path
+    label: str | None = None  # its name in metrics and samples.jsonl (default: the reward's name)
+
+    @model_validator(mode="after")
+    def _options_bind(self) -> RewardSpec:
+        from posttrain.rewards import check_spec
+
+        check_spec(self.name, self.options, self.model is not None)
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class EvalSpec(Strict):
     """Held-out evaluation run after every training stage (greedy by default)."""
 
