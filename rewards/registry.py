@@ -47,7 +47,7 @@ class RewardDef:
 
     def hints(self) -> dict[str, Any]:
         try:
-            return typing.get_type_hints(self.factory)
+            return typing.get_type_hints(self.factory, include_extras=True)
         except Exception:  # an annotation that does not resolve is simply not type-checked
             return {}
 
