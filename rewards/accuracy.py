@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from posttrain.data_tools.answers import final_answer, gsm8k_answer, last_boxed
 from posttrain.rewards.math_judge import PLAIN_NUMBER, clean
-from posttrain.rewards.pool import OK, TIMEOUT, shared_pool
+from posttrain.rewards.pool import OK, TIMEOUT, WorkerPool, shared_pool
 from posttrain.rewards.registry import RewardFunc, register
 from posttrain.rewards.text import completion_text
 
@@ -79,6 +79,10 @@ class AnswerJudge:
         self.workers = workers
         self._cache: dict[tuple[str, str], bool] = {}
         self._lock = threading.Lock()
+        self.pool().start()  # workers import math-verify while the caller loads its model
+
+    def pool(self) -> WorkerPool:
+        return shared_pool(JUDGE, self.workers, PRELOAD)
 
     def score(
         self, golds: list[str | None], preds: list[str | None]
@@ -99,7 +103,7 @@ class AnswerJudge:
         counts = {"timeouts": 0, "errors": 0}
         if todo:
             pairs = list(todo)
-            outcomes = shared_pool(JUDGE, self.workers, PRELOAD).map(pairs, self.timeout)
+            outcomes = self.pool().map(pairs, self.timeout)
             for pair, outcome in zip(pairs, outcomes, strict=True):
                 if outcome.status == OK:
                     self._remember(pair, bool(outcome.value))

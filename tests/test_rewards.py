@@ -248,6 +248,8 @@ def test_user_reward_by_import_path(tmp_path: Path, monkeypatch) -> None:
     assert build_reward(spec)(completions=["abcd"], difficulty=[2]) == [1.0]
     with pytest.raises(ValueError, match="no option 'scal'; did you mean 'scale'"):
         RewardSpec.model_validate({"name": "my_rewards:brevity", "scal": 2})
+    with pytest.raises(ValueError, match="option 'scale': Input should be a valid number"):
+        RewardSpec.model_validate({"name": "my_rewards:brevity", "scale": "big"})
     shouty = build_reward({"name": "my_rewards:shouty", "bonus": 3, "label": "loud"})
     assert shouty.__name__ == "loud" and shouty(completions=["HI", "hi"]) == [3.0, 0.0]
     assert get_reward("shouty").name == "shouty"  # importing the module registered it

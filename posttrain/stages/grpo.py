@@ -73,7 +73,8 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
         callbacks=[*callbacks(ctx), samples],
     )
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
-    samples.collect()
+    if ctx.is_main:
+        samples.collect()
     save_final_model(trainer, tokenizer, ctx, stage.lora)
     labels = [reward_label(spec) for spec in stage.rewards]
     metrics = {
