@@ -213,6 +213,30 @@ class MoESpec(Strict):
         return self
 
 
+class RewardSpec(Strict):
+    """One reward: `{name: accuracy, weight: 1.0, <its options>}`. `name` is a registered reward
+    (`posttrain rewards list`) or `package.module:function`; every other key is an option of that
+    reward, checked against its factory's signature when the recipe loads (posttrain.rewards)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    weight: float = 1.0
+    model: ModelRef | None = None  # for rewards that score with a model: a stage name or a path
+    label: str | None = None  # its name in metrics and samples.jsonl (default: the reward's name)
+
+    @model_validator(mode="after")
+    def _options_bind(self) -> RewardSpec:
+        from posttrain.rewards import check_spec
+
+        check_spec(self.name, self.options, self.model is not None)
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class EvalSpec(Strict):
     """Held-out evaluation run after every training stage (greedy by default)."""
 
@@ -240,6 +264,10 @@ class StageBase(Strict):
             )
         return self
 
+    def check(self, recipe: Recipe, path: tuple) -> None:
+        """Checks that need the whole recipe (other stages, the base model), run before any
+        weights load; raise `recipe.error(path + (key,), ...)`. Nothing by default."""
+
 
 class SFTStage(StageBase):
     """Supervised fine-tuning with trl's SFTTrainer, full or LoRA.
@@ -256,7 +284,47 @@ class SFTStage(StageBase):
     trainer_config: ClassVar[str | None] = "SFTConfig"
 
 
-STAGE_KINDS: dict[str, type[StageBase]] = {"sft": SFTStage}
+# --------------------------------------------------------------------------- grpo
+
+
+class GRPOStage(StageBase):
+    """GRPO with verifiable rewards (DeepSeek-R1) through trl's GRPOTrainer, full or LoRA.
+
+    Data rows hold `prompt` plus the columns the rewards read (`answer` for `accuracy`). The
+    rewards' weights become GRPOConfig.reward_weights. Checked before any weights load: the
+    generation batch divides into groups of `num_generations`, the rewards' columns exist in
+    the data, `max_completion_length` fits the model (posttrain/stages/grpo.py)."""
+
+    kind: Literal["grpo"]
+    model: ModelRef | None = (
+        None  # the policy: a stage name, {path: ...} or {preset: ...}; absent = base_model
+    )
+    data: DataSpec
+    rewards: list[RewardSpec] = Field(min_length=1)
+    system_prompt: str | None = None  # sent before every prompt (a plain-text prompt becomes a user turn)
+    lora: LoraSpec | None = None
+    train: dict[str, Any] = {}  # keys of trl's GRPOConfig
+    trainer_config: ClassVar[str | None] = "GRPOConfig"
+
+    @model_validator(mode="after")
+    def _rewards(self) -> GRPOStage:
+        if "reward_weights" in self.train:
+            raise ValueError("set `weight:` on each reward instead of train.reward_weights")
+        from posttrain.rewards import reward_label
+
+        labels = [reward_label(r) for r in self.rewards]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"two rewards are called '{twice[0]}'; give one a `label:`")
+        return self
+
+    def check(self, recipe: Recipe, path: tuple) -> None:
+        from posttrain.stages.grpo import check_stage
+
+        check_stage(self, recipe, path)
+
+
+STAGE_KINDS: dict[str, type[StageBase]] = {"sft": SFTStage, "grpo": GRPOStage}
 
 
 def _stage_kind(value: Any) -> str | None:
@@ -371,6 +439,32 @@ class SourceMap:
         return PosttrainError(message, file=file, line=line, key=self.display(path) or None, fix=fix)
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float (YAML 1.2), not the string YAML 1.1 makes of it."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: YAML (numbers, lists, mappings), or the text itself."""
+    try:
+        return yaml.load(text, Loader=RecipeLoader) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
 def _yaml_lines(node: yaml.Node, file: str, path: tuple, out: dict) -> None:
     if isinstance(node, yaml.MappingNode):
         seen: set = set()
@@ -396,7 +490,7 @@ def read_yaml(path: str | Path) -> tuple[Any, dict]:
         raise PosttrainError("no such file", file=file, fix="check the path") from None
     except (IsADirectoryError, UnicodeDecodeError) as e:
         raise PosttrainError(f"cannot read: {e.__class__.__name__}", file=file) from None
-    loader = yaml.SafeLoader(text)
+    loader = RecipeLoader(text)
     try:
         node = loader.get_single_node()
         lines: dict = {}
@@ -421,10 +515,7 @@ def apply_override(data: dict, assignment: str, lines: dict) -> None:
         raise PosttrainError(
             f"--set '{assignment}': expected KEY=VALUE, e.g. stages.sft.train.learning_rate=1e-4"
         )
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
-    except yaml.YAMLError:
-        value = raw
+    value = parse_value(raw)
     node: Any = data
     path: tuple = ()
     parts = key.split(".")
@@ -463,6 +554,7 @@ def _validation_error(exc: ValidationError, source: SourceMap) -> PosttrainError
     elif err["type"] in ("unknown_kind", "missing_kind"):
         loc = (*loc, "kind")
     elif err["type"] == "missing":
+        loc = (*_yaml_path(err["loc"][:-1], source.data), err["loc"][-1])
         message = "required key is missing"
     elif message.startswith("Value error, "):
         message = message[len("Value error, ") :]
@@ -506,6 +598,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     recipe._source = source
     check_references(recipe)
     check_trainer_keys(recipe)
+    for i, stage in enumerate(recipe.stages):
+        stage.check(recipe, ("stages", i))
     return recipe
 
 
@@ -567,17 +661,21 @@ def trainer_config_class(name: str) -> type:
 
 
 def check_trainer_keys(recipe: Recipe) -> None:
-    """`train:` keys must be fields of the stage's trl config; `lora:` extras of peft's LoraConfig."""
+    """`train:` keys must be fields of the stage's trl config, with values of the field's type;
+    `lora:` extras must be fields of peft's LoraConfig."""
     for i, stage in enumerate(recipe.stages):
         train = getattr(stage, "train", None)
         if stage.trainer_config and train:
-            fields = {f.name for f in dataclasses.fields(trainer_config_class(stage.trainer_config))}
-            for key in train:
+            fields = {f.name: f for f in dataclasses.fields(trainer_config_class(stage.trainer_config))}
+            for key, value in train.items():
+                path = ("stages", i, "train", key)
                 if key not in fields:
                     hint = did_you_mean(key, fields) or f"see trl's {stage.trainer_config}"
-                    raise recipe.error(
-                        ("stages", i, "train", key), f"not a field of trl.{stage.trainer_config}", hint
-                    )
+                    raise recipe.error(path, f"not a field of trl.{stage.trainer_config}", hint)
+                expected = _scalar_types(fields[key].type)
+                if expected and not any(_is_instance(value, t) for t in expected):
+                    names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
+                    raise recipe.error(path, f"expects {names}, got {value!r}")
         moe = getattr(stage, "moe", None)
         if moe is not None and moe.aux_loss_coef is not None and train and "router_aux_loss_coef" in train:
             raise recipe.error(
@@ -594,3 +692,25 @@ def check_trainer_keys(recipe: Recipe) -> None:
                 if key not in fields:
                     hint = did_you_mean(key, fields | set(LoraSpec.model_fields)) or "see peft's LoraConfig"
                     raise recipe.error(("stages", i, "lora", key), "not a LoRA option", hint)
+
+
+def _scalar_types(annotation: Any) -> tuple[type, ...]:
+    """The scalar types a plainly typed dataclass field takes (`float`, `int | None`, ...);
+    empty for anything richer, which trl checks itself."""
+    import types
+    import typing
+
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if all(a in (float, int, bool, type(None)) for a in args):
+        return tuple(args)
+    return ()
+
+
+def _is_instance(value: Any, expected: type) -> bool:
+    if expected is type(None):
+        return value is None
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
