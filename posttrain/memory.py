@@ -14,6 +14,7 @@ Activations are a rough term: per token and layer, ~10 hidden-size values (atten
 norms, residual) plus ~3 per MLP unit a token passes through (top-k experts + shared experts
 for MoE), in bf16; with gradient checkpointing only each layer's input is kept plus one
 layer's worth; the logits add 8 bytes per vocabulary entry per token (fp32 and its gradient).
+GRPO's generation (without vLLM) holds a KV cache instead, when that is larger.
 ZeRO-3 adds the parameters it gathers at once (a decoder layer, with its whole MoE block as
 one DeepSpeed leaf module, plus a prefetch bucket), and every GPU pays ~2 GiB for the CUDA
 context, communication buffers and fragmentation. Expect the total to be within tens of
@@ -75,6 +76,7 @@ class Workload:
     seq: int = 1024  # tokens per sequence
     gradient_checkpointing: bool = True
     bf16: bool = True
+    generating: int = 0  # sequences generated at once per GPU (GRPO): their KV cache
 
 
 def parse_size(text: str) -> int:
@@ -127,7 +129,8 @@ def estimate(work: Workload, sharding: Sharding, gpus: int) -> dict[str, int]:
 
 
 def activations(work: Workload) -> int:
-    """Rough activation memory of one micro-batch (see the module docstring)."""
+    """Rough activation memory of one micro-batch (see the module docstring), or of the KV cache
+    while generating (keys and values, ~2 hidden sizes per token and layer), whichever is larger."""
     m = work.model
     tokens = work.batch * work.seq
     per_layer = 2 * (10 * m.hidden + 3 * m.mlp_width)  # bytes per token, bf16
@@ -135,7 +138,8 @@ def activations(work: Workload) -> int:
         kept = tokens * (2 * m.hidden * m.layers + per_layer)
     else:
         kept = tokens * per_layer * m.layers
-    return int(kept + tokens * m.vocab * 8)
+    kv_cache = work.generating * work.seq * m.layers * 2 * m.hidden * 2
+    return int(max(kept + tokens * m.vocab * 8, kv_cache))
 
 
 def gathered(model: ModelShape, weight_bytes: int) -> int:
@@ -278,15 +282,18 @@ def stage_workload(recipe: Any, stage: Any, shapes: dict[int, ModelShape]) -> Wo
     seq = train.get("max_length") or (train.get("max_prompt_length") or 512) + (
         train.get("max_completion_length") or 0
     )
+    batch = int(train.get("per_device_train_batch_size") or 8)
+    steps_per_generation = train.get("steps_per_generation") or train.get("gradient_accumulation_steps") or 1
     return Workload(
         model=model,
         trainable=_trainable(stage, model, lora),
         lora=lora is not None,
         frozen=tuple(frozen),
-        batch=int(train.get("per_device_train_batch_size") or 8),
+        batch=batch,
         seq=int(seq or 1024),
         gradient_checkpointing=bool(train.get("gradient_checkpointing", True)),
         bf16=train.get("bf16") is not False and not train.get("fp16"),
+        generating=batch * steps_per_generation if "num_generations" in train else 0,
     )
 
 
@@ -304,6 +311,9 @@ def trainer_defaults(config_name: str) -> dict[str, Any]:
         "bf16",
         "fp16",
         "beta",
+        "num_generations",
+        "steps_per_generation",
+        "gradient_accumulation_steps",
     )
     return {
         k: fields[k].default for k in keys if k in fields and fields[k].default is not dataclasses.MISSING

@@ -154,9 +154,11 @@ def check_model(spec: MoESpec, model: Any, blocks: dict[str, Any]) -> None:
         )
 
 
-def train_defaults(spec: MoESpec) -> dict[str, Any]:
-    """trl config defaults implied by the `moe:` block (trl owns the aux loss itself)."""
-    return {} if spec.aux_loss_coef is None else {"router_aux_loss_coef": spec.aux_loss_coef}
+def train_defaults(spec: MoESpec, aux_loss_coef: float | None = None) -> dict[str, Any]:
+    """trl config defaults implied by the `moe:` block (trl owns the aux loss itself);
+    `aux_loss_coef` is the stage kind's default (RL stages pass 0: no aux loss unless asked)."""
+    coef = spec.aux_loss_coef if spec.aux_loss_coef is not None else aux_loss_coef
+    return {} if coef is None else {"router_aux_loss_coef": coef}
 
 
 def freeze_routers(model: Any) -> int:

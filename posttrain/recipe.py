@@ -303,6 +303,7 @@ class GRPOStage(StageBase):
     rewards: list[RewardSpec] = Field(min_length=1)
     system_prompt: str | None = None  # sent before every prompt (a plain-text prompt becomes a user turn)
     lora: LoraSpec | None = None
+    moe: MoESpec = MoESpec()  # routers frozen and no aux loss unless set here (MoE models)
     train: dict[str, Any] = {}  # keys of trl's GRPOConfig
     trainer_config: ClassVar[str | None] = "GRPOConfig"
 

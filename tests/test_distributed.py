@@ -1,9 +1,9 @@
 """Several processes on this CPU: `accelerate launch --num_processes 2` with gloo, DeepSpeed ZeRO-2/3.
 
 Each launch costs two interpreter start-ups, so the stages are tiny and one launch covers as
-much as it can: the ZeRO-3 launch trains a full fine-tune and a LoRA on top of it (two stages
-in one process, evaluated by the main process alone), and a 1-process run of the same global
-batch must land on the same weights.
+much as it can: the ZeRO-3 launch trains a full fine-tune, a LoRA and a GRPO stage on top of it
+(three stages in one process, each evaluated by the main process alone), and a 1-process run of
+the same global batch must land on the same weights.
 """
 
 from __future__ import annotations
@@ -39,6 +39,14 @@ FULL_STAGE = {
     "train": TRAIN,
 }
 BASE = {"seed": 0, "base_model": {"preset": "tiny-deepseek-v3"}}
+DIGIT_REWARD = """
+from posttrain.rewards.text import completion_text
+
+
+def digit_share(completions, **kwargs):
+    texts = [completion_text(c) for c in completions]
+    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+"""
 
 
 def free_port() -> int:
@@ -47,9 +55,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(recipe: Path, *launch_args: str, timeout: int = 420) -> subprocess.CompletedProcess:
+def launch(
+    recipe: Path, *launch_args: str, timeout: int = 420, pythonpath: Path | None = None
+) -> subprocess.CompletedProcess:
     """`accelerate launch --num_processes 2 ... -m posttrain run recipe`, on a free port."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
     command = [
         sys.executable,
         "-m",
@@ -94,15 +106,34 @@ def zero3_run(tmp_path_factory) -> Path:
         "moe": {"router": "train"},
         "train": {**TRAIN, "max_steps": 2, "learning_rate": 1.0e-2},
     }
+    grpo = {
+        "name": "grpo",
+        "kind": "grpo",
+        "model": "full",
+        "data": {"synthetic": "arithmetic", "n": 16, "seed": 1},
+        "rewards": [{"name": "accuracy"}, {"name": "digit_reward:digit_share"}],
+        "train": {
+            "num_generations": 4,
+            "per_device_train_batch_size": 4,
+            "max_completion_length": 12,
+            "max_steps": 2,
+            "logging_steps": 1,
+            "learning_rate": 1.0e-3,
+            "beta": 0.04,  # a reference model, sharded by trl under ZeRO-3 too
+            "save_strategy": "no",
+        },
+    }
     recipe = {
         "name": "zero3",
         "output_dir": str(root / "runs"),
         **BASE,
-        "stages": [FULL_STAGE, lora],
+        "stages": [FULL_STAGE, lora, grpo],
         "eval": {"data": {"synthetic": "arithmetic", "split": "test", "n": 8}, "max_new_tokens": 16},
     }
     recipe = write(root / "recipe.yaml", recipe)
-    done = launch(recipe, "--use_deepspeed", "--zero_stage", "3")
+    # A reward that varies between random completions, so the tiny policy gets advantages to follow.
+    (root / "digit_reward.py").write_text(DIGIT_REWARD)
+    done = launch(recipe, "--use_deepspeed", "--zero_stage", "3", pythonpath=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return root / "runs"
 
@@ -130,6 +161,20 @@ def test_zero3_full_and_lora_sft(zero3_run):
     assert any(".mlp.experts." in k for k in changed)  # per-expert LoRA (experts that got tokens)
     assert not any("shared_experts" in k or "layers.0.mlp" in k for k in changed)  # not targets
     assert (zero3_run / "recipe.resolved.yaml").exists()
+
+
+def test_zero3_grpo_keeps_routers_frozen(zero3_run):
+    info = manifest(zero3_run / "grpo")
+    assert (info["world_size"], info["zero_stage"], info["distributed_type"]) == (2, 3, "DEEPSPEED")
+    result = metrics(zero3_run / "grpo")
+    assert result["train"]["steps"] == 2 and "kl" in result["rl"]
+    assert {"moe/load_cv", "moe/router_entropy", "moe/layer_1/expert_share"} <= set(result)
+    assert (zero3_run / "grpo" / "moe_expert_load.png").exists()
+    before = load_file(zero3_run / "full" / "model" / "model.safetensors")
+    after = load_file(zero3_run / "grpo" / "model" / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "model.layers.2.self_attn.o_proj.weight" in changed
+    assert not any(k.endswith("mlp.gate.weight") for k in changed)  # RL default: routers frozen
 
 
 def test_two_process_zero3_matches_one_process(zero3_run, write_recipe, cli, tmp_path):

@@ -107,6 +107,12 @@ def test_plan_json_for_deepseek_v3(deepseek_v3, write_recipe, cli):
             data: {{synthetic: arithmetic, n: 8}}
             lora: {{r: 16, targets: [attention, shared_experts]}}
             train: {{per_device_train_batch_size: 1, max_length: 4096}}
+          - name: grpo
+            kind: grpo
+            model: sft
+            data: {{synthetic: arithmetic, n: 8}}
+            rewards: [{{name: accuracy}}]
+            train: {{beta: 0.04, per_device_train_batch_size: 8, max_completion_length: 1024}}
         """
     )
     code, out, err = cli(
@@ -114,7 +120,9 @@ def test_plan_json_for_deepseek_v3(deepseek_v3, write_recipe, cli):
     )
     assert code == 0, err
     plan = json.loads(out)["memory"]
-    full, lora = plan["stages"]
+    full, lora, grpo = plan["stages"]
+    assert grpo["params"]["frozen_models"] == [full["params"]["total"]]  # the reference model
+    assert grpo["estimates"]["zero3"]["frozen_models"] == full["estimates"]["zero3"]["weights"]
     assert full["params"]["total"] == pytest.approx(671e9, rel=0.01)
     assert full["params"]["active"] == pytest.approx(37.5e9, rel=0.03)
     assert full["fits_with"] == [] and any("nodes" in s for s in full["suggestions"])
