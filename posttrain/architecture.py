@@ -119,3 +119,33 @@ def _is_layer(name: str) -> bool:
 
 def _params(module: Any) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def check_moe(stage: Any, recipe: Recipe, path: tuple) -> None:
+    """What a stage's `moe:` block asks must exist in its model, checked from the config alone
+    (skipped when the block is left default or the config is not available offline)."""
+    spec = getattr(stage, "moe", None)
+    if spec is None or not spec.model_fields_set:
+        return
+    config = stage_config(recipe, getattr(stage, "model", None))
+    if config is None:
+        return
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    experts = any(getattr(text, k, None) for k in ("n_routed_experts", "num_local_experts", "num_experts"))
+    if not experts:
+        raise recipe.error((*path, "moe"), "the model has no routed experts", "remove `moe:`")
+    if spec.aux_loss_coef is not None and not hasattr(text, "router_aux_loss_coef"):
+        raise recipe.error(
+            (*path, "moe", "aux_loss_coef"),
+            f"{text.model_type} has no router auxiliary loss in transformers",
+            "DeepSeek-V3-style models balance with `moe.bias_update_rate` instead",
+        )
+    if spec.bias_update_rate:
+        from posttrain.moe import has_bias_balancing, moe_blocks
+
+        if not all(has_bias_balancing(b) for b in moe_blocks(meta_model(config)).values()):
+            raise recipe.error(
+                (*path, "moe", "bias_update_rate"),
+                f"{text.model_type} routers have no e_score_correction_bias to update",
+                "bias balancing is for DeepSeek-V3-style routers; use `moe.aux_loss_coef`",
+            )

@@ -283,6 +283,11 @@ class SFTStage(StageBase):
     train: dict[str, Any] = {}  # keys of trl's SFTConfig
     trainer_config: ClassVar[str | None] = "SFTConfig"
 
+    def check(self, recipe: Recipe, path: tuple) -> None:
+        from posttrain.architecture import check_moe
+
+        check_moe(self, recipe, path)
+
 
 # --------------------------------------------------------------------------- grpo
 

@@ -181,20 +181,24 @@ def test_lora_targets_on_a_dense_model_and_in_recipes(tiny_dense, write_recipe, 
     assert code == 2 and "use either targets or target_modules" in err
 
 
-def test_moe_block_is_checked_at_recipe_load(write_recipe, cli):
+@pytest.mark.parametrize(
+    ("base", "block", "message"),
+    [
+        ("tiny-deepseek-v3", "{router: freeze, aux_loss_coef: 0.01}", "router is freeze"),
+        ("tiny-deepseek-v3", "{aux_loss_coef: 0.01}", "deepseek_v3 has no router auxiliary loss"),
+        ("tiny-dense", "{bias_update_rate: 0.001}", "no routed experts"),
+    ],
+)
+def test_moe_block_is_checked_at_recipe_load(write_recipe, cli, base, block, message):
     recipe = write_recipe(
-        """
+        f"""
         name: t
-        base_model: {preset: tiny-deepseek-v3}
-        stages:
-          - name: sft
-            kind: sft
-            data: {synthetic: arithmetic, n: 8}
-            moe: {router: freeze, aux_loss_coef: 0.01}
+        base_model: {{preset: {base}}}
+        stages: [{{name: sft, kind: sft, data: {{synthetic: arithmetic, n: 8}}, moe: {block}}}]
         """
     )
     code, _, err = cli("validate", recipe)
-    assert code == 2 and "router is freeze" in err and "stages.sft.moe" in err
+    assert code == 2 and message in err and "stages.sft.moe" in err, err
 
 
 # --------------------------------------------------------------------------- a training run

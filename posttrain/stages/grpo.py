@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain import artifacts
+from posttrain.architecture import check_moe
 from posttrain.errors import PosttrainError
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import GRPOStage, PathModel, PresetModel, Recipe, trainer_config_class
@@ -168,6 +169,7 @@ def check_stage(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
             "make per_device_train_batch_size (or gradient_accumulation_steps) a multiple of num_generations",
         )
     _check_columns(stage, recipe, path)
+    check_moe(stage, recipe, path)
     max_positions = model_max_positions(recipe, stage.model)
     completion = train["max_completion_length"]
     if max_positions is not None and completion is not None and completion >= max_positions:
