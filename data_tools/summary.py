@@ -38,7 +38,9 @@ def load_tokenizer_for(model: str | None) -> Any:
 
     name = model or DEFAULT_TOKENIZER
     if name in preset_names():
-        return load_tokenizer(PathModel(path=str(TOKENIZER_DIR)))
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     return load_tokenizer(PathModel(path=name))
 
 

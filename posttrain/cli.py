@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from posttrain.errors import PosttrainError
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     except PosttrainError as e:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)  # keep [brackets] of messages
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         console.print("[yellow]interrupted[/]")

@@ -244,12 +244,12 @@ class MixtureData(RowOptions):
     def _counts(self) -> MixtureData:
         counted = sum(s.count or 0 for s in self.mix)
         weighted = any(s.count is None for s in self.mix)
-        if self.n is not None and (counted > self.n or (counted == self.n and weighted)):
+        if self.n is not None and not weighted and counted != self.n:
+            raise ValueError(f"counts add up to {counted} but n is {self.n}; drop n or fix the counts")
+        if self.n is not None and weighted and counted >= self.n:
             raise ValueError(
                 f"counts add up to {counted}, leaving no rows of n={self.n} for weighted sources"
             )
-        if self.n is not None and not weighted and counted != self.n:
-            raise ValueError(f"counts add up to {counted} but n is {self.n}; drop n or fix the counts")
         return self
 
 
@@ -833,13 +833,11 @@ def _check_curriculum(recipe: Recipe, index: int, stage: StageBase) -> None:
     if not curricula or not stage.trainer_config:
         return
     train = getattr(stage, "train", {}) or {}
-    fields = {f.name for f in dataclasses.fields(trainer_config_class(stage.trainer_config))}
-    key, wanted = (
-        ("shuffle_dataset", False)
-        if "shuffle_dataset" in fields
-        else ("train_sampling_strategy", "sequential")
-    )
-    if train.get(key) != wanted:
+    fields = {f.name: f for f in dataclasses.fields(trainer_config_class(stage.trainer_config))}
+    # GRPO-style trainers sample with their own shuffling sampler; the others use transformers'.
+    own_sampler = "shuffle_dataset" in fields and fields["shuffle_dataset"].default is True
+    key, wanted = ("shuffle_dataset", False) if own_sampler else ("train_sampling_strategy", "sequential")
+    if train.get(key) != wanted or (not own_sampler and train.get("shuffle_dataset")):
         raise recipe.error(
             (*curricula[0], "curriculum"),
             "the trainer shuffles rows, which undoes a curriculum",
