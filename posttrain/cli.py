@@ -7,6 +7,8 @@ for the traceback.
     posttrain run recipes/demo.yaml
     posttrain run recipes/demo.yaml --set stages.sft.train.learning_rate=1e-3 --force sft
     accelerate launch --config_file recipes/accelerate/zero3.yaml -m posttrain run r.yaml
+    posttrain report runs/demo                       # rebuild report.md and its plots
+    posttrain data inspect data.jsonl --columns prompt=question --model PATH
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ def _summary(metrics: dict) -> str:
     evaluation = metrics.get("eval") or {}
     if "accuracy" in evaluation:
         parts.append(f"eval accuracy {evaluation['accuracy']:.3f} (n={evaluation['n']})")
+    if "pass_at_1" in evaluation:
+        parts.append(f"pass@1 {evaluation['pass_at_1']:.3f} (k={evaluation['k']})")
     return ", ".join(parts) or "ok"
 
 

@@ -56,6 +56,7 @@ def run_harness(source: PathModel, spec: HarnessSpec, ctx: StageContext) -> dict
     if not installed():
         raise PosttrainError("the lm-eval harness is not installed", fix=INSTALL)
     import lm_eval
+    import torch
 
     from posttrain.artifacts import write_json
 
@@ -67,6 +68,7 @@ def run_harness(source: PathModel, spec: HarnessSpec, ctx: StageContext) -> dict
         num_fewshot=spec.num_fewshot,
         limit=spec.limit,
         batch_size=spec.batch_size,
+        device="cuda" if torch.cuda.is_available() else "cpu",  # lm-eval assumes cuda otherwise
         apply_chat_template=spec.apply_chat_template,
         task_manager=_task_manager(spec),
         log_samples=False,

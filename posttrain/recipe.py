@@ -398,7 +398,7 @@ class SFTStage(StageBase):
     trainer_config: ClassVar[str | None] = "SFTConfig"
 
 
-class EvaluateStage(StageBase, EvalOptions):
+class EvaluateStage(EvalOptions, StageBase):
     """Evaluate a model (a stage's, the base model, or any path) on a held-out set, and optionally
     on lm-eval benchmark suites. Writes metrics.json (`eval`) and eval_samples.jsonl, no model."""
 
@@ -767,7 +767,7 @@ def fill_eval_defaults(data: dict) -> dict:
         if not isinstance(stage, dict) or stage.get("kind") != "evaluate":
             continue
         for key, value in recipe_eval.items() if isinstance(recipe_eval, dict) else ():
-            if stage.get(key) is None:
+            if key in EvalSpec.model_fields and stage.get(key) is None:
                 stage[key] = copy.deepcopy(value)
         if stage.get("data") is not None and stage["data"] not in sets:
             sets.append(stage["data"])

@@ -214,3 +214,44 @@ def test_gate_stops_the_pipeline_then_eval_and_report_after_training(
     code, _, stderr = cli("report", run)
     assert code == 0, stderr
     assert (run / "report.md").read_text() == report
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "gsm8k.yaml"])
+def test_shipped_recipes_validate(name: str) -> None:
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / name)
+    assert recipe.eval is not None
+
+
+def test_harness_runs_a_local_task_on_the_tiny_model(tiny_dense: Path, tmp_path: Path) -> None:
+    """Only where lm-eval is installed (`posttrain[eval]`): a task YAML over a local JSONL file."""
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+
+    from posttrain.harness import RESULTS_FILE, run_harness
+    from posttrain.recipe import HarnessSpec, PathModel
+
+    (tmp_path / "arith.jsonl").write_text(
+        "".join(json.dumps({"q": f"{i}+1=", "a": str(i + 1)}) + "\n" for i in range(4))
+    )
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_arith.yaml").write_text(
+        textwrap.dedent(
+            f"""
+            task: tiny_arith
+            dataset_path: json
+            dataset_kwargs: {{data_files: {{test: {tmp_path / "arith.jsonl"}}}}}
+            test_split: test
+            output_type: generate_until
+            doc_to_text: "{{{{q}}}}"
+            doc_to_target: "{{{{a}}}}"
+            generation_kwargs: {{until: ["<|eos|>"], max_gen_toks: 8, do_sample: false}}
+            metric_list: [{{metric: exact_match}}]
+            """
+        )
+    )
+    spec = HarnessSpec(tasks=["tiny_arith"], include_path=str(tmp_path / "tasks"), batch_size=4)
+    ctx = SimpleNamespace(seed=0, is_main=True, out_dir=tmp_path)
+    results = run_harness(PathModel(path=str(tiny_dense)), spec, ctx)
+    assert set(results) == {"tiny_arith"}
+    assert 0.0 <= results["tiny_arith"]["exact_match,none"] <= 1.0
+    assert json.loads((tmp_path / RESULTS_FILE).read_text())["results"]["tiny_arith"]
