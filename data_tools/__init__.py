@@ -4,28 +4,20 @@ dedup and decontamination, curricula, synthetic tasks, and answer extraction.
 Installed as `posttrain.data_tools`.
 """
 
-from posttrain.data_tools.answers import (
-    extract_answer,
-    extract_boxed,
-    extract_gsm8k,
-    extract_tag,
-    normalize_answer,
-    reference_answer,
-)
+from posttrain.data_tools.answers import answer_tag, extract_answer, final_answer, gsm8k_answer, last_boxed
 from posttrain.data_tools.arithmetic import arithmetic_rows
 from posttrain.data_tools.hygiene import DataReport
 from posttrain.data_tools.loading import describe, load_rows, require_columns
 
 __all__ = [
     "DataReport",
+    "answer_tag",
     "arithmetic_rows",
     "describe",
     "extract_answer",
-    "extract_boxed",
-    "extract_gsm8k",
-    "extract_tag",
+    "final_answer",
+    "gsm8k_answer",
+    "last_boxed",
     "load_rows",
-    "normalize_answer",
-    "reference_answer",
     "require_columns",
 ]

@@ -1,82 +1,84 @@
-"""Pull the final answer out of a completion or a reference solution (shared by rewards and evaluation).
+"""Pull the final answer out of a completion (shared by rewards and evaluation).
 
-Three formats, each with its own helper, and `extract_answer` trying them in order:
+One helper per format, and `extract_answer` / `final_answer` trying them in order:
 
-- `<answer>...</answer>` tags (the R1 format this project trains),
-- LaTeX `\\boxed{...}` (MATH, with nested braces: `\\boxed{\\frac{1}{2}}`),
-- GSM8K's `#### 42` final line.
+- `answer_tag`: the last `<answer>...</answer>` (the R1 format this project trains),
+- `last_boxed`: the last LaTeX `\\boxed{...}` (MATH; nested braces: `\\boxed{\\frac{1}{2}}`),
+- `gsm8k_answer`: GSM8K's `#### 42` final line.
 
-    >>> extract_answer("<think>6*7</think><answer>42</answer>")
-    '42'
-    >>> extract_answer("so the area is $\\\\boxed{\\\\frac{1}{2}}$.")
-    '\\\\frac{1}{2}'
+Every search here is linear in the text (`str.rfind`, no backtracking regex), so a 1 MB or
+adversarial completion costs milliseconds, never minutes.
 """
 
 from __future__ import annotations
 
 import re
 
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-GSM8K_FINAL = re.compile(r"^\s*####\s*(.+?)\s*$", re.MULTILINE)
-BOXED = re.compile(r"\\(?:boxed|fbox)\s*(\{)?")
+GSM8K_ANSWER = re.compile(r"####[ \t]*([^\n]*)")
+BRACES = re.compile(r"[{}]")
+BOXED_COMMANDS = ("\\boxed", "\\fbox")
 
 
-def extract_tag(text: str) -> str | None:
+def answer_tag(text: str) -> str | None:
     """The content of the last `<answer>...</answer>`, stripped; None when there is none."""
-    matches = ANSWER_TAG.findall(text)
-    return matches[-1].strip() if matches else None
+    end = text.rfind("</answer>")
+    if end < 0:
+        return None
+    start = text.rfind("<answer>", 0, end)
+    return text[start + len("<answer>") : end].strip() if start >= 0 else None
 
 
-def extract_boxed(text: str) -> str | None:
-    """The content of the last complete `\\boxed{...}` (braces balanced), or `\\boxed 5`; else None."""
-    found = None
-    for match in BOXED.finditer(text):
-        if match.group(1) is None:  # `\boxed 5`: up to the next space or `$`
-            rest = re.match(r"([^\s$]+)", text[match.end() :])
-            found = rest.group(1) if rest else found
-            continue
-        depth, start = 1, match.end()
-        for i in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                found = text[start:i].strip()
-                break
-    return found
+def last_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced; None if absent
+    or unclosed. `\\boxed 5` (no braces) gives `5`."""
+    start = max(text.rfind(command) for command in BOXED_COMMANDS)
+    if start < 0:
+        return None
+    i = start + len("\\boxed" if text.startswith("\\boxed", start) else "\\fbox")
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i >= len(text):
+        return None
+    if text[i] != "{":
+        word = re.match(r"[^\s$]+", text[i:])
+        return word.group(0) if word else None
+    depth = 0
+    for brace in BRACES.finditer(text, i):
+        depth += 1 if brace.group() == "{" else -1
+        if depth == 0:
+            return text[i + 1 : brace.start()].strip()
+    return None
 
 
-def extract_gsm8k(text: str) -> str | None:
-    """The number after the last `#### ` line of a GSM8K solution, or None."""
-    matches = GSM8K_FINAL.findall(text)
-    return matches[-1].strip() if matches else None
+def gsm8k_answer(text: str) -> str | None:
+    """The text after the last `#### ` marker (GSM8K's final-answer line), stripped."""
+    start = text.rfind("####")
+    if start < 0:
+        return None
+    match = GSM8K_ANSWER.match(text, start)
+    value = match.group(1).strip() if match else ""
+    return value or None
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer of `text`: the last `<answer>` tag, else the last `\\boxed{}`, else `#### N`."""
-    for extract in (extract_tag, extract_boxed, extract_gsm8k):
-        found = extract(text)
+ANSWER_SOURCES = {"answer": answer_tag, "boxed": last_boxed, "gsm8k": gsm8k_answer}
+
+
+def final_answer(
+    text: str, sources: tuple[str, ...] | list[str] = ("answer", "boxed", "gsm8k")
+) -> str | None:
+    """The final answer of a completion: the last `<answer>` block, else the last `\\boxed{}`, else
+    a GSM8K `#### N` line (the order of `sources`). A `\\boxed{}` inside the `<answer>` block wins
+    over the prose around it."""
+    for source in sources:
+        found = ANSWER_SOURCES[source](text)
         if found is not None:
+            if source == "answer":
+                found = last_boxed(found) or found
             return found
     return None
 
 
-def reference_answer(gold: str) -> str:
-    """A dataset's `answer` column as the bare answer: GSM8K and MATH store whole solutions."""
-    text = str(gold)
-    found = extract_answer(text)
-    return (found if found is not None else text).strip()
-
-
-def normalize_answer(answer: str | None) -> str | None:
-    """A canonical spelling for exact match: no surrounding `$` or spaces, no thousands commas,
-    no trailing period, `\\text{..}` unwrapped, and `5.0` written `5`."""
-    if answer is None:
-        return None
-    text = answer.strip().strip("$").strip()
-    text = re.sub(r"\\text\{([^{}]*)\}", r"\1", text)
-    text = text.rstrip(".").strip()
-    if re.fullmatch(r"[-+]?[\d,]*\.?\d+", text):
-        text = text.replace(",", "")
-        if "." in text:
-            text = text.rstrip("0").rstrip(".") or "0"
-        text = text.lstrip("+")
-    return text
+def extract_answer(text: str) -> str | None:
+    """The final answer of a completion or a worked solution: the last `<answer>` block, else the
+    last `\\boxed{}`, else a GSM8K `#### N` line (`final_answer` with every source)."""
+    return final_answer(text)

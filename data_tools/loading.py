@@ -234,16 +234,13 @@ def peek_columns(path: Path) -> list[str] | None:
 
 
 def check_file_columns(spec: FileData) -> tuple[str, str, str] | None:
-    """(key, message, fix) when a local file lacks a column that `columns:` or `template:` names."""
+    """(key, message, fix) when a local file lacks a column that `columns:` or `template:` names.
+
+    A path that does not exist here is left to the stage that loads it (a recipe may be
+    validated on one machine for a run on another, whose disks hold the data); so are hub ids."""
     path = Path(spec.path).expanduser()
     if not path.exists():
-        if _looks_local(spec):
-            return (
-                "path",
-                f"no such file or folder: {spec.path}",
-                "check the path (relative to where you run)",
-            )
-        return None  # a hub id, checked when it loads
+        return None
     try:
         columns = peek_columns(path)
     except (PosttrainError, ValueError, UnicodeDecodeError) as e:

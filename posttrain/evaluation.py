@@ -9,18 +9,21 @@ Results land in the stage's metrics.json under `eval`, every prompt in `eval_sam
     {"accuracy": 0.69, "n": 200, "format_rate": 0.98, "mean_length": 21.4,
      "pass_at_1": 0.61, "pass_at_k": 0.83, "maj_at_k": 0.70, "k": 4, "temperature": 0.6}
 
-Scoring (`score`) compares the completion's final answer (`<answer>`, `\\boxed{}` or `#### N`)
-with the row's `answer` (a bare answer or a whole GSM8K/MATH solution) after normalisation.
+Scoring uses the reward library: `accuracy` (the completion's final answer, from `<answer>`,
+`\\boxed{}` or `#### N`, is math-verify-equivalent to the row's `answer`, which may be a
+whole GSM8K / MATH solution) and `format` (strict R1 template). maj@k votes over the final
+answers in the normalised form the accuracy judge compares.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain.data_tools import extract_answer, normalize_answer, reference_answer, require_columns
+from posttrain.data_tools import extract_answer, require_columns
 from posttrain.errors import PosttrainError
 from posttrain.recipe import EvalSpec, PathModel
 
@@ -28,23 +31,21 @@ if TYPE_CHECKING:
     from posttrain.recipe import Recipe, StageBase
     from posttrain.runner import StageContext
 
-R1_FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 SAMPLES_FILE = "eval_samples.jsonl"
 
 
 def score(completions: list[str], answers: list[str]) -> tuple[list[bool], list[bool]]:
-    """(correct, well formatted) for each completion against its reference answer."""
-    correct = [
-        normalize_answer(extract_answer(c)) == normalize_answer(reference_answer(a))
-        for c, a in zip(completions, answers, strict=True)
-    ]
-    return correct, [bool(R1_FORMAT.match(c)) for c in completions]
+    """(correct, well formatted) for each completion: the `accuracy` and `format` rewards at 1.0.
+    A completion the accuracy judge cannot decide (None: a timeout) counts as wrong."""
+    from posttrain.rewards import build_reward
+
+    accuracy = build_reward({"name": "accuracy"})(completions=completions, answer=answers)
+    formatted = build_reward({"name": "format"})(completions=completions)
+    return [s == 1.0 for s in accuracy], [s == 1.0 for s in formatted]
 
 
 def evaluate_model(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict[str, Any]:
     """Generate, score and record; returns the `eval` block of the stage's metrics."""
-    from transformers import set_seed
-
     from posttrain.generation import generate, render_prompts
     from posttrain.models import load_causal_lm, load_tokenizer
 
@@ -58,8 +59,9 @@ def evaluate_model(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict
         model = model.to("cuda")
     prompts = render_prompts(tokenizer, list(rows["prompt"]))
     answers = [str(a) for a in rows["answer"]]
-    options = {"max_new_tokens": spec.max_new_tokens, "batch_size": spec.batch_size}
-    greedy, speed = generate(model, tokenizer, prompts, **options)
+    greedy, speed = generate(
+        model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size
+    )
     completions = [o[0] for o in greedy]
     correct, formatted = score(completions, answers)
     n = len(completions)
@@ -71,15 +73,13 @@ def evaluate_model(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict
         "tokens_per_s": round(speed["tokens_per_s"], 1),
     }
     sampled: list[list[str]] = [[] for _ in prompts]
+    sampled_correct: list[list[bool]] = [[] for _ in prompts]
     if spec.k > 1:
-        set_seed(ctx.seed)
-        sampled, _ = generate(
-            model, tokenizer, prompts, **options, num_return_sequences=spec.k, do_sample=True,
-            temperature=spec.temperature, top_p=spec.top_p,
-        )  # fmt: skip
-        result |= sample_metrics(sampled, answers) | {"k": spec.k, "temperature": spec.temperature}
+        sampled, sampled_correct = sample(model, tokenizer, prompts, answers, spec, ctx.seed)
+        result |= sample_metrics(sampled, sampled_correct) | {"k": spec.k, "temperature": spec.temperature}
     if ctx.is_main:
-        write_samples(ctx, rows["prompt"], completions, answers, correct, sampled)
+        samples = zip(rows["prompt"], completions, answers, correct, sampled, sampled_correct, strict=True)
+        write_samples(ctx.out_dir / SAMPLES_FILE, samples)
     if spec.harness is not None:
         from posttrain.harness import run_harness
 
@@ -87,21 +87,39 @@ def evaluate_model(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict
     return result
 
 
-def sample_metrics(sampled: list[list[str]], answers: list[str]) -> dict[str, float]:
-    """pass@1 (mean over the k samples), pass@k and maj@k over prompts."""
-    pass_1 = pass_k = majority = 0.0
-    for samples, answer in zip(sampled, answers, strict=True):
-        correct, _ = score(samples, [answer] * len(samples))
-        pass_1 += sum(correct) / len(samples)
-        pass_k += any(correct)
-        majority += correct[majority_index(samples)]
-    n = len(answers)
-    return {"pass_at_1": pass_1 / n, "pass_at_k": pass_k / n, "maj_at_k": majority / n}
+def sample(
+    model: Any, tokenizer: Any, prompts: list[str], answers: list[str], spec: EvalSpec, seed: int
+) -> tuple[list[list[str]], list[list[bool]]]:
+    """k completions per prompt at the spec's temperature, and whether each is correct."""
+    from transformers import set_seed
+
+    from posttrain.generation import generate
+
+    set_seed(seed)
+    sampled, _ = generate(
+        model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
+        num_return_sequences=spec.k, do_sample=True, temperature=spec.temperature, top_p=spec.top_p,
+    )  # fmt: skip
+    flat, _ = score([s for group in sampled for s in group], [a for a in answers for _ in range(spec.k)])
+    return sampled, [flat[i : i + spec.k] for i in range(0, len(flat), spec.k)]
+
+
+def sample_metrics(sampled: list[list[str]], correct: list[list[bool]]) -> dict[str, float]:
+    """pass@1 (mean over the k samples), pass@k (any correct) and maj@k (the most frequent final
+    answer is correct), averaged over prompts."""
+    n = len(sampled)
+    return {
+        "pass_at_1": sum(sum(c) / len(c) for c in correct) / n,
+        "pass_at_k": sum(any(c) for c in correct) / n,
+        "maj_at_k": sum(c[majority_index(s)] for s, c in zip(sampled, correct, strict=True)) / n,
+    }
 
 
 def majority_index(samples: list[str]) -> int:
     """The first sample whose (normalised) final answer is the most frequent one; 0 when none has one."""
-    finals = [normalize_answer(extract_answer(s)) for s in samples]
+    from posttrain.rewards.math_judge import clean
+
+    finals = [clean(found) if (found := extract_answer(s)) is not None else None for s in samples]
     votes = Counter(f for f in finals if f is not None)
     if not votes:
         return 0
@@ -109,23 +127,17 @@ def majority_index(samples: list[str]) -> int:
     return finals.index(winner)
 
 
-def write_samples(
-    ctx: StageContext,
-    prompts: list[Any],
-    completions: list[str],
-    answers: list[str],
-    correct: list[bool],
-    sampled: list[list[str]],
-) -> None:
+def write_samples(path: Path, samples: Iterable[tuple]) -> None:
+    """One JSON line per prompt: prompt, greedy completion, answer, correct (+ the k samples)."""
     from posttrain.artifacts import write_atomic
 
     lines = []
-    for p, c, a, ok, samples in zip(prompts, completions, answers, correct, sampled, strict=True):
-        row = {"prompt": p, "completion": c, "answer": a, "correct": ok}
-        if samples:
-            row |= {"samples": samples, "samples_correct": score(samples, [a] * len(samples))[0]}
+    for prompt, completion, answer, correct, sampled, sampled_correct in samples:
+        row = {"prompt": prompt, "completion": completion, "answer": answer, "correct": correct}
+        if sampled:
+            row |= {"samples": sampled, "samples_correct": sampled_correct}
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    write_atomic(ctx.out_dir / SAMPLES_FILE, "".join(lines))
+    write_atomic(path, "".join(lines))
 
 
 def check_gate(recipe: Recipe, stage: StageBase, metrics: dict[str, Any]) -> None:

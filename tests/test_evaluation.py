@@ -29,11 +29,12 @@ def test_score_extracts_and_normalises() -> None:
         "the answer is \\boxed{1,000}",
         "<answer>7</answer>",
         "no final answer",
+        "<think>half</think><answer>0.5</answer>",
     ]
-    answers = ["5", "It costs 1000.\n#### 1000", "8", "3"]
+    answers = ["5", "It costs 1000.\n#### 1000", "8", "3", "\\frac{1}{2}"]
     correct, formatted = score(completions, answers)
-    assert correct == [True, True, False, False]
-    assert formatted == [True, False, False, False]
+    assert correct == [True, True, False, False, True]
+    assert formatted == [True, False, False, False, True]
 
 
 def test_pass_and_majority_over_samples() -> None:
@@ -42,11 +43,12 @@ def test_pass_and_majority_over_samples() -> None:
         ["<answer>1</answer>", "<answer>9</answer>", "<answer>9</answer>"],  # 1/3, majority wrong
         ["nothing", "<answer>0</answer>", "<answer>0</answer>"],  # 0/3
     ]
-    metrics = sample_metrics(sampled, ["5", "1", "2"])
+    correct = [score(s, [a] * 3)[0] for s, a in zip(sampled, ["5", "1", "2"], strict=True)]
+    metrics = sample_metrics(sampled, correct)
     assert metrics["pass_at_1"] == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
     assert metrics["pass_at_k"] == pytest.approx(2 / 3)
     assert metrics["maj_at_k"] == pytest.approx(1 / 3)
-    assert majority_index(["x", "<answer>3</answer>", "<answer>3</answer>"]) == 1
+    assert majority_index(["x", "<answer>3</answer>", "<answer>3.</answer>"]) == 1  # `3.` votes for 3
 
 
 # --------------------------------------------------------------------------- recipe checks
@@ -86,7 +88,6 @@ def test_evaluate_stage_takes_eval_defaults_and_decontamination_resolves(write_r
             "- {name: a, kind: sft, data: {synthetic: arithmetic, curriculum: {by: difficulty}}}",
             "train_sampling_strategy: sequential",
         ),
-        ("- {name: a, kind: sft, data: {path: ./nope.jsonl}}", "no such file or folder: ./nope.jsonl"),
         ("- {name: a, kind: sft, data: {path: x.jsonl, template: 'no fields'}}", "template names no column"),
         ("- {name: a, kind: sft, data: {synthetic: arithmetic}, gate: {}}", "a gate needs a threshold"),
     ],
