@@ -256,3 +256,45 @@ def test_harness_runs_a_local_task_on_the_tiny_model(tiny_dense: Path, tmp_path:
     assert set(results) == {"tiny_arith"}
     assert 0.0 <= results["tiny_arith"]["exact_match,none"] <= 1.0
     assert json.loads((tmp_path / RESULTS_FILE).read_text())["results"]["tiny_arith"]
+
+
+def test_report_reads_reward_curves_and_data_reports(tmp_path: Path) -> None:
+    """A GRPO-like stage (reward logged to TensorBoard) and a stage still running, from files alone."""
+    import yaml
+    from torch.utils.tensorboard import SummaryWriter
+
+    from posttrain import artifacts
+    from posttrain.report import write_report
+
+    stages = [
+        {"name": "grpo", "kind": "grpo", "gate": {"min_accuracy": 0.5}},
+        {"name": "distill", "kind": "distill"},
+    ]
+    (tmp_path / "recipe.resolved.yaml").write_text(yaml.safe_dump({"name": "rl", "stages": stages}))
+    grpo = tmp_path / "grpo"
+    writer = SummaryWriter(log_dir=str(grpo / "logs"))
+    for step, (loss, reward) in enumerate([(0.9, 0.1), (0.7, 0.3), (0.6, 0.45)], 1):
+        writer.add_scalar("train/loss", loss, step)
+        writer.add_scalar("train/reward", reward, step)
+    writer.close()
+    artifacts.write_json(grpo / "data_report.json", {"steps": [
+        {"step": "decontaminate", "source": "train.jsonl", "rows_in": 10, "removed": 2,
+         "examples": [{"removed": "What is 2+2?", "matched": "what is 2 + 2 ?"}]},
+    ]})  # fmt: skip
+    metrics = {
+        "train": {"steps": 3},
+        "eval": {"accuracy": 0.4, "n": 10, "format_rate": 0.9},
+        "wall_time_s": 5.0,
+    }
+    artifacts.finish_stage(grpo, {"stage": "grpo"}, metrics)
+    artifacts.write_json(tmp_path / "distill" / artifacts.RUNNING, {"fingerprint": "x"})
+
+    report = write_report(tmp_path).read_text()
+    grpo_row = next(line for line in report.splitlines() if line.startswith("| grpo |"))
+    assert "loss 0.900 → 0.600" in grpo_row and "reward 0.100 → 0.450" in grpo_row and "3 steps" in grpo_row
+    assert "−2 contaminated" in grpo_row and "accuracy ≥ 0.5 ✗" in grpo_row and "| 0.400 |" in grpo_row
+    assert "| distill | distill | running |" in report
+    assert "decontaminate removed 2 of 10 rows from `train.jsonl`" in report
+    for plot in ("loss", "reward", "accuracy"):
+        assert f"![{plot}]({plot}.png)" in report
+        assert (tmp_path / f"{plot}.png").read_bytes().startswith(b"\x89PNG")
