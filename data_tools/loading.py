@@ -18,8 +18,6 @@ another stage's `data/` folder, or a mixture of these. Then, in this order:
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,11 +27,9 @@ from posttrain.data_tools.curriculum import apply_curriculum
 from posttrain.data_tools.hygiene import DataReport, decontaminate, deduplicate
 from posttrain.data_tools.mixture import concatenate, mix
 from posttrain.errors import PosttrainError
-from posttrain.recipe import DataReference, FileData, MixtureData, RowOptions, SyntheticData, template_fields
+from posttrain.recipe import DataReference, FileData, MixtureData, RowOptions, SyntheticData
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-PEEK_LINES = 100  # JSONL lines read to learn a file's columns at recipe-load time
-PEEK_JSON_BYTES = 64 * 1024 * 1024  # a JSON list bigger than this is not read at recipe-load time
 
 
 def load_rows(
@@ -203,59 +199,3 @@ def require_columns(dataset: Any, needed: Iterable[str], what: str, label: str =
             f"{label}: {what} needs column '{missing[0]}', but the data has: {', '.join(dataset.column_names)}",
             fix=f"map it with `columns: {{{missing[0]}: <your column>}}`",
         )
-
-
-# --------------------------------------------------------------------------- recipe-load checks
-
-
-def peek_columns(path: Path) -> list[str] | None:
-    """The columns of a local data file or folder, read cheaply; None when that is not cheap."""
-    first = _local_files(path)[0]
-    suffix = first.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return list(pq.read_schema(first).names)
-    if suffix == ".csv":
-        with open(first, newline="", encoding="utf-8") as f:
-            return next(csv.reader(f), [])
-    if suffix == ".jsonl":
-        keys: dict[str, None] = {}
-        with open(first, encoding="utf-8") as f:
-            for _, line in zip(range(PEEK_LINES), f, strict=False):
-                record = json.loads(line) if line.strip() else {}
-                keys |= dict.fromkeys(record if isinstance(record, dict) else [])
-        return list(keys)
-    if first.stat().st_size <= PEEK_JSON_BYTES:
-        records = json.loads(first.read_text(encoding="utf-8"))
-        if isinstance(records, list) and records and all(isinstance(r, dict) for r in records):
-            return list(dict.fromkeys(k for r in records for k in r))
-    return None
-
-
-def check_file_columns(spec: FileData) -> tuple[str, str, str] | None:
-    """(key, message, fix) when a local file lacks a column that `columns:` or `template:` names.
-
-    A path that does not exist here is left to the stage that loads it (a recipe may be
-    validated on one machine for a run on another, whose disks hold the data); so are hub ids."""
-    path = Path(spec.path).expanduser()
-    if not path.exists():
-        return None
-    try:
-        columns = peek_columns(path)
-    except (PosttrainError, ValueError, UnicodeDecodeError) as e:
-        return "path", f"cannot read {spec.path}: {str(e).splitlines()[0]}", "check the file"
-    if columns is None:
-        return None
-    have = ", ".join(columns)
-    for canonical, source in spec.columns.items():
-        if source not in columns:
-            return (
-                "columns",
-                f"{spec.path} has no column '{source}' (for {canonical}); it has: {have}",
-                "write `columns:` as {canonical: column in the file}",
-            )
-    for name in template_fields(spec.template) if spec.template else []:
-        if name not in columns:
-            return "template", f"{spec.path} has no column '{name}'; it has: {have}", "fix `template:`"
-    return None

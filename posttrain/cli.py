@@ -248,6 +248,71 @@ def data_inspect(
     console.print(f"length histogram: {summary['histogram']}")
 
 
+# --------------------------------------------------------------------------- rewards
+
+rewards_app = typer.Typer(help="List rewards and score completions with them.", no_args_is_help=True)
+app.add_typer(rewards_app, name="rewards")
+
+
+@rewards_app.command("list")
+def rewards_list(debug: Debug = False) -> None:
+    """The registered rewards, each with its one-line summary."""
+    from posttrain.rewards import describe
+
+    for name, summary in describe().items():
+        typer.echo(f"{name:22s} {summary}")
+
+
+@rewards_app.command("score")
+def rewards_score(
+    file: Annotated[
+        Path, typer.Argument(help="JSONL rows with `completion` and the columns the rewards read.")
+    ],
+    reward: Annotated[
+        list[str],
+        typer.Option(
+            "--reward", help="A reward name, package.module:function, or '{name: format, mode: lenient}'."
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write each row with `rewards: {name: score}`.")
+    ] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option("--tokenizer", help="Count lengths and n-grams in this model's tokens.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Summary as JSON on stdout.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Score completions with rewards: mean, std, share of None, errors, timeouts, samples/s per reward."""
+    from posttrain.rewards.score import parse_reward, read_rows, score_rows
+
+    specs = [parse_reward(r) for r in reward]
+    rows = read_rows(file)
+    tok = None
+    if tokenizer:
+        from posttrain.models import load_tokenizer
+        from posttrain.recipe import PathModel
+
+        tok = load_tokenizer(PathModel(path=tokenizer))
+    scored, summary = score_rows(rows, specs, tok, label=str(file))
+    if out is not None:
+        from posttrain.artifacts import write_atomic
+
+        write_atomic(out, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in scored))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(
+        f"{'reward':22s} {'mean':>8s} {'std':>8s} {'none':>6s} {'errors':>7s} {'timeouts':>9s} {'samples/s':>10s}"
+    )
+    for name, s in summary.items():
+        typer.echo(
+            f"{name:22s} {s['mean']:8.4f} {s['std']:8.4f} {s['none_frac']:6.1%} {int(s['errors']):7d} "
+            f"{int(s['timeouts']):9d} {s['samples_per_s']:10.1f}"
+        )
+    typer.echo(f"{len(rows)} rows" + (f" -> {out}" if out else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line and exit code 2 (tracebacks with --debug)."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -407,6 +407,10 @@ class StageBase(Strict):
             )
         return self
 
+    def check(self, recipe: Recipe, path: tuple) -> None:
+        """Checks that need the whole recipe (other stages, the base model), run before any
+        weights load; raise `recipe.error(path + (key,), ...)`. Nothing by default."""
+
 
 class SFTStage(StageBase):
     """Supervised fine-tuning with trl's SFTTrainer, full or LoRA.
@@ -431,7 +435,47 @@ class EvaluateStage(EvalOptions, StageBase):
     data: DataSpec | None = None  # absent = the recipe's eval.data (unset options also come from eval:)
 
 
-STAGE_KINDS: dict[str, type[StageBase]] = {"sft": SFTStage, "evaluate": EvaluateStage}
+# --------------------------------------------------------------------------- grpo
+
+
+class GRPOStage(StageBase):
+    """GRPO with verifiable rewards (DeepSeek-R1) through trl's GRPOTrainer, full or LoRA.
+
+    Data rows hold `prompt` plus the columns the rewards read (`answer` for `accuracy`). The
+    rewards' weights become GRPOConfig.reward_weights. Checked before any weights load: the
+    generation batch divides into groups of `num_generations`, the rewards' columns exist in
+    the data, `max_completion_length` fits the model (posttrain/stages/grpo.py)."""
+
+    kind: Literal["grpo"]
+    model: ModelRef | None = (
+        None  # the policy: a stage name, {path: ...} or {preset: ...}; absent = base_model
+    )
+    data: DataSpec
+    rewards: list[RewardSpec] = Field(min_length=1)
+    system_prompt: str | None = None  # sent before every prompt (a plain-text prompt becomes a user turn)
+    lora: LoraSpec | None = None
+    train: dict[str, Any] = {}  # keys of trl's GRPOConfig
+    trainer_config: ClassVar[str | None] = "GRPOConfig"
+
+    @model_validator(mode="after")
+    def _rewards(self) -> GRPOStage:
+        if "reward_weights" in self.train:
+            raise ValueError("set `weight:` on each reward instead of train.reward_weights")
+        from posttrain.rewards import reward_label
+
+        labels = [reward_label(r) for r in self.rewards]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"two rewards are called '{twice[0]}'; give one a `label:`")
+        return self
+
+    def check(self, recipe: Recipe, path: tuple) -> None:
+        from posttrain.stages.grpo import check_stage
+
+        check_stage(self, recipe, path)
+
+
+STAGE_KINDS: dict[str, type[StageBase]] = {"sft": SFTStage, "grpo": GRPOStage, "evaluate": EvaluateStage}
 
 
 def _stage_kind(value: Any) -> str | None:
@@ -712,6 +756,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     check_trainer_keys(recipe)
     check_data(recipe)
     check_evaluation(recipe)
+    for i, stage in enumerate(recipe.stages):
+        stage.check(recipe, ("stages", i))
     return recipe
 
 
@@ -881,7 +927,7 @@ def blocks(value: Any, kind: type | tuple[type, ...], path: tuple = ()) -> Itera
 def check_data(recipe: Recipe) -> None:
     """Local files have the columns the recipe maps; decontamination has something to check
     against; a curriculum is not undone by the trainer's shuffling."""
-    from posttrain.data_tools.loading import check_file_columns
+    from posttrain.data_tools.peek import check_file_columns
 
     specs = list(blocks(recipe.eval, RowOptions, ("eval",)))
     for i, stage in enumerate(recipe.stages):
