@@ -61,9 +61,14 @@ class StageContext:
         return PathModel(path=str(ref))
 
     def data(self, spec: Any) -> Any:
-        from posttrain.data_tools import load_rows
+        """Rows of a data slot; what dedup / decontamination removed goes to data_report.json."""
+        from posttrain.data_tools import DataReport, load_rows
 
-        return load_rows(spec, seed=self.seed, stage_dirs=self.stage_dirs)
+        report = DataReport()
+        rows = load_rows(spec, seed=self.seed, stage_dirs=self.stage_dirs, report=report)
+        if self.is_main:
+            report.save(self.out_dir / "data_report.json")
+        return rows
 
     @property
     def is_main(self) -> bool:
@@ -122,7 +127,7 @@ def stage_config(recipe: Recipe, stage: StageBase) -> dict[str, Any]:
         if Path(block.path).exists():
             files[block.path] = artifacts.path_fingerprint(Path(block.path))
     return {
-        "stage": stage.model_dump(mode="json"),
+        "stage": stage.model_dump(mode="json", exclude={"gate"}),  # a gate never retrains
         "seed": recipe.seed,
         "base_model": recipe.base_model.model_dump(mode="json"),
         "files": files,
@@ -222,6 +227,7 @@ def run(
             finished[stage.name] = manifest
             results[stage.name] = on_main(_cached_metrics, recipe, stage, stage_dir, finished, report)
             report(stage.name, "cached", {"dir": str(stage_dir)})
+            _after_stage(recipe, stage, results[stage.name])
             continue
         resume = on_main(artifacts.start_stage, stage_dir, fp, fresh=status != "resume")
         ctx = _context(recipe, stage, stage_dir, finished, resume)
@@ -240,6 +246,7 @@ def run(
         )
         results[stage.name] = metrics
         report(stage.name, "done", {"wall_time_s": wall, "metrics": metrics})
+        _after_stage(recipe, stage, metrics)
     return results
 
 
@@ -255,6 +262,18 @@ def _cached_metrics(
 ) -> dict:
     metrics = artifacts.read_json(stage_dir / artifacts.METRICS) or {}
     return _refresh_eval(recipe, stage, stage_dir, finished, metrics, report)
+
+
+def _after_stage(recipe: Recipe, stage: StageBase, metrics: dict) -> None:
+    """Rewrite the run report (main process), then stop here if the stage misses its gate.
+
+    Every rank checks the gate on the same metrics (broadcast by `on_main`), so all stop together."""
+    from posttrain.distributed import on_main
+    from posttrain.evaluation import check_gate
+    from posttrain.report import write_report
+
+    on_main(write_report, recipe.run_dir)
+    check_gate(recipe, stage, metrics)
 
 
 def _upstream_of(recipe: Recipe, name: str) -> set[str]:
@@ -289,11 +308,9 @@ def _with_eval(recipe: Recipe, stage_dir: Path, ctx: StageContext, metrics: dict
     """Evaluate the stage's model on the recipe's held-out data, when both exist."""
     if recipe.eval is None or not (stage_dir / "model").is_dir():
         return metrics
-    from posttrain.distributed import unsharded_loading
-    from posttrain.evaluation import evaluate_model
+    from posttrain.evaluation import evaluate_whole
 
-    with unsharded_loading():  # main process only: the model is loaded whole, outside any ZeRO-3 sharding
-        result = evaluate_model(PathModel(path=str(stage_dir / "model")), recipe.eval, ctx)
+    result = evaluate_whole(PathModel(path=str(stage_dir / "model")), recipe.eval, ctx)  # main process only
     return {**metrics, "eval": result}
 
 
