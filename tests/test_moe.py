@@ -236,6 +236,8 @@ def test_bias_balancing_lowers_load_cv_in_sft(write_recipe, cli, tmp_path):
         1, abs=1e-3
     )
     assert (runs / "plain" / moe.HEATMAP).stat().st_size > 1000
+    report = (runs / "report.md").read_text()
+    assert "## Mixture of experts" in report and f"(balanced/{moe.HEATMAP})" in report
     events = b"".join(p.read_bytes() for p in (runs / "plain" / "logs").glob("events.out.tfevents.*"))
     assert b"moe/load_cv" in events and b"moe/layer_1/router_entropy" in events
     from safetensors.torch import load_file
