@@ -7,7 +7,7 @@
 For each preset and setting it runs `accelerate launch --num_processes 2 [--use_deepspeed
 --zero_stage N] bench/memory_bench.py --worker ...`. Each worker builds the model from the
 preset config, trains a few steps of random tokens with transformers' Trainer (fp32, as on a
-CPU) and records its peak memory above a baseline taken just before the model is built: on a
+CPU) and writes its peak memory above a baseline taken just before the model is built: on a
 GPU `torch.cuda.max_memory_allocated`, on a CPU the bytes glibc's malloc has handed out
 (`mallinfo2`, sampled every millisecond; PyTorch's CPU allocator does not cache, so this is
 live tensors plus Python objects). The estimate is posttrain.memory's, without its fixed GPU
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 SETTINGS = {
-    "ddp": [],
+    "ddp": ["--multi_gpu"],  # on a CPU-only machine: 2 processes, gloo
     "zero2": ["--use_deepspeed", "--zero_stage", "2"],
     "zero3": ["--use_deepspeed", "--zero_stage", "3"],
 }
@@ -81,22 +81,15 @@ class PeakHeap:
 
 
 def model_config(preset: str, scale: int):
+    """The preset's config with hidden and intermediate sizes (and MLA ranks) times `scale`."""
     from posttrain.architecture import preset_config
 
     config = preset_config(preset)
-    for key in (
-        "hidden_size",
-        "intermediate_size",
-        "moe_intermediate_size",
-        "q_lora_rank",
-        "kv_lora_rank",
-        "qk_rope_head_dim",
-        "qk_nope_head_dim",
-        "v_head_dim",
-    ):
+    derived_head_dim = getattr(config, "head_dim", None) == config.hidden_size // config.num_attention_heads
+    for key in ("hidden_size", "intermediate_size", "moe_intermediate_size", "q_lora_rank", "kv_lora_rank"):
         if getattr(config, key, None):
             setattr(config, key, getattr(config, key) * scale)
-    if getattr(config, "head_dim", None):
+    if derived_head_dim:
         config.head_dim = config.hidden_size // config.num_attention_heads
     return config
 
@@ -136,7 +129,7 @@ def worker(args: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_config(config)
     Trainer(model=model, args=training, train_dataset=rows).train()
     peak = torch.cuda.max_memory_allocated() - baseline if cuda else heap.stop()
-    print("PEAK " + json.dumps({"rank": int(os.environ.get("RANK", 0)), "bytes": peak}), flush=True)
+    Path(args.out, f"peak-{os.environ.get('RANK', '0')}.json").write_text(json.dumps({"bytes": peak}))
 
 
 def estimate(preset: str, scale: int, setting: str, batch: int, seq: int) -> int:
@@ -189,8 +182,10 @@ def measure(preset: str, scale: int, setting: str, args: argparse.Namespace, out
         "--out",
         str(out),
     ]
+    for old in out.glob("peak-*.json"):
+        old.unlink()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    peaks = [json.loads(line[5:])["bytes"] for line in done.stdout.splitlines() if line.startswith("PEAK ")]
+    peaks = [json.loads(f.read_text())["bytes"] for f in out.glob("peak-*.json")]
     if done.returncode != 0 or len(peaks) != 2:
         raise SystemExit(f"{setting} failed:\n{done.stderr[-3000:]}")
     return max(peaks)
@@ -207,6 +202,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.worker:
         args.preset = args.preset[0]
         worker(args)

@@ -16,8 +16,10 @@ for MoE), in bf16; with gradient checkpointing only each layer's input is kept p
 layer's worth; the logits add 8 bytes per vocabulary entry per token (fp32 and its gradient).
 GRPO's generation (without vLLM) holds a KV cache instead, when that is larger.
 ZeRO-3 adds the parameters it gathers at once (a decoder layer, with its whole MoE block as
-one DeepSpeed leaf module, plus a prefetch bucket), and every GPU pays ~2 GiB for the CUDA
-context, communication buffers and fragmentation. Expect the total to be within tens of
+one DeepSpeed leaf module, plus a prefetch bucket); ZeRO-2 and ZeRO-3 allocate a contiguous
+gradient buffer of DeepSpeed's default reduce_bucket_size (5e8 elements, ~1 GiB in bf16)
+whatever the model's size, and DDP's reducer a flat copy of the gradients; and every GPU pays ~2 GiB for the CUDA context, communication
+buffers and fragmentation. Expect the total to be within tens of
 percent; bench/memory_bench.py compares it with measured peaks.
 """
 
@@ -33,6 +35,10 @@ from posttrain.errors import PosttrainError
 
 GIB = 1024**3
 RUNTIME_OVERHEAD = 2 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
+# DeepSpeed's default reduce_bucket_size (elements): ZeRO-2/3 allocate one contiguous gradient
+# buffer of this size up front, whatever the model's size (accelerate's configs leave the default).
+REDUCE_BUCKET = 500_000_000
+PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size default (elements)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +126,10 @@ def estimate(work: Workload, sharding: Sharding, gpus: int) -> dict[str, int]:
         "frozen_models": frozen,
         "activations": activations(work),
         "zero3_gathered": gathered(work.model, weight_bytes) if zero >= 3 else 0,
+        # DDP's reducer keeps its own flat copy of the gradients; ZeRO-2/3 one bucket of fixed size
+        "comm_buffers": (grads if gpus > 1 else 0)
+        if zero == 0
+        else (REDUCE_BUCKET * weight_bytes if zero >= 2 else 0),
         "runtime": RUNTIME_OVERHEAD,
     }
     out = {key: int(value) for key, value in parts.items()}
@@ -144,8 +154,8 @@ def activations(work: Workload) -> int:
 
 def gathered(model: ModelShape, weight_bytes: int) -> int:
     """What ZeRO-3 holds unsharded at a time: one decoder layer (its MoE block gathered whole as a
-    leaf module) and the prefetch bucket DeepSpeed sizes at 0.9 hidden^2 parameters."""
-    return int((max(model.largest_layer, model.largest_moe_block) + 0.9 * model.hidden**2) * weight_bytes)
+    leaf module) and DeepSpeed's prefetch bucket."""
+    return int((max(model.largest_layer, model.largest_moe_block) + PREFETCH_BUCKET) * weight_bytes)
 
 
 def plan_stage(work: Workload, cluster: Cluster) -> dict[str, Any]:

@@ -49,6 +49,8 @@ def test_zero_stages_shard_what_the_paper_says():
         1_500_000_000,
     )
     assert zero3["weights"] == 250_000_000 and zero3["zero3_gathered"] > 0 == ddp["zero3_gathered"]
+    assert zero2["comm_buffers"] == zero3["comm_buffers"] == memory.REDUCE_BUCKET * 2
+    assert ddp["comm_buffers"] == ddp["gradients"]  # the DDP reducer's copy
     assert offload["optimizer"] == offload["weights"] == 0
     assert offload["cpu_offload"] == 250_000_000 + 1_500_000_000
     assert ddp["activations"] == zero3["activations"] > 0
