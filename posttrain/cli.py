@@ -226,7 +226,12 @@ def _print_memory(memory: dict) -> None:
         parts = ", ".join(
             f"{k} {best[k] / GIB:.1f}" for k in best if k not in ("total", "fits", "cpu_offload") and best[k]
         )
-        offload = f"; {best['cpu_offload'] / GIB:.1f} GiB on the host" if best["cpu_offload"] else ""
+        host = best["cpu_offload"] / GIB
+        offload = (
+            f"; host memory {host:.1f} GiB per GPU, {host * memory['gpus_per_node']:.0f} GiB per node"
+            if host
+            else ""
+        )
         console.print(f"  {row['name']} with {name}: {best['total'] / GIB:.1f} GiB = {parts}{offload}")
         for hint in row["suggestions"]:
             console.print(f"    [yellow]→ {hint}[/]")
