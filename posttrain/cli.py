@@ -101,7 +101,11 @@ def run(
     _quiet_libraries()
     from posttrain.runner import run as run_recipe
 
-    results = run_recipe(loaded, force=tuple(force or ()), only=only, report=_report)
+    try:
+        results = run_recipe(loaded, force=tuple(force or ()), only=only, report=_report)
+    except KeyboardInterrupt as e:  # typer would turn it into a silent exit code
+        console.print(f"[yellow]interrupted[/]{': ' + str(e) if str(e) else ''}")
+        raise typer.Exit(130) from None
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch, the main process reports
         return
     console.print(f"[bold green]done[/] {loaded.run_dir}")
@@ -396,7 +400,9 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("POSTTRAIN_DEBUG") == "1"
     try:
-        app(args=args, prog_name="posttrain", standalone_mode=False)
+        code = app(args=args, prog_name="posttrain", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer returns Exit codes instead of raising them
+            sys.exit(code)
     except PosttrainError as e:
         if debug:
             raise
@@ -404,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
             f"[bold red]error{_rank_label()}:[/] {escape(str(e))}", soft_wrap=True
         )  # keep [brackets]
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
+    except typer.Abort:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
     except typer.Exit as e:

@@ -435,6 +435,14 @@ class GateSpec(Strict):
 STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
+class GuardSpec(Strict):
+    """What to do when training goes wrong; checked at every logging step."""
+
+    nan: Literal["stop", "warn"] = "stop"  # the loss or gradient norm became NaN or inf
+    constant_reward_steps: int | None = Field(None, gt=0)  # RL: logged steps in a row where every
+    constant_reward: Literal["stop", "warn"] = "warn"  # group scored alike (no learning signal)
+
+
 class StageBase(Strict):
     name: str
     kind: str
@@ -466,6 +474,7 @@ class SFTStage(StageBase):
     data: DataSpec
     lora: LoraSpec | None = None
     moe: MoESpec = MoESpec()  # router train/freeze, aux loss, bias balancing (MoE models)
+    guard: GuardSpec = GuardSpec()  # NaN/inf loss: stop (default) or warn
     train: dict[str, Any] = {}  # keys of trl's SFTConfig
     trainer_config: ClassVar[str | None] = "SFTConfig"
 
@@ -504,6 +513,7 @@ class GRPOStage(StageBase):
     system_prompt: str | None = None  # sent before every prompt (a plain-text prompt becomes a user turn)
     lora: LoraSpec | None = None
     moe: MoESpec = MoESpec()  # routers frozen and no aux loss unless set here (MoE models)
+    guard: GuardSpec = GuardSpec(constant_reward_steps=10)  # NaN/inf loss; 10 logged steps without signal
     train: dict[str, Any] = {}  # keys of trl's GRPOConfig
     trainer_config: ClassVar[str | None] = "GRPOConfig"
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from posttrain.artifacts import read_json
 from posttrain.errors import PosttrainError
-from posttrain.recipe import LoraSpec, trainer_config_class
+from posttrain.recipe import GuardSpec, LoraSpec, trainer_config_class
 
 if TYPE_CHECKING:
     from posttrain.runner import StageContext
@@ -59,14 +59,20 @@ def trainer_args(config: str, train: dict[str, Any], ctx: StageContext, **defaul
         raise PosttrainError(f"{str(e).splitlines()[0]}", key=f"stages.{ctx.stage}.train") from None
 
 
-def callbacks(ctx: StageContext) -> list[Any]:
-    """TensorBoard in `<stage>/logs`, always on and local: nothing leaves the machine by default."""
+def callbacks(ctx: StageContext, guard: GuardSpec | None = None) -> list[Any]:
+    """What every trainer gets: Ctrl-C saves a checkpoint and stops (the stage resumes next run),
+    the stage's `guard:` watches for NaN losses and reward collapse, and TensorBoard logs go to
+    `<stage>/logs`, always on and local: nothing leaves the machine by default."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    if not ctx.is_main:
-        return []
-    return [TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out_dir / "logs")))]
+    from posttrain.guards import GracefulStop, TrainingGuard
+
+    guard = guard or GuardSpec()
+    found: list[Any] = [GracefulStop(), TrainingGuard(ctx.stage, **guard.model_dump())]
+    if ctx.is_main:
+        found.append(TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out_dir / "logs"))))
+    return found
 
 
 def lora_config(

@@ -80,7 +80,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
-            callbacks=[*experts.callbacks, *callbacks(ctx), samples],
+            callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard), samples],
         )
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     if ctx.is_main:

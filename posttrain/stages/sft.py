@@ -63,7 +63,7 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
-            callbacks=[*experts.callbacks, *callbacks(ctx)],
+            callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard)],
         )
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     save_final_model(trainer, tokenizer, ctx, stage.lora)
