@@ -706,8 +706,9 @@ def read_yaml(path: str | Path) -> tuple[Any, dict]:
         raise PosttrainError("no such file", file=file, fix="check the path") from None
     except (IsADirectoryError, UnicodeDecodeError) as e:
         raise PosttrainError(f"cannot read: {e.__class__.__name__}", file=file) from None
-    loader = RecipeLoader(text)
+    loader = None
     try:
+        loader = RecipeLoader(text)  # the reader rejects control characters already here
         node = loader.get_single_node()
         lines: dict = {}
         if node is not None:
@@ -718,9 +719,10 @@ def read_yaml(path: str | Path) -> tuple[Any, dict]:
         line = mark.line + 1 if mark else None
         raise PosttrainError(f"invalid YAML: {e.problem or e.context}", file=file, line=line) from None
     except yaml.YAMLError as e:
-        raise PosttrainError(f"invalid YAML: {e}", file=file) from None
+        raise PosttrainError(f"invalid YAML: {' '.join(str(e).split())}", file=file) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, lines
 
 
