@@ -6,16 +6,18 @@ a `\\boxed{}`. Equivalence is math-verify's, fed whole answers (`math_judge.py`)
 matches `0.5`, `50%` matches `50`, `\\frac{1}{n+1}` matches `1/(n+1)`, `1,000` matches `1000`.
 
 Throughput: exact rationals on both sides (`72`, `1,200`, `3/4`, `\\frac{3}{4}`, `50%`) are
-compared in-process, exactly, with no parser; verdicts
-are cached by (gold, answer), which pays off because a GRPO group repeats answers; the rest
-go to a persistent pool of worker processes with a hard per-sample timeout (`pool.py`),
-which works from any thread. A timeout or a crash scores None (not judged) and is counted.
+compared in-process, exactly, with no parser; verdicts are cached by (gold, answer), which
+pays off because a GRPO group repeats answers; the rest go to a persistent pool of worker
+processes with a hard per-sample timeout (`pool.py`), which works from any thread. A
+timeout or a crash scores None (not judged) and is counted.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from posttrain.data_tools.answers import final_answer, gsm8k_answer, last_boxed
 from posttrain.rewards.math_judge import quick_verdict
@@ -30,10 +32,10 @@ Source = Literal["answer", "boxed", "gsm8k"]
 
 @register("accuracy", columns=("answer",))
 def accuracy(
-    timeout: float = 5.0,
+    timeout: Annotated[float, Field(gt=0)] = 5.0,
     sources: tuple[Source, ...] = ("answer", "boxed", "gsm8k"),
-    max_answer_chars: int = 1000,
-    workers: int | None = None,
+    max_answer_chars: Annotated[int, Field(gt=0)] = 1000,
+    workers: Annotated[int, Field(ge=1)] | None = None,
 ) -> RewardFunc:
     """1.0 when the final answer is equivalent to the row's `answer`, 0.0 when not or absent; None
     when the row has no gold answer or verification timed out / failed.
