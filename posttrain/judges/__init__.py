@@ -1,0 +1,92 @@
+"""AI judges: compare two answers to a prompt and say, as a probability, which is better.
+
+One small module per backend, each with `build(spec, ctx, judge_id) -> Judge`:
+
+    hf          a local causal LM; next-token probabilities of the two labels after `Verdict:`
+    openai      an OpenAI-compatible endpoint over plain HTTP; label logprobs, else the strict verdict line
+    likelihood  a stronger model's mean token log-likelihood of each answer (pointwise)
+
+A judge is either pairwise (`compare`: P(first shown is better) for each query) or pointwise
+(`score`: one number per answer, turned into a preference by `sigmoid((s_a - s_b) / temperature)`).
+Its `id` hashes everything that changes its verdicts (config, model identity, prompt version),
+and keys its on-disk cache; batch sizes, timeouts and concurrency do not change it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from posttrain import artifacts
+
+if TYPE_CHECKING:
+    from posttrain.runner import StageContext
+
+BACKENDS = {
+    "hf": "posttrain.judges.hf",
+    "likelihood": "posttrain.judges.likelihood",
+    "openai": "posttrain.judges.openai",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PairQuery:
+    """Judge `first` (shown first, as labels[0]) against `second` for `prompt`."""
+
+    prompt: Any
+    first: str
+    second: str
+
+
+@dataclasses.dataclass
+class Judge:
+    """What a backend builds. Exactly one of `compare` / `score` is set.
+
+    compare(queries) -> [{"p_first": float | None, "rationale": str | None, "mass": float | None}]
+        p_first: P(the first answer is better); None when the judge gave no usable verdict;
+        mass: the probability the judge put on the two labels together (low = off-format).
+    score(items) -> [float]: one number per (prompt, answer), higher is better."""
+
+    id: str
+    batch_size: int
+    compare: Callable[[list[PairQuery]], list[dict[str, Any]]] | None = None
+    score: Callable[[list[tuple[Any, str]]], list[float]] | None = None
+    temperature: float = 1.0
+    principles: list[str] | None = None
+    close: Callable[[], None] = lambda: None
+
+
+def build_judge(spec: Any, ctx: StageContext) -> Judge:
+    """The judge a recipe's `judge:` block describes, with its cache id."""
+    from posttrain.judges.prompt import PROMPT_VERSION
+
+    module = importlib.import_module(BACKENDS[spec.backend])
+    config = spec.model_dump(mode="json", exclude=set(spec.runtime_keys))
+    model = getattr(spec, "model", None)
+    identity = {
+        "config": config,
+        "model": model_identity(model, ctx) if spec.backend in ("hf", "likelihood") else None,
+        "prompt_version": PROMPT_VERSION,
+    }
+    return module.build(spec, ctx, f"{spec.backend}-{artifacts.canonical_hash(identity)}")
+
+
+def model_identity(ref: Any, ctx: StageContext) -> str:
+    """What makes a judge model this model: a stage's completion id, a local folder's content hash,
+    or a hub id and revision."""
+    if isinstance(ref, str) and ref in ctx.stage_dirs:
+        manifest = artifacts.read_json(ctx.stage_dirs[ref] / artifacts.MANIFEST) or {}
+        if manifest.get("completion_id"):
+            return f"stage:{manifest['completion_id']}"
+    source = ctx.model(ref)
+    path = Path(source.path)
+    if path.exists():
+        return f"path:{artifacts.path_fingerprint(path)}"
+    return f"hub:{source.path}@{source.revision or 'main'}"
+
+
+def principles_hash(principles: list[str] | None) -> str | None:
+    return artifacts.canonical_hash(principles) if principles else None

@@ -1,0 +1,193 @@
+"""RLAIF label stage: AI-judged preference labels (Lee et al. 2023).
+
+A policy writes `samples_per_prompt` answers per prompt (or the data brings its own:
+`responses`, or `chosen` + `rejected`); every pair of distinct answers is judged in both
+orders; p(a better) is the mean of the two, which cancels the judge's position bias; pairs
+whose orders disagree, or whose p is too close to 0.5, are dropped and counted. Judge calls
+are cached on disk (`<run>/cache/judges/<judge id>.jsonl`), so a re-run or a crash pays for
+none of them twice. Writes `<stage>/data/preferences.jsonl` (prompt, chosen, rejected,
+p_chosen, both raw order scores, judge id, principles hash, rationale) for a reward model.
+
+    - name: label
+      kind: rlaif_label
+      policy: sft
+      data: {synthetic: arithmetic, n: 500}
+      samples_per_prompt: 4
+      judge: {backend: likelihood, model: judge-sft}   # or hf / openai, see posttrain/judges/
+
+Under `accelerate launch` the main process labels while the others wait; for long labelling
+jobs run this stage alone (`posttrain run r.yaml --only label`) so no barrier times out.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from posttrain import artifacts
+from posttrain.data_tools import extract_answer, require_columns
+from posttrain.errors import PosttrainError
+from posttrain.judges import build_judge, principles_hash
+from posttrain.judges.cache import JudgeCache
+from posttrain.judges.labels import (
+    agreement,
+    best_vs_worst,
+    candidate_pairs,
+    decide,
+    judge_pairs,
+    label_metrics,
+    preference_record,
+)
+from posttrain.recipe import RlaifLabelStage
+
+if TYPE_CHECKING:
+    from posttrain.runner import StageContext
+
+PREFERENCES = "data/preferences.jsonl"
+CANDIDATES = "candidates.jsonl"
+SUMMARY = "label_metrics.json"
+
+
+def run(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
+    if ctx.is_main:
+        artifacts.write_json(ctx.out_dir / SUMMARY, label(stage, ctx))
+    ctx.barrier()
+    return artifacts.read_json(ctx.out_dir / SUMMARY)
+
+
+def label(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
+    from transformers import set_seed
+
+    set_seed(ctx.seed)
+    rows = ctx.data(stage.data)
+    require_columns(rows, ["prompt"], "rlaif_label", "data")
+    prompts = list(rows["prompt"])
+    answers, sampling = candidates(stage, ctx, rows)
+
+    judge = build_judge(stage.judge, ctx)
+    cache = JudgeCache(ctx.run_dir / "cache" / "judges" / f"{judge.id}.jsonl")
+    pairs = candidate_pairs(answers, stage.max_pairs_per_prompt, ctx.seed)
+    judged = judge_pairs(judge, cache, prompts, answers, pairs)
+    judge.close()
+    decisions = [decide(j, stage.min_margin, stage.max_disagreement) for j in judged]
+    if stage.pairs == "best_vs_worst":
+        decisions = best_vs_worst(judged, decisions)
+
+    reference = rows["answer"] if "answer" in rows.column_names else None
+    kept = [j for j, d in zip(judged, decisions, strict=True) if d == "kept"]
+    records = []
+    for j in kept:
+        record = preference_record(
+            j, prompts[j.pair.row], answers[j.pair.row], judge, principles_hash(judge.principles)
+        )
+        records.append({**record, "answer": str(reference[j.pair.row])} if reference is not None else record)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    artifacts.write_atomic(ctx.out_dir / PREFERENCES, text)
+
+    metrics = {
+        "prompts": len(prompts),
+        **label_metrics(judged, decisions),
+        "candidates": sampling,
+        "judge": {"id": judge.id, "cache_hits": cache.hits, "cache_misses": cache.misses},
+    }
+    if reference is not None:
+        truth = verified(answers, reference)
+        metrics["candidates"]["accuracy"] = sum(truth.values()) / max(len(truth), 1)
+        metrics["agreement_with_answer"] = agreement(judged, decisions, truth)
+    human = human_choices(rows, answers)
+    if human:
+        metrics["agreement_with_human"] = agreement(judged, decisions, human)
+    if not records:
+        raise PosttrainError(
+            f"the judge kept no pairs out of {len(judged)}: {metrics['dropped_by_reason']}",
+            fix="sample more diverse answers (sampling.temperature), or lower min_margin",
+        )
+    return metrics
+
+
+def candidates(stage: RlaifLabelStage, ctx: StageContext, rows: Any) -> tuple[list[list[str]], dict]:
+    """Each prompt's answers: sampled from the policy (kept in candidates.jsonl, so a resumed stage
+    judges the same ones), or taken from the data."""
+    if stage.policy is None:
+        return given_answers(rows), {"source": "data"}
+    path = ctx.out_dir / CANDIDATES
+    if ctx.resume and path.exists():
+        saved = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        if len(saved) == len(rows):
+            return saved, {"source": "policy", "resumed": True}
+    answers, sampling = sample(stage, ctx, list(rows["prompt"]))
+    artifacts.write_atomic(path, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
+    return answers, sampling
+
+
+def sample(stage: RlaifLabelStage, ctx: StageContext, prompts: list[Any]) -> tuple[list[list[str]], dict]:
+    import torch
+
+    from posttrain.generation import generate, render_prompts
+    from posttrain.models import load_causal_lm, load_tokenizer
+    from posttrain.training import release
+
+    source = ctx.model(stage.policy)
+    tokenizer = load_tokenizer(source)
+    model = load_causal_lm(source).eval()
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    options = stage.sampling
+    answers, speed = generate(
+        model,
+        tokenizer,
+        render_prompts(tokenizer, prompts),
+        max_new_tokens=options.max_new_tokens,
+        batch_size=options.batch_size,
+        num_return_sequences=stage.samples_per_prompt,
+        do_sample=True,
+        temperature=options.temperature,
+        top_p=options.top_p,
+    )
+    release(model)
+    distinct = sum(len(set(a)) for a in answers) / max(len(answers), 1)
+    return answers, {
+        "source": "policy",
+        "distinct_per_prompt": distinct,
+        "tokens_per_s": speed["tokens_per_s"],
+    }
+
+
+def given_answers(rows: Any) -> list[list[str]]:
+    """Answers the data brings: a `responses` list per row, or its `chosen` and `rejected`."""
+    if "responses" in rows.column_names:
+        return [list(map(str, r)) for r in rows["responses"]]
+    if "chosen" in rows.column_names and "rejected" in rows.column_names:
+        return [[str(c), str(r)] for c, r in zip(rows["chosen"], rows["rejected"], strict=True)]
+    raise PosttrainError(
+        f"without a `policy`, rlaif_label takes its answers from the data's `responses` (or `chosen` and "
+        f"`rejected`) column; the data has: {', '.join(rows.column_names)}",
+        fix="add `policy: <stage or model>` to sample answers, or map a column with `columns:`",
+    )
+
+
+def verified(answers: list[list[str]], reference: Any) -> dict[tuple[int, int], bool]:
+    """Which answers have the reference `answer` in their <answer> tag."""
+    return {
+        (row, i): extract_answer(text) == str(reference[row]).strip()
+        for row, texts in enumerate(answers)
+        for i, text in enumerate(texts)
+    }
+
+
+def human_choices(rows: Any, answers: list[list[str]]) -> dict[tuple[int, int], bool]:
+    """The human-preferred answer of each row: `human_choice` (an index into the answers, or the
+    preferred text), or `chosen` when the answers came from chosen/rejected columns."""
+    if "human_choice" in rows.column_names:
+        truth = {}
+        for row, choice in enumerate(rows["human_choice"]):
+            if choice is None:
+                continue
+            texts = answers[row]
+            best = texts.index(choice) if isinstance(choice, str) and choice in texts else choice
+            if isinstance(best, int) and 0 <= best < len(texts):
+                truth.update({(row, i): i == best for i in range(len(texts))})
+        return truth
+    if "responses" not in rows.column_names and "chosen" in rows.column_names:
+        return {(row, i): i == 0 for row in range(len(answers)) for i in (0, 1)}
+    return {}
