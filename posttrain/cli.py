@@ -160,7 +160,7 @@ def _print_plan(recipe, force: tuple[str, ...]) -> None:
     table = Table(title=f"{recipe.name} → {recipe.run_dir}")
     for column in ("#", "stage", "kind", "inputs", "status"):
         table.add_column(column)
-    styles = {"cached": "dim", "run": "bold", "resume": "yellow", "waits": ""}
+    styles = {"cached": "dim", "run": "bold", "resume": "yellow", "waits": "none"}
     for i, p in enumerate(make_plan(recipe, force), 1):
         status = {"waits": "run (after inputs)"}.get(p.status, p.status)
         table.add_row(

@@ -188,6 +188,8 @@ class StageBase(Strict):
     kind: str
     # The trl config dataclass whose fields the `train:` block may set (None: no trainer).
     trainer_config: ClassVar[str | None] = None
+    # Whether `<stage>/model/` is a generative model the recipe's `eval:` can run (a reward model is not).
+    generative: ClassVar[bool] = True
 
     @model_validator(mode="after")
     def _name(self) -> StageBase:
@@ -375,6 +377,7 @@ class RewardModelStage(StageBase):
     lora: LoraSpec | None = None
     train: dict[str, Any] = {}  # keys of trl's RewardConfig
     trainer_config: ClassVar[str | None] = "RewardConfig"
+    generative: ClassVar[bool] = False
 
 
 STAGE_KINDS: dict[str, type[StageBase]] = {

@@ -535,6 +535,7 @@ def test_label_then_reward_model_and_a_rerun_that_hits_the_cache(
             eval_fraction: 0.25
             train: {{num_train_epochs: 2, per_device_train_batch_size: 8, learning_rate: 1.0e-3,
                      gradient_checkpointing: false, logging_steps: 1, save_strategy: "no"}}
+        eval: {{data: {{synthetic: arithmetic, split: test, n: 2}}, max_new_tokens: 2}}
         """)
     code, _, err = cli("run", recipe)
     assert code == 0, err
@@ -561,6 +562,7 @@ def test_label_then_reward_model_and_a_rerun_that_hits_the_cache(
 
     rm = json.loads((run / "rm/metrics.json").read_text())
     assert rm["train"]["loss_last"] < rm["train"]["loss_first"]
+    assert "eval" not in rm  # a reward model does not generate: the recipe's eval skips it
     held = rm["held_out"]
     assert (
         held["n"] == rm["pairs"]["held_out"] > 0
@@ -623,3 +625,25 @@ def test_reward_model_learns_a_clear_preference_with_lora(
     assert held["accuracy"] >= 0.9 and held["mean_margin"] > 0
     assert held["right_vs_wrong"]["n"] == held["n"] and held["right_vs_wrong"]["accuracy"] == held["accuracy"]
     assert not (tmp_path / "runs/rm/model/adapter_config.json").exists()  # merged: a plain model
+
+
+def test_answers_and_human_choices_can_come_from_the_data():
+    from datasets import Dataset
+
+    from posttrain.stages.rlaif import given_answers, human_choices
+
+    pairs = Dataset.from_list([
+        {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello!"}],
+         "rejected": [{"role": "assistant", "content": "go away"}]},
+    ])  # fmt: skip
+    assert given_answers(pairs) == [["hello!", "go away"]]
+    assert human_choices(pairs, [["hello!", "go away"]], from_data=True) == {(0, 0): True, (0, 1): False}
+    assert human_choices(pairs, [["x", "y", "z"]], from_data=False) == {}  # sampled answers: no human label
+    by_index = Dataset.from_list([{"prompt": "q1", "responses": ["a", "b", "c"], "human_choice": 2}])
+    assert human_choices(by_index, given_answers(by_index), from_data=True) == {
+        (0, 0): False, (0, 1): False, (0, 2): True,
+    }  # fmt: skip
+    by_text = Dataset.from_list([{"prompt": "q2", "responses": ["d", "e"], "human_choice": "d"}])
+    assert human_choices(by_text, given_answers(by_text), from_data=True) == {(0, 0): True, (0, 1): False}
+    with pytest.raises(PosttrainError, match="without a `policy`"):
+        given_answers(Dataset.from_list([{"prompt": "q"}]))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.data_tools import extract_answer, require_columns
+from posttrain.judges.prompt import answer_text
 from posttrain.models import count_parameters, load_tokenizer
 from posttrain.recipe import RewardModelStage
 from posttrain.training import (
@@ -100,9 +101,9 @@ def trainer_rows(rows: Any, margin_scale: float) -> Any:
 
     def convert(row: dict[str, Any]) -> dict[str, Any]:
         out = {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
-        if conversational:
-            out["chosen"] = [{"role": "assistant", "content": row["chosen"]}]
-            out["rejected"] = [{"role": "assistant", "content": row["rejected"]}]
+        for key in ("chosen", "rejected"):
+            if conversational and isinstance(row[key], str):
+                out[key] = [{"role": "assistant", "content": row[key]}]
         if margin_scale > 0 and row.get("p_chosen") is not None:
             out["margin"] = margin_scale * _logit(min(max(float(row["p_chosen"]), 0.5), MAX_LABEL_P))
         return out
@@ -175,8 +176,8 @@ def right_vs_wrong(rows: Any, margins: list[float]) -> dict[str, Any]:
     hits = []
     for row, margin in zip(rows, margins, strict=True):
         reference = str(row["answer"]).strip()
-        good_chosen = extract_answer(row["chosen"]) == reference
-        good_rejected = extract_answer(row["rejected"]) == reference
+        good_chosen = extract_answer(answer_text(row["chosen"])) == reference
+        good_rejected = extract_answer(answer_text(row["rejected"])) == reference
         if good_chosen != good_rejected:
             hits.append((margin > 0) == good_chosen)
     return {"n": len(hits), "accuracy": sum(hits) / len(hits) if hits else None}

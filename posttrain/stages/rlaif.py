@@ -38,6 +38,7 @@ from posttrain.judges.labels import (
     label_metrics,
     preference_record,
 )
+from posttrain.judges.prompt import answer_text
 from posttrain.recipe import RlaifLabelStage
 
 if TYPE_CHECKING:
@@ -66,21 +67,22 @@ def label(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
 
     judge = build_judge(stage.judge, ctx)
     cache = JudgeCache(ctx.run_dir / "cache" / "judges" / f"{judge.id}.jsonl")
-    pairs = candidate_pairs(answers, stage.max_pairs_per_prompt, ctx.seed)
-    judged = judge_pairs(judge, cache, prompts, answers, pairs)
+    judged = judge_pairs(
+        judge, cache, prompts, answers, candidate_pairs(answers, stage.max_pairs_per_prompt, ctx.seed)
+    )
     judge.close()
     decisions = [decide(j, stage.min_margin, stage.max_disagreement) for j in judged]
     if stage.pairs == "best_vs_worst":
         decisions = best_vs_worst(judged, decisions)
 
     reference = rows["answer"] if "answer" in rows.column_names else None
-    kept = [j for j, d in zip(judged, decisions, strict=True) if d == "kept"]
     records = []
-    for j in kept:
-        record = preference_record(
-            j, prompts[j.pair.row], answers[j.pair.row], judge, principles_hash(judge.principles)
-        )
-        records.append({**record, "answer": str(reference[j.pair.row])} if reference is not None else record)
+    for j, decision in zip(judged, decisions, strict=True):
+        if decision == "kept":
+            record = preference_record(
+                j, prompts[j.pair.row], answers[j.pair.row], judge, principles_hash(judge.principles)
+            )
+            records.append(record if reference is None else {**record, "answer": str(reference[j.pair.row])})
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     artifacts.write_atomic(ctx.out_dir / PREFERENCES, text)
 
@@ -89,19 +91,29 @@ def label(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
         **label_metrics(judged, decisions),
         "candidates": sampling,
         "judge": {"id": judge.id, "cache_hits": cache.hits, "cache_misses": cache.misses},
+        **judge_accuracy(rows, answers, judged, decisions, from_data=stage.policy is None),
     }
-    if reference is not None:
-        truth = verified(answers, reference)
-        metrics["candidates"]["accuracy"] = sum(truth.values()) / max(len(truth), 1)
-        metrics["agreement_with_answer"] = agreement(judged, decisions, truth)
-    human = human_choices(rows, answers)
-    if human:
-        metrics["agreement_with_human"] = agreement(judged, decisions, human)
     if not records:
         raise PosttrainError(
             f"the judge kept no pairs out of {len(judged)}: {metrics['dropped_by_reason']}",
             fix="sample more diverse answers (sampling.temperature), or lower min_margin",
         )
+    return metrics
+
+
+def judge_accuracy(
+    rows: Any, answers: list[list[str]], judged: list, decisions: list[str], from_data: bool
+) -> dict:
+    """How often the kept labels agree with the reference `answer` (on pairs with one right answer)
+    and with a human's choice, when the data has them; and how many candidates were right."""
+    metrics: dict[str, Any] = {}
+    if "answer" in rows.column_names:
+        truth = verified(answers, rows["answer"])
+        metrics["candidate_accuracy"] = sum(truth.values()) / max(len(truth), 1)
+        metrics["agreement_with_answer"] = agreement(judged, decisions, truth)
+    human = human_choices(rows, answers, from_data)
+    if human:
+        metrics["agreement_with_human"] = agreement(judged, decisions, human)
     return metrics
 
 
@@ -156,9 +168,11 @@ def sample(stage: RlaifLabelStage, ctx: StageContext, prompts: list[Any]) -> tup
 def given_answers(rows: Any) -> list[list[str]]:
     """Answers the data brings: a `responses` list per row, or its `chosen` and `rejected`."""
     if "responses" in rows.column_names:
-        return [list(map(str, r)) for r in rows["responses"]]
+        return [[answer_text(a) for a in r] for r in rows["responses"]]
     if "chosen" in rows.column_names and "rejected" in rows.column_names:
-        return [[str(c), str(r)] for c, r in zip(rows["chosen"], rows["rejected"], strict=True)]
+        return [
+            [answer_text(c), answer_text(r)] for c, r in zip(rows["chosen"], rows["rejected"], strict=True)
+        ]
     raise PosttrainError(
         f"without a `policy`, rlaif_label takes its answers from the data's `responses` (or `chosen` and "
         f"`rejected`) column; the data has: {', '.join(rows.column_names)}",
@@ -175,7 +189,7 @@ def verified(answers: list[list[str]], reference: Any) -> dict[tuple[int, int], 
     }
 
 
-def human_choices(rows: Any, answers: list[list[str]]) -> dict[tuple[int, int], bool]:
+def human_choices(rows: Any, answers: list[list[str]], from_data: bool) -> dict[tuple[int, int], bool]:
     """The human-preferred answer of each row: `human_choice` (an index into the answers, or the
     preferred text), or `chosen` when the answers came from chosen/rejected columns."""
     if "human_choice" in rows.column_names:
@@ -188,6 +202,6 @@ def human_choices(rows: Any, answers: list[list[str]]) -> dict[tuple[int, int], 
             if isinstance(best, int) and 0 <= best < len(texts):
                 truth.update({(row, i): i == best for i in range(len(texts))})
         return truth
-    if "responses" not in rows.column_names and "chosen" in rows.column_names:
+    if from_data and "responses" not in rows.column_names and "chosen" in rows.column_names:
         return {(row, i): i == 0 for row in range(len(answers)) for i in (0, 1)}
     return {}
