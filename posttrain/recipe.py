@@ -325,10 +325,22 @@ class OpenAIJudgeSpec(Strict):
         return self
 
 
+class RewardJudgeSpec(Strict):
+    """Any registered reward as the judge (verifiable domains): p(a better) = sigmoid((r_a - r_b) /
+    temperature). The reward reads its dataset columns (e.g. `answer`) from the prompt's row."""
+
+    backend: Literal["reward"]
+    reward: RewardSpec  # {name: accuracy}, with the reward's own options
+    temperature: float = Field(0.1, gt=0)
+    batch_size: int = Field(64, gt=0)
+    runtime_keys: ClassVar[frozenset[str]] = frozenset({"batch_size"})
+
+
 JUDGE_BACKENDS: dict[str, type[Strict]] = {
     "hf": HFJudgeSpec,
     "likelihood": LikelihoodJudgeSpec,
     "openai": OpenAIJudgeSpec,
+    "reward": RewardJudgeSpec,
 }
 
 

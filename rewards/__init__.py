@@ -44,7 +44,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from posttrain.rewards import accuracy, format  # noqa: F401  (register the built-in rewards)
+from posttrain.rewards import accuracy, format, judge  # noqa: F401  (register the built-in rewards)
 from posttrain.rewards.guard import Reward, RewardStats
 from posttrain.rewards.registry import (
     REGISTRY,

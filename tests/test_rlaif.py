@@ -124,14 +124,14 @@ def test_pointwise_judge_scores_each_answer_once(tmp_path: Path):
 
     def score(items):
         seen.extend(items)
-        return [float(answer) for _, answer in items]
+        return [float(answer) for _, answer, _ in items]
 
     judge = Judge(id="pw", batch_size=16, score=score, temperature=0.5)
     answers = [["1", "2", "4"]]
     judged = judge_pairs(
         judge, JudgeCache(tmp_path / "c.jsonl"), ["q"], answers, candidate_pairs(answers, None, 0)
     )
-    assert sorted(a for _, a in seen) == ["1", "2", "4"]
+    assert sorted(a for _, a, _ in seen) == ["1", "2", "4"]
     j = next(j for j in judged if (j.pair.a, j.pair.b) == (0, 2))
     assert j.p_ab == j.p_ba == pytest.approx(sigmoid((1 - 4) / 0.5))
     assert preference_record(j, "q", answers[0], judge, None)["judge_scores"] == {
@@ -394,7 +394,7 @@ RIGHT = "<think>3+5=8;2+0=2</think><answer>28</answer>"
 WRONG = "<answer>29</answer>"
 
 
-def test_hf_judge_reads_label_probabilities_from_a_tiny_model(tmp_path: Path, tiny_moe: Path):
+def test_hf_judge_reads_label_probabilities_from_a_tiny_model(tmp_path: Path, tiny_dense: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -402,7 +402,9 @@ def test_hf_judge_reads_label_probabilities_from_a_tiny_model(tmp_path: Path, ti
     from posttrain.judges.hf import label_tokens
     from posttrain.recipe import HFJudgeSpec
 
-    spec = HFJudgeSpec(backend="hf", model={"path": str(tiny_moe)}, principles=["Be correct."], batch_size=2)
+    spec = HFJudgeSpec(
+        backend="hf", model={"path": str(tiny_dense)}, principles=["Be correct."], batch_size=2
+    )
     judge = build_judge(spec, stage_context(tmp_path))
     assert judge.id.startswith("hf-") and judge.principles == ["Be correct."]
     queries = [
@@ -412,8 +414,8 @@ def test_hf_judge_reads_label_probabilities_from_a_tiny_model(tmp_path: Path, ti
     ]
     verdicts = judge.compare(queries)
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_moe)
-    model = AutoModelForCausalLM.from_pretrained(tiny_moe).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dense)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense).eval()
     assert label_tokens(tokenizer, ("A", "B"))[0] == "Verdict: "  # characters: the space is its own token
     a, b = tokenizer.convert_tokens_to_ids(["A", "B"])
     for query, verdict in zip(queries, verdicts, strict=True):
@@ -440,21 +442,21 @@ def test_hf_judge_reads_label_probabilities_from_a_tiny_model(tmp_path: Path, ti
         label_tokens(tokenizer, ("first", "second"))
 
 
-def test_likelihood_judge_scores_mean_answer_log_likelihood(tmp_path: Path, tiny_dense: Path):
+def test_likelihood_judge_scores_mean_answer_log_likelihood(tmp_path: Path, tiny_moe: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.judges import build_judge
     from posttrain.recipe import LikelihoodJudgeSpec
 
-    spec = LikelihoodJudgeSpec(backend="likelihood", model={"path": str(tiny_dense)}, batch_size=3)
+    spec = LikelihoodJudgeSpec(backend="likelihood", model={"path": str(tiny_moe)}, batch_size=3)
     judge = build_judge(spec, stage_context(tmp_path))
-    items = [(QUESTION, RIGHT), (QUESTION, WRONG), ("plain text prompt ", "and an answer")]
+    items = [(QUESTION, RIGHT, {}), (QUESTION, WRONG, {}), ("plain text prompt ", "and an answer", {})]
     scores = judge.score(items)
     assert judge.score(items[1:2]) == pytest.approx(scores[1:2], abs=1e-5)  # padding changes nothing
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_dense)
-    model = AutoModelForCausalLM.from_pretrained(tiny_dense).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_moe)
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe).eval()
     head = tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(head + WRONG + "<|eos|>", add_special_tokens=False, return_tensors="pt")["input_ids"]
     start = len(tokenizer(head, add_special_tokens=False)["input_ids"])
@@ -647,3 +649,55 @@ def test_answers_and_human_choices_can_come_from_the_data():
     assert human_choices(by_text, given_answers(by_text), from_data=True) == {(0, 0): True, (0, 1): False}
     with pytest.raises(PosttrainError, match="without a `policy`"):
         given_answers(Dataset.from_list([{"prompt": "q"}]))
+
+
+# --------------------------------------------------------------------------- rewards as judges, judges as rewards
+
+
+def test_reward_backend_judges_with_a_registered_reward(tmp_path: Path):
+    from posttrain.judges import build_judge
+    from posttrain.recipe import RewardJudgeSpec
+
+    judge = build_judge(
+        RewardJudgeSpec(backend="reward", reward={"name": "accuracy"}), stage_context(tmp_path)
+    )
+    assert judge.columns == ("answer",) and judge.id.startswith("reward-")
+    also_right = "<think></think><answer>28</answer>"
+    answers = [[RIGHT, WRONG, also_right], [WRONG, "no answer at all"]]
+    pairs = candidate_pairs(answers, None, 0)
+    columns = [{"answer": "28"}, {"answer": None}]  # the second row has no gold answer: not judged
+    judged = judge_pairs(
+        judge, JudgeCache(tmp_path / "c.jsonl"), [QUESTION, QUESTION], answers, pairs, columns
+    )
+    decisions = [decide(j, 0.05, 0.5) for j in judged]
+    assert decisions == ["kept", "tie", "kept", "invalid"]
+    record = preference_record(judged[0], QUESTION, answers[0], judge, None)
+    assert (record["chosen"], record["rejected"]) == (RIGHT, WRONG) and record["p_chosen"] > 0.99
+
+
+def test_judge_reward_scores_completions_during_rl(tmp_path: Path, tiny_dense: Path):
+    from posttrain.recipe import RewardSpec
+    from posttrain.rewards import build_reward
+
+    ctx = stage_context(tmp_path)
+    pointwise = build_reward(
+        RewardSpec(name="judge", model={"path": str(tiny_dense)}, judge={"backend": "likelihood"}), ctx
+    )
+    completions = [[{"role": "assistant", "content": c}] for c in (RIGHT, WRONG, RIGHT)]
+    scores = pointwise(prompts=[QUESTION] * 3, completions=completions)
+    assert scores[0] == pytest.approx(scores[2]) and all(s < 0 for s in scores)
+
+    spec = RewardSpec(
+        name="judge", model={"path": str(tiny_dense)}, judge={"backend": "hf", "principles": ["Be right."]}
+    )
+    pairwise = build_reward(spec, ctx)
+    other = [{"role": "user", "content": "7-2="}]
+    prompts = [QUESTION, QUESTION, QUESTION, other, other, [{"role": "user", "content": "alone"}]]
+    texts = [RIGHT, WRONG, RIGHT, "<answer>5</answer>", "<answer>9</answer>", "x"]
+    scores = pairwise(prompts=prompts, completions=texts)
+    p = scores[3]  # a group of two: p(better) against the only peer, both orders averaged
+    assert 0 < p < 1 and scores[4] == pytest.approx(1 - p)
+    assert scores[0] == pytest.approx(scores[2]) and scores[0] == pytest.approx((0.5 + (1 - scores[1])) / 2)
+    assert scores[5] is None  # no peer to compare with
+    with pytest.raises(ValueError, match="not inside `judge:`"):
+        RewardSpec(name="judge", model="a/b", judge={"backend": "hf", "model": "c/d"})

@@ -5,6 +5,7 @@ One small module per backend, each with `build(spec, ctx, judge_id) -> Judge`:
     hf          a local causal LM; next-token probabilities of the two labels after `Verdict:`
     openai      an OpenAI-compatible endpoint over plain HTTP; label logprobs, else the strict verdict line
     likelihood  a stronger model's mean token log-likelihood of each answer (pointwise)
+    reward      any registered reward, e.g. `accuracy` against the row's `answer` (pointwise)
 
 A judge is either pairwise (`compare`: P(first shown is better) for each query) or pointwise
 (`score`: one number per answer, turned into a preference by `sigmoid((s_a - s_b) / temperature)`).
@@ -29,6 +30,7 @@ BACKENDS = {
     "hf": "posttrain.judges.hf",
     "likelihood": "posttrain.judges.likelihood",
     "openai": "posttrain.judges.openai",
+    "reward": "posttrain.judges.reward",
 }
 
 
@@ -48,12 +50,14 @@ class Judge:
     compare(queries) -> [{"p_first": float | None, "rationale": str | None, "mass": float | None}]
         p_first: P(the first answer is better); None when the judge gave no usable verdict;
         mass: the probability the judge put on the two labels together (low = off-format).
-    score(items) -> [float]: one number per (prompt, answer), higher is better."""
+    score(items) -> [float | None]: one number per (prompt, answer, columns), higher is better;
+        `columns` holds the row's values of the dataset columns the judge reads (`columns`)."""
 
     id: str
     batch_size: int
     compare: Callable[[list[PairQuery]], list[dict[str, Any]]] | None = None
-    score: Callable[[list[tuple[Any, str]]], list[float]] | None = None
+    score: Callable[[list[tuple[Any, str, dict[str, Any]]]], list[float | None]] | None = None
+    columns: tuple[str, ...] = ()
     temperature: float = 1.0
     principles: list[str] | None = None
     close: Callable[[], None] = lambda: None
@@ -64,14 +68,22 @@ def build_judge(spec: Any, ctx: StageContext) -> Judge:
     from posttrain.judges.prompt import PROMPT_VERSION
 
     module = importlib.import_module(BACKENDS[spec.backend])
-    config = spec.model_dump(mode="json", exclude=set(spec.runtime_keys))
-    model = getattr(spec, "model", None)
+    model = judge_model(spec)
     identity = {
-        "config": config,
-        "model": model_identity(model, ctx) if spec.backend in ("hf", "likelihood") else None,
+        "config": spec.model_dump(mode="json", exclude=set(spec.runtime_keys)),
+        "model": model_identity(model, ctx) if model is not None else None,
         "prompt_version": PROMPT_VERSION,
     }
     return module.build(spec, ctx, f"{spec.backend}-{artifacts.canonical_hash(identity)}")
+
+
+def judge_model(spec: Any) -> Any:
+    """The model slot a judge loads (None for a remote judge or a model-free reward)."""
+    if spec.backend in ("hf", "likelihood"):
+        return spec.model
+    if spec.backend == "reward":
+        return spec.reward.model
+    return None
 
 
 def model_identity(ref: Any, ctx: StageContext) -> str:

@@ -24,14 +24,15 @@ def cache_key(*parts: Any) -> str:
 
 
 class JudgeCache:
-    """Results by key, loaded from and appended to `path`. Thread-safe appends."""
+    """Results by key, loaded from and appended to `path` (None: kept in memory only).
+    Thread-safe appends."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | None) -> None:
+        self.path = Path(path) if path is not None else None
         self.hits = 0
         self.misses = 0
         self._lock = threading.Lock()
-        self._values = _load(self.path)
+        self._values = _load(self.path) if self.path is not None else {}
 
     def __len__(self) -> int:
         return len(self._values)
@@ -48,7 +49,7 @@ class JudgeCache:
         for key, value in items:
             self._values[key] = value
             lines.append(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
-        if not lines:
+        if not lines or self.path is None:
             return
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)

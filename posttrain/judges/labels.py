@@ -69,10 +69,12 @@ def judge_pairs(
     prompts: Sequence[Any],
     answers: Sequence[Sequence[str]],
     pairs: list[Pair],
+    columns: Sequence[dict[str, Any]] | None = None,
 ) -> list[JudgedPair]:
-    """Judge every pair in both orders, through the cache."""
+    """Judge every pair in both orders, through the cache. `columns[row]` holds the row's values
+    of the dataset columns a pointwise judge reads (`judge.columns`)."""
     if judge.score is not None:
-        return _judge_pointwise(judge, cache, prompts, answers, pairs)
+        return _judge_pointwise(judge, cache, prompts, answers, pairs, columns)
     queries = [
         PairQuery(prompts[p.row], answers[p.row][first], answers[p.row][second])
         for p in pairs
@@ -101,11 +103,15 @@ def _judge_pointwise(
     prompts: Sequence[Any],
     answers: Sequence[Sequence[str]],
     pairs: list[Pair],
+    columns: Sequence[dict[str, Any]] | None,
 ) -> list[JudgedPair]:
     """Score each answer once; a position-free judge gives both orders the same p."""
     needed = sorted({(p.row, i) for p in pairs for i in (p.a, p.b)})
-    items = [(prompts[row], answers[row][i]) for row, i in needed]
-    keys = [cache_key(judge.id, prompt, answer) for prompt, answer in items]
+    items = [
+        (prompts[row], answers[row][i], {c: columns[row][c] for c in judge.columns} if columns else {})
+        for row, i in needed
+    ]
+    keys = [cache_key(judge.id, prompt, answer, *([cols] if cols else [])) for prompt, answer, cols in items]
     values = cache.map(
         keys, lambda idx: [{"score": s} for s in judge.score([items[i] for i in idx])], judge.batch_size
     )
@@ -113,8 +119,9 @@ def _judge_pointwise(
     judged = []
     for pair in pairs:
         sa, sb = score[(pair.row, pair.a)], score[(pair.row, pair.b)]
-        p = _sigmoid((sa - sb) / judge.temperature)
-        judged.append(JudgedPair(pair, p_ab=p, p_ba=p, scores=(sa, sb)))
+        p = None if sa is None or sb is None else _sigmoid((sa - sb) / judge.temperature)
+        scores = None if p is None else (sa, sb)
+        judged.append(JudgedPair(pair, p_ab=p, p_ba=p, scores=scores))
     return judged
 
 

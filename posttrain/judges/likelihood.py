@@ -30,8 +30,10 @@ def build(spec: LikelihoodJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:
     if torch.cuda.is_available():
         model = model.to("cuda")
 
-    def score(items: list[tuple[Any, str]]) -> list[float]:
-        return mean_logprobs(model, tokenizer, items, spec.batch_size)
+    def score(items: list[tuple[Any, str, dict]]) -> list[float | None]:
+        return mean_logprobs(
+            model, tokenizer, [(prompt, answer) for prompt, answer, _ in items], spec.batch_size
+        )
 
     def close() -> None:
         from posttrain.training import release

@@ -58,13 +58,6 @@ def render_question(prompt: Any) -> str:
     raise PosttrainError(f"a prompt is text or a list of messages, not {type(prompt).__name__}")
 
 
-def answer_text(answer: Any) -> str:
-    """An answer as text; a conversational one (trl's `[{"role": "assistant", ...}]`) by its last turn."""
-    if isinstance(answer, list) and answer and isinstance(answer[-1], dict):
-        return str(answer[-1].get("content", ""))
-    return str(answer)
-
-
 def pairwise_prompt(
     question: str,
     first: str,

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.data_tools import extract_answer, require_columns
-from posttrain.judges.prompt import answer_text
 from posttrain.models import count_parameters, load_tokenizer
 from posttrain.recipe import RewardModelStage
+from posttrain.rewards.text import completion_text
 from posttrain.training import (
     callbacks,
     last_checkpoint,
@@ -176,8 +176,8 @@ def right_vs_wrong(rows: Any, margins: list[float]) -> dict[str, Any]:
     hits = []
     for row, margin in zip(rows, margins, strict=True):
         reference = str(row["answer"]).strip()
-        good_chosen = extract_answer(answer_text(row["chosen"])) == reference
-        good_rejected = extract_answer(answer_text(row["rejected"])) == reference
+        good_chosen = extract_answer(completion_text(row["chosen"])) == reference
+        good_rejected = extract_answer(completion_text(row["rejected"])) == reference
         if good_chosen != good_rejected:
             hits.append((margin > 0) == good_chosen)
     return {"n": len(hits), "accuracy": sum(hits) / len(hits) if hits else None}

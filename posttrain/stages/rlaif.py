@@ -38,8 +38,8 @@ from posttrain.judges.labels import (
     label_metrics,
     preference_record,
 )
-from posttrain.judges.prompt import answer_text
 from posttrain.recipe import RlaifLabelStage
+from posttrain.rewards.text import completion_text
 
 if TYPE_CHECKING:
     from posttrain.runner import StageContext
@@ -67,9 +67,8 @@ def label(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
 
     judge = build_judge(stage.judge, ctx)
     cache = JudgeCache(ctx.run_dir / "cache" / "judges" / f"{judge.id}.jsonl")
-    judged = judge_pairs(
-        judge, cache, prompts, answers, candidate_pairs(answers, stage.max_pairs_per_prompt, ctx.seed)
-    )
+    pairs = candidate_pairs(answers, stage.max_pairs_per_prompt, ctx.seed)
+    judged = judge_pairs(judge, cache, prompts, answers, pairs, judge_columns(rows, judge.columns))
     judge.close()
     decisions = [decide(j, stage.min_margin, stage.max_disagreement) for j in judged]
     if stage.pairs == "best_vs_worst":
@@ -115,6 +114,16 @@ def judge_accuracy(
     if human:
         metrics["agreement_with_human"] = agreement(judged, decisions, human)
     return metrics
+
+
+def judge_columns(rows: Any, columns: tuple[str, ...]) -> list[dict[str, Any]] | None:
+    """Each row's values of the dataset columns the judge reads (a reward judge's `answer`)."""
+    if not columns:
+        return None
+    require_columns(rows, columns, "the judge's reward", "data")
+    return [
+        dict(zip(columns, values, strict=True)) for values in zip(*(rows[c] for c in columns), strict=True)
+    ]
 
 
 def candidates(stage: RlaifLabelStage, ctx: StageContext, rows: Any) -> tuple[list[list[str]], dict]:
@@ -168,10 +177,11 @@ def sample(stage: RlaifLabelStage, ctx: StageContext, prompts: list[Any]) -> tup
 def given_answers(rows: Any) -> list[list[str]]:
     """Answers the data brings: a `responses` list per row, or its `chosen` and `rejected`."""
     if "responses" in rows.column_names:
-        return [[answer_text(a) for a in r] for r in rows["responses"]]
+        return [[completion_text(a) for a in r] for r in rows["responses"]]
     if "chosen" in rows.column_names and "rejected" in rows.column_names:
         return [
-            [answer_text(c), answer_text(r)] for c, r in zip(rows["chosen"], rows["rejected"], strict=True)
+            [completion_text(c), completion_text(r)]
+            for c, r in zip(rows["chosen"], rows["rejected"], strict=True)
         ]
     raise PosttrainError(
         f"without a `policy`, rlaif_label takes its answers from the data's `responses` (or `chosen` and "
