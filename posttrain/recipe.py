@@ -202,6 +202,32 @@ class EvalSpec(Strict):
     batch_size: int = Field(64, gt=0)
 
 
+def tagged_union(field: str, members: dict[str, type], what: str) -> Any:
+    """A union of schema classes chosen by the value of `field` (a stage's `kind`, a judge's
+    `backend`); a missing or unknown value is one error with a did-you-mean."""
+
+    def tag(value: Any) -> str:
+        chosen = value.get(field) if isinstance(value, dict) else getattr(value, field, None)
+        return chosen if chosen in members else "__unknown__"
+
+    def unknown(value: Any) -> Any:
+        chosen = value.get(field) if isinstance(value, dict) else None
+        if chosen is None:
+            raise PydanticCustomError(
+                "missing_tag", "{what} has no '{field}'; {choices}",
+                {"what": what, "field": field, "choices": one_of(members)},
+            )  # fmt: skip
+        hint = did_you_mean(chosen, members) or one_of(members)
+        raise PydanticCustomError(
+            "unknown_tag", "unknown {what} {field} '{value}'; {hint}",
+            {"what": what, "field": field, "value": str(chosen), "hint": hint},
+        )  # fmt: skip
+
+    tagged = tuple(Annotated[cls, Tag(name)] for name, cls in members.items())
+    fallback = Annotated[Annotated[Any, AfterValidator(unknown)], Tag("__unknown__")]
+    return Annotated[Union[(*tagged, fallback)], Discriminator(tag)]  # noqa: UP007 (built from a tuple)
+
+
 # --------------------------------------------------------------------------- stages
 
 STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -344,32 +370,7 @@ JUDGE_BACKENDS: dict[str, type[Strict]] = {
 }
 
 
-def _judge_backend(value: Any) -> str:
-    backend = value.get("backend") if isinstance(value, dict) else getattr(value, "backend", None)
-    return backend if backend in JUDGE_BACKENDS else "__unknown__"
-
-
-def _unknown_backend(value: Any) -> Any:
-    backend = value.get("backend") if isinstance(value, dict) else None
-    if backend is None:
-        raise PydanticCustomError(
-            "missing_backend", "judge has no 'backend'; {choices}", {"choices": one_of(JUDGE_BACKENDS)}
-        )
-    hint = did_you_mean(backend, JUDGE_BACKENDS) or one_of(JUDGE_BACKENDS)
-    raise PydanticCustomError(
-        "unknown_backend",
-        "unknown judge backend '{backend}'; {hint}",
-        {"backend": str(backend), "hint": hint},
-    )
-
-
-def _judge_union() -> Any:
-    members = tuple(Annotated[cls, Tag(name)] for name, cls in JUDGE_BACKENDS.items())
-    unknown = Annotated[Annotated[Any, AfterValidator(_unknown_backend)], Tag("__unknown__")]
-    return Annotated[Union[(*members, unknown)], Discriminator(_judge_backend)]  # noqa: UP007
-
-
-JudgeSpec = _judge_union()
+JudgeSpec = tagged_union("backend", JUDGE_BACKENDS, "judge")
 
 
 class SamplingSpec(Strict):
@@ -423,27 +424,7 @@ STAGE_KINDS: dict[str, type[StageBase]] = {
 }
 
 
-def _stage_kind(value: Any) -> str | None:
-    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
-    return kind if kind in STAGE_KINDS else "__unknown__"
-
-
-def _unknown_kind(value: Any) -> Any:
-    kind = value.get("kind") if isinstance(value, dict) else None
-    if kind is None:
-        raise PydanticCustomError(
-            "missing_kind", "stage has no 'kind'; {choices}", {"choices": one_of(STAGE_KINDS)}
-        )
-    hint = did_you_mean(kind, STAGE_KINDS) or one_of(STAGE_KINDS)
-    raise PydanticCustomError(
-        "unknown_kind", "unknown stage kind '{kind}'; {hint}", {"kind": str(kind), "hint": hint}
-    )
-
-
-_STAGE_MEMBERS = tuple(Annotated[cls, Tag(kind)] for kind, cls in STAGE_KINDS.items()) + (
-    Annotated[Annotated[Any, AfterValidator(_unknown_kind)], Tag("__unknown__")],
-)
-Stage = Annotated[Union[_STAGE_MEMBERS], Discriminator(_stage_kind)]  # noqa: UP007 (built from a tuple)
+Stage = tagged_union("kind", STAGE_KINDS, "stage")
 
 
 # --------------------------------------------------------------------------- recipe
@@ -647,10 +628,8 @@ def _validation_error(exc: ValidationError, source: SourceMap) -> PosttrainError
     if err["type"] == "unknown_key":
         loc = (*loc, err["ctx"]["key"])
         message = f"unknown key; {err['ctx']['hint']}"
-    elif err["type"] in ("unknown_kind", "missing_kind"):
-        loc = (*loc, "kind")
-    elif err["type"] in ("unknown_backend", "missing_backend"):
-        loc = (*loc, "backend")
+    elif err["type"] in ("unknown_tag", "missing_tag"):
+        loc = (*loc, err["ctx"]["field"])
     elif err["type"] == "missing":
         loc = (*_yaml_path(err["loc"][:-1], source.data), err["loc"][-1])
         message = "required key is missing"

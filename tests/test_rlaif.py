@@ -526,7 +526,7 @@ def test_label_then_reward_model_and_a_rerun_that_hits_the_cache(
         stages:
           - name: label
             kind: rlaif_label
-            policy: {{path: {tiny_dense}}}       # random weights: every sample differs
+            policy: {{preset: tiny-dense}}       # random weights: every sample differs
             data: {{synthetic: arithmetic, n: 24}}
             samples_per_prompt: 3
             sampling: {{max_new_tokens: 10, batch_size: 24}}
@@ -578,6 +578,19 @@ def test_label_then_reward_model_and_a_rerun_that_hits_the_cache(
     )
     assert isinstance(chosen, float) and chosen != rejected
 
+    # A crash mid-stage: the same config resumes with the saved candidates and the cached verdicts.
+    from posttrain import artifacts
+
+    fingerprint = json.loads((run / "label/manifest.json").read_text())["fingerprint"]
+    artifacts.invalidate(run / "label")
+    artifacts.write_json(run / "label" / artifacts.RUNNING, {"fingerprint": fingerprint})
+    code, _, err = cli("run", recipe, "--only", "label")
+    assert code == 0, err
+    resumed = json.loads((run / "label/metrics.json").read_text())
+    assert resumed["candidates"]["resumed"] is True
+    assert resumed["judge"] == {**label["judge"], "cache_hits": 72, "cache_misses": 0}
+
+    # A forced re-run starts the stage over (its folder is wiped) and still pays for no judge call.
     code, _, err = cli("run", recipe, "--only", "label", "--force", "label")
     assert code == 0, err
     again = json.loads((run / "label/metrics.json").read_text())
@@ -701,3 +714,31 @@ def test_judge_reward_scores_completions_during_rl(tmp_path: Path, tiny_dense: P
     assert scores[5] is None  # no peer to compare with
     with pytest.raises(ValueError, match="not inside `judge:`"):
         RewardSpec(name="judge", model="a/b", judge={"backend": "hf", "model": "c/d"})
+
+
+def test_reward_model_margins_split_and_calibration():
+    from datasets import Dataset
+
+    from posttrain.stages.reward_model import calibration, split_by_prompt, trainer_rows
+
+    rows = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": "a", "rejected": "b", "p_chosen": p}
+         for i, p in enumerate([0.5, 0.75, 0.999])]
+    )  # fmt: skip
+    out = trainer_rows(rows, margin_scale=2.0)
+    assert out[0]["chosen"] == [{"role": "assistant", "content": "a"}]
+    assert out["margin"] == pytest.approx([0.0, 2 * math.log(3), 2 * math.log(0.95 / 0.05)])  # capped at 0.95
+    assert "margin" not in trainer_rows(rows, margin_scale=0.0).column_names
+
+    many = Dataset.from_list([{"prompt": f"q{i % 100}", "chosen": "a", "rejected": "b"} for i in range(300)])
+    train, held = split_by_prompt(many, 0.25, seed=0)
+    assert len(train) + len(held) == 300 and 30 <= len(held) <= 120
+    assert not set(train["prompt"]) & set(held["prompt"])  # a prompt's pairs stay on one side
+
+    result = calibration([0.1, 0.2, 3.0, -3.0])
+    low, high = result["buckets"]
+    assert (low["confidence"], low["n"], low["accuracy"]) == ("0.5-0.6", 2, 1.0)
+    assert (high["confidence"], high["n"], high["accuracy"]) == ("0.9-1.0", 2, 0.5)
+    assert result["ece"] == pytest.approx(
+        0.5 * abs(1 - low["mean_confidence"]) + 0.5 * abs(0.5 - high["mean_confidence"])
+    )

@@ -100,5 +100,27 @@ def model_identity(ref: Any, ctx: StageContext) -> str:
     return f"hub:{source.path}@{source.revision or 'main'}"
 
 
+def load_local_model(ref: Any, ctx: Any) -> tuple[Any, Any]:
+    """A local judge's tokenizer and causal LM, in eval mode, on the GPU when there is one."""
+    import torch
+
+    from posttrain.models import load_causal_lm, load_tokenizer
+
+    source = ctx.model(ref)
+    model = load_causal_lm(source).eval()
+    return load_tokenizer(source), model.to("cuda") if torch.cuda.is_available() else model
+
+
+def release_model(model: Any) -> Callable[[], None]:
+    """A judge's `close`: free its model."""
+
+    def close() -> None:
+        from posttrain.training import release
+
+        release(model)
+
+    return close
+
+
 def principles_hash(principles: list[str] | None) -> str | None:
     return artifacts.canonical_hash(principles) if principles else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from posttrain.errors import PosttrainError
-from posttrain.judges import Judge, PairQuery
+from posttrain.judges import Judge, PairQuery, load_local_model, release_model
 from posttrain.judges.prompt import RATIONALE, VERDICT, pairwise_prompt, render_question, split_rationale
 from posttrain.recipe import HFJudgeSpec
 
@@ -20,15 +20,7 @@ if TYPE_CHECKING:
 
 
 def build(spec: HFJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:
-    import torch
-
-    from posttrain.models import load_causal_lm, load_tokenizer
-
-    source = ctx.model(spec.model)
-    tokenizer = load_tokenizer(source)
-    model = load_causal_lm(source).eval()
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    tokenizer, model = load_local_model(spec.model, ctx)
     ending, label_ids = label_tokens(tokenizer, spec.labels)
     options = (spec.principles, spec.labels, spec.rationale)
 
@@ -47,13 +39,12 @@ def build(spec: HFJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:
             for (p_first, mass), r in zip(probs, rationales, strict=True)
         ]
 
-    def close() -> None:
-        from posttrain.training import release
-
-        release(model)
-
     return Judge(
-        id=judge_id, batch_size=spec.batch_size, compare=compare, principles=spec.principles, close=close
+        id=judge_id,
+        batch_size=spec.batch_size,
+        compare=compare,
+        principles=spec.principles,
+        close=release_model(model),
     )
 
 

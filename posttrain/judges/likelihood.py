@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from posttrain.judges import Judge
+from posttrain.judges import Judge, load_local_model, release_model
 from posttrain.recipe import LikelihoodJudgeSpec
 
 if TYPE_CHECKING:
@@ -20,28 +20,19 @@ if TYPE_CHECKING:
 
 
 def build(spec: LikelihoodJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:
-    import torch
-
-    from posttrain.models import load_causal_lm, load_tokenizer
-
-    source = ctx.model(spec.model)
-    tokenizer = load_tokenizer(source)
-    model = load_causal_lm(source).eval()
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    tokenizer, model = load_local_model(spec.model, ctx)
 
     def score(items: list[tuple[Any, str, dict]]) -> list[float | None]:
         return mean_logprobs(
             model, tokenizer, [(prompt, answer) for prompt, answer, _ in items], spec.batch_size
         )
 
-    def close() -> None:
-        from posttrain.training import release
-
-        release(model)
-
     return Judge(
-        id=judge_id, batch_size=spec.batch_size, score=score, temperature=spec.temperature, close=close
+        id=judge_id,
+        batch_size=spec.batch_size,
+        score=score,
+        temperature=spec.temperature,
+        close=release_model(model),
     )
 
 

@@ -96,16 +96,21 @@ def split_by_prompt(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
 
 def trainer_rows(rows: Any, margin_scale: float) -> Any:
     """prompt/chosen/rejected in trl's preference format (conversational when the prompt is a list
-    of messages), with `margin` from the soft label when there is one."""
+    of messages), with `margin` from the soft label `p_chosen`, else from a `margin` column."""
     conversational = isinstance(rows[0]["prompt"], list) if len(rows) else False
+    soft = margin_scale > 0 and "p_chosen" in rows.column_names
+    given = not soft and "margin" in rows.column_names
 
     def convert(row: dict[str, Any]) -> dict[str, Any]:
         out = {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
         for key in ("chosen", "rejected"):
             if conversational and isinstance(row[key], str):
                 out[key] = [{"role": "assistant", "content": row[key]}]
-        if margin_scale > 0 and row.get("p_chosen") is not None:
-            out["margin"] = margin_scale * _logit(min(max(float(row["p_chosen"]), 0.5), MAX_LABEL_P))
+        if soft:
+            p = 0.5 if row["p_chosen"] is None else min(max(float(row["p_chosen"]), 0.5), MAX_LABEL_P)
+            out["margin"] = margin_scale * _logit(p)
+        elif given:
+            out["margin"] = float(row["margin"] or 0.0)
         return out
 
     return rows.map(convert, remove_columns=rows.column_names)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from posttrain import artifacts
 from posttrain.data_tools import extract_answer, require_columns
 from posttrain.errors import PosttrainError
-from posttrain.judges import build_judge, principles_hash
+from posttrain.judges import build_judge, load_local_model, principles_hash
 from posttrain.judges.cache import JudgeCache
 from posttrain.judges.labels import (
     agreement,
@@ -38,7 +38,7 @@ from posttrain.judges.labels import (
     label_metrics,
     preference_record,
 )
-from posttrain.recipe import RlaifLabelStage
+from posttrain.recipe import OpenAIJudgeSpec, PresetModel, RewardJudgeSpec, RlaifLabelStage
 from posttrain.rewards.text import completion_text
 
 if TYPE_CHECKING:
@@ -50,10 +50,27 @@ SUMMARY = "label_metrics.json"
 
 
 def run(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
+    stage = presets_resolved(stage, ctx)
     if ctx.is_main:
         artifacts.write_json(ctx.out_dir / SUMMARY, label(stage, ctx))
     ctx.barrier()
     return artifacts.read_json(ctx.out_dir / SUMMARY)
+
+
+def presets_resolved(stage: RlaifLabelStage, ctx: StageContext) -> RlaifLabelStage:
+    """The stage with its preset models materialised, by every rank together (`ctx.model` waits
+    for all ranks on a preset), so that the main process can then load them alone."""
+
+    def resolve(block: Any, key: str) -> Any:
+        ref = getattr(block, key, None)
+        return block.model_copy(update={key: ctx.model(ref)}) if isinstance(ref, PresetModel) else block
+
+    judge = stage.judge
+    if isinstance(judge, RewardJudgeSpec):
+        judge = judge.model_copy(update={"reward": resolve(judge.reward, "model")})
+    elif not isinstance(judge, OpenAIJudgeSpec):
+        judge = resolve(judge, "model")
+    return resolve(stage, "policy").model_copy(update={"judge": judge})
 
 
 def label(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
@@ -142,17 +159,10 @@ def candidates(stage: RlaifLabelStage, ctx: StageContext, rows: Any) -> tuple[li
 
 
 def sample(stage: RlaifLabelStage, ctx: StageContext, prompts: list[Any]) -> tuple[list[list[str]], dict]:
-    import torch
-
     from posttrain.generation import generate, render_prompts
-    from posttrain.models import load_causal_lm, load_tokenizer
     from posttrain.training import release
 
-    source = ctx.model(stage.policy)
-    tokenizer = load_tokenizer(source)
-    model = load_causal_lm(source).eval()
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    tokenizer, model = load_local_model(stage.policy, ctx)
     options = stage.sampling
     answers, speed = generate(
         model,
