@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.data_tools import extract_answer, require_columns
+from posttrain.errors import PosttrainError
 from posttrain.models import count_parameters, load_tokenizer
 from posttrain.recipe import RewardModelStage
 from posttrain.rewards.text import completion_text
@@ -53,6 +54,11 @@ def run(stage: RewardModelStage, ctx: StageContext) -> dict[str, Any]:
     rows = ctx.data(stage.data)
     require_columns(rows, ["prompt", "chosen", "rejected"], "a reward model", "data")
     train_rows, held_out = split_by_prompt(rows, stage.eval_fraction, ctx.seed)
+    if not len(train_rows):
+        raise PosttrainError(
+            f"no pairs left to train on: {len(rows)} pairs, all held out",
+            fix="lower eval_fraction, or add data",
+        )
     source = ctx.model(stage.model)
     tokenizer = load_tokenizer(source)
     init = {"revision": source.revision, "dtype": source.dtype} if source.revision or source.dtype else None
