@@ -134,3 +134,48 @@ def git_commit(cwd: Path | None = None) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+# --------------------------------------------------------------------------- append-only JSONL
+
+
+def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append rows to a JSONL file so that a SIGKILL at any moment loses at most a torn last line.
+
+    A torn line left by an earlier crash is cut off first, so new rows never glue onto it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
+        _cut_torn_tail(f, path)
+        f.write(b"".join(json.dumps(row, ensure_ascii=False, default=str).encode() + b"\n" for row in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _cut_torn_tail(f: Any, path: Path) -> None:
+    size = os.path.getsize(path)
+    if size == 0:
+        return
+    with open(path, "rb") as r:
+        r.seek(size - 1)
+        if r.read(1) == b"\n":
+            return
+        r.seek(0)
+        keep = r.read().rfind(b"\n") + 1
+    f.truncate(keep)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file; a missing file is empty and a torn or corrupt line is skipped."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
