@@ -518,7 +518,8 @@ def test_label_then_reward_model_and_a_rerun_that_hits_the_cache(
 ):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from posttrain.reward_scoring import rm_scores
+    from posttrain.recipe import PathModel
+    from posttrain.rewards.reward_model import reward_model
 
     recipe = write_recipe(f"""
         name: rlaif
@@ -573,10 +574,13 @@ def test_label_then_reward_model_and_a_rerun_that_hits_the_cache(
     model = AutoModelForSequenceClassification.from_pretrained(run / "rm/model")
     tokenizer = AutoTokenizer.from_pretrained(run / "rm/model")
     assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id is not None
-    chosen, rejected = rm_scores(
-        model, tokenizer, [first["prompt"]] * 2, [first["chosen"], first["rejected"]]
+    # GRPO's `reward_model` reward reads a pair exactly as trl's RewardTrainer tokenized it.
+    chosen, rejected = reward_model(model=PathModel(path=str(run / "rm/model")))(
+        prompts=[first["prompt"]] * 2, completions=[first["chosen"], first["rejected"]]
     )
-    assert isinstance(chosen, float) and chosen != rejected
+    conversation = [*first["prompt"], {"role": "assistant", "content": first["chosen"]}]
+    ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt")
+    assert chosen == pytest.approx(float(model(**ids).logits[0, 0].detach()), abs=1e-4) and chosen != rejected
 
     # A crash mid-stage: the same config resumes with the saved candidates and the cached verdicts.
     from posttrain import artifacts

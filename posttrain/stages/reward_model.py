@@ -7,7 +7,8 @@ capped at 0.95, so clear preferences ask for a wider gap than near-ties. A held-
 prompts measures pairwise accuracy, mean margin, calibration (accuracy by confidence bucket)
 and, when the rows carry a reference `answer`, accuracy on pairs where one answer is right
 and the other wrong. `<stage>/model/` is a standard transformers model: load it with
-`AutoModelForSequenceClassification.from_pretrained` and score as in posttrain/reward_scoring.py.
+`AutoModelForSequenceClassification.from_pretrained`; GRPO scores with it through the
+`reward_model` reward (`{name: reward_model, model: rm}`), which reads pairs as trl trained on them.
 
     - name: rm
       kind: reward_model
@@ -128,17 +129,15 @@ def _logit(p: float) -> float:
 
 def held_out_metrics(saved: Path, rows: Any, batch_size: int) -> dict[str, Any]:
     """Pairwise accuracy, mean margin and calibration on held-out pairs; accuracy on right-vs-wrong
-    pairs when rows carry a reference `answer`. Scored by the saved model, loaded as GRPO loads it."""
-    from accelerate import PartialState
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    pairs when rows carry a reference `answer`. Scored by the saved model through the
+    `reward_model` reward, exactly as GRPO will score with it."""
+    from posttrain.recipe import PathModel
+    from posttrain.rewards.reward_model import reward_model
 
-    from posttrain.reward_scoring import rm_scores
-
-    tokenizer = AutoTokenizer.from_pretrained(saved)
-    model = AutoModelForSequenceClassification.from_pretrained(saved).eval().to(PartialState().device)
+    score = reward_model(model=PathModel(path=str(saved)), batch_size=batch_size)
     prompts = list(rows["prompt"])
-    chosen = rm_scores(model, tokenizer, prompts, list(rows["chosen"]), batch_size)
-    rejected = rm_scores(model, tokenizer, prompts, list(rows["rejected"]), batch_size)
+    chosen = score(prompts=prompts, completions=list(rows["chosen"]))
+    rejected = score(prompts=prompts, completions=list(rows["rejected"]))
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     metrics: dict[str, Any] = {
         "n": len(margins),
@@ -148,7 +147,8 @@ def held_out_metrics(saved: Path, rows: Any, batch_size: int) -> dict[str, Any]:
     }
     if "answer" in rows.column_names:
         metrics["right_vs_wrong"] = right_vs_wrong(rows, margins)
-    release(model)
+    del score
+    release()
     return metrics
 
 
