@@ -649,7 +649,7 @@ def test_reward_model_learns_a_clear_preference_with_lora(
 def test_answers_and_human_choices_can_come_from_the_data():
     from datasets import Dataset
 
-    from posttrain.stages.rlaif import given_answers, human_choices
+    from posttrain.judges.labels import given_answers, human_choices
 
     pairs = Dataset.from_list([
         {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello!"}],

@@ -25,7 +25,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from posttrain import artifacts
-from posttrain.data_tools import extract_answer, require_columns
+from posttrain.data_tools import require_columns
 from posttrain.errors import PosttrainError
 from posttrain.judges import build_judge, load_local_model, principles_hash
 from posttrain.judges.cache import JudgeCache
@@ -34,12 +34,15 @@ from posttrain.judges.labels import (
     best_vs_worst,
     candidate_pairs,
     decide,
+    given_answers,
+    human_choices,
+    judge_columns,
     judge_pairs,
     label_metrics,
     preference_record,
+    verified,
 )
 from posttrain.recipe import OpenAIJudgeSpec, PresetModel, RewardJudgeSpec, RlaifLabelStage
-from posttrain.rewards.text import completion_text
 
 if TYPE_CHECKING:
     from posttrain.runner import StageContext
@@ -133,16 +136,6 @@ def judge_accuracy(
     return metrics
 
 
-def judge_columns(rows: Any, columns: tuple[str, ...]) -> list[dict[str, Any]] | None:
-    """Each row's values of the dataset columns the judge reads (a reward judge's `answer`)."""
-    if not columns:
-        return None
-    require_columns(rows, columns, "the judge's reward", "data")
-    return [
-        dict(zip(columns, values, strict=True)) for values in zip(*(rows[c] for c in columns), strict=True)
-    ]
-
-
 def candidates(stage: RlaifLabelStage, ctx: StageContext, rows: Any) -> tuple[list[list[str]], dict]:
     """Each prompt's answers: sampled from the policy (kept in candidates.jsonl, so a resumed stage
     judges the same ones), or taken from the data."""
@@ -182,46 +175,3 @@ def sample(stage: RlaifLabelStage, ctx: StageContext, prompts: list[Any]) -> tup
         "distinct_per_prompt": distinct,
         "tokens_per_s": speed["tokens_per_s"],
     }
-
-
-def given_answers(rows: Any) -> list[list[str]]:
-    """Answers the data brings: a `responses` list per row, or its `chosen` and `rejected`."""
-    if "responses" in rows.column_names:
-        return [[completion_text(a) for a in r] for r in rows["responses"]]
-    if "chosen" in rows.column_names and "rejected" in rows.column_names:
-        return [
-            [completion_text(c), completion_text(r)]
-            for c, r in zip(rows["chosen"], rows["rejected"], strict=True)
-        ]
-    raise PosttrainError(
-        f"without a `policy`, rlaif_label takes its answers from the data's `responses` (or `chosen` and "
-        f"`rejected`) column; the data has: {', '.join(rows.column_names)}",
-        fix="add `policy: <stage or model>` to sample answers, or map a column with `columns:`",
-    )
-
-
-def verified(answers: list[list[str]], reference: Any) -> dict[tuple[int, int], bool]:
-    """Which answers have the reference `answer` in their <answer> tag."""
-    return {
-        (row, i): extract_answer(text) == str(reference[row]).strip()
-        for row, texts in enumerate(answers)
-        for i, text in enumerate(texts)
-    }
-
-
-def human_choices(rows: Any, answers: list[list[str]], from_data: bool) -> dict[tuple[int, int], bool]:
-    """The human-preferred answer of each row: `human_choice` (an index into the answers, or the
-    preferred text), or `chosen` when the answers came from chosen/rejected columns."""
-    if "human_choice" in rows.column_names:
-        truth = {}
-        for row, choice in enumerate(rows["human_choice"]):
-            if choice is None:
-                continue
-            texts = answers[row]
-            best = texts.index(choice) if isinstance(choice, str) and choice in texts else choice
-            if isinstance(best, int) and 0 <= best < len(texts):
-                truth.update({(row, i): i == best for i in range(len(texts))})
-        return truth
-    if from_data and "responses" not in rows.column_names and "chosen" in rows.column_names:
-        return {(row, i): i == 0 for row in range(len(answers)) for i in (0, 1)}
-    return {}
