@@ -711,6 +711,7 @@ class RewardModelStage(StageBase):
     margin_scale: float = Field(1.0, ge=0)  # margin = scale * logit(p_chosen); 0 turns margins off
     eval_fraction: float = Field(0.1, ge=0, lt=1)  # share of prompts held out for the metrics
     lora: LoraSpec | None = None
+    guard: GuardSpec = GuardSpec()  # NaN/inf loss: stop (default) or warn
     train: dict[str, Any] = {}  # keys of trl's RewardConfig
     trainer_config: ClassVar[str | None] = "RewardConfig"
     generative: ClassVar[bool] = False

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from posttrain.data_tools import extract_answer, require_columns
 from posttrain.errors import PosttrainError
-from posttrain.models import count_parameters, load_tokenizer
-from posttrain.recipe import RewardModelStage
+from posttrain.lora_targets import literal_targets
+from posttrain.models import count_parameters, load_tokenizer, torch_dtype
+from posttrain.recipe import PathModel, RewardModelStage
 from posttrain.rewards.text import completion_text
 from posttrain.training import (
     callbacks,
@@ -62,19 +63,18 @@ def run(stage: RewardModelStage, ctx: StageContext) -> dict[str, Any]:
         )
     source = ctx.model(stage.model)
     tokenizer = load_tokenizer(source)
-    init = {"revision": source.revision, "dtype": source.dtype} if source.revision or source.dtype else None
-    args = trainer_args(
-        "RewardConfig", stage.train, ctx, model_init_kwargs=init, trust_remote_code=source.trust_remote_code
-    )
-    trainer = RewardTrainer(
-        model=source.path,
-        args=args,
-        train_dataset=trainer_rows(train_rows, stage.margin_scale),
-        eval_dataset=trainer_rows(held_out, stage.margin_scale) if len(held_out) else None,
-        processing_class=tokenizer,
-        peft_config=lora_config(stage.lora, task_type="SEQ_CLS"),
-        callbacks=callbacks(ctx),
-    )
+    model = load_reward_model(source)
+    args = trainer_args("RewardConfig", stage.train, ctx)
+    with literal_targets(stage.lora is not None and stage.lora.targets is not None):
+        trainer = RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=trainer_rows(train_rows, stage.margin_scale),
+            eval_dataset=trainer_rows(held_out, stage.margin_scale) if len(held_out) else None,
+            processing_class=tokenizer,
+            peft_config=lora_config(stage.lora, task_type="SEQ_CLS", model=model),
+            callbacks=callbacks(ctx, stage.guard),
+        )
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     saved = save_final_model(trainer, tokenizer, ctx, stage.lora)
     metrics = {
@@ -82,10 +82,24 @@ def run(stage: RewardModelStage, ctx: StageContext) -> dict[str, Any]:
         "parameters": count_parameters(trainer.model),
         "pairs": {"train": len(train_rows), "held_out": len(held_out)},
     }
-    release(trainer)
+    release(trainer, model)
     if len(held_out):
         metrics["held_out"] = held_out_metrics(saved, held_out, args.per_device_eval_batch_size)
     return metrics
+
+
+def load_reward_model(source: PathModel) -> Any:
+    """`source` with a fresh scalar head (one label) on its body; a causal-LM checkpoint's LM head
+    is dropped. float32 unless the recipe sets a dtype (trl's RewardTrainer default)."""
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    kwargs: dict[str, Any] = {"num_labels": 1, "trust_remote_code": source.trust_remote_code}
+    if source.revision:
+        kwargs["revision"] = source.revision
+    kwargs["dtype"] = torch_dtype(source.dtype) or torch_dtype("float32")
+    with suppress_seqcls_warning():  # the new head is missing from the checkpoint, as it should be
+        return AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs)
 
 
 def split_by_prompt(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
@@ -131,7 +145,6 @@ def held_out_metrics(saved: Path, rows: Any, batch_size: int) -> dict[str, Any]:
     """Pairwise accuracy, mean margin and calibration on held-out pairs; accuracy on right-vs-wrong
     pairs when rows carry a reference `answer`. Scored by the saved model through the
     `reward_model` reward, exactly as GRPO will score with it."""
-    from posttrain.recipe import PathModel
     from posttrain.rewards.reward_model import reward_model
 
     score = reward_model(model=PathModel(path=str(saved)), batch_size=batch_size)
