@@ -306,7 +306,7 @@ def _eval_hash(recipe: Recipe) -> str | None:
 
 def _with_eval(recipe: Recipe, stage_dir: Path, ctx: StageContext, metrics: dict) -> dict:
     """Evaluate the stage's model on the recipe's held-out data, when both exist."""
-    if recipe.eval is None or not (stage_dir / "model").is_dir():
+    if recipe.eval is None or not (stage_dir / "model").is_dir() or not recipe.stage(ctx.stage).generative:
         return metrics
     from posttrain.evaluation import evaluate_whole
 

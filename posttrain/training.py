@@ -141,13 +141,21 @@ def save_final_model(trainer: Any, tokenizer: Any, ctx: StageContext, lora: Lora
 
 
 def _merge_adapter(folder: Path, tokenizer: Any) -> None:
-    from peft import AutoPeftModelForCausalLM
+    import json
+
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
     from posttrain.distributed import unsharded_loading
     from posttrain.lora_targets import literal_targets
 
     with unsharded_loading(), literal_targets():  # main process only: no ZeRO-3 partitioning
-        merged = AutoPeftModelForCausalLM.from_pretrained(str(folder)).merge_and_unload()
+        if json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS":
+            # A reward model: one scalar label, and the pad id that locates each sequence's last token.
+            merged = AutoPeftModelForSequenceClassification.from_pretrained(str(folder), num_labels=1)
+            merged = merged.merge_and_unload()
+            merged.config.pad_token_id = tokenizer.pad_token_id
+        else:
+            merged = AutoPeftModelForCausalLM.from_pretrained(str(folder)).merge_and_unload()
     shutil.rmtree(folder)
     merged.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))

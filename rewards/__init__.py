@@ -47,6 +47,7 @@ from typing import Any
 from posttrain.rewards import (  # noqa: F401  (importing registers the built-in rewards)
     accuracy,
     format,
+    judge,
     language,
     length,
     repetition,

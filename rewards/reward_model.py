@@ -76,4 +76,6 @@ def render(tokenizer: Any, prompt: Any, completion: Any) -> str:
         messages = [*prompt, {"role": "assistant", "content": completion_text(completion)}]
         return tokenizer.apply_chat_template(messages, tokenize=False)
     prompt_str = prompt if isinstance(prompt, str) else "".join(m.get("content", "") for m in prompt or [])
-    return prompt_str + completion_text(completion)
+    text = prompt_str + completion_text(completion)
+    eos = tokenizer.eos_token or ""
+    return text if text.endswith(eos) else text + eos  # trl's RewardTrainer ends text pairs with EOS

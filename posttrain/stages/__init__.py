@@ -13,6 +13,8 @@ RUNNERS = {
     "sft": "posttrain.stages.sft",
     "evaluate": "posttrain.stages.evaluate",
     "grpo": "posttrain.stages.grpo",
+    "rlaif_label": "posttrain.stages.rlaif",
+    "reward_model": "posttrain.stages.reward_model",
 }
 
 
