@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from posttrain.errors import PosttrainError
+
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -134,3 +136,37 @@ def git_commit(cwd: Path | None = None) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append records as JSON lines and fsync, so a SIGKILL loses at most the batch being written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def recover_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete records of an append-only JSONL file. A torn last line (a crash mid-write: no
+    newline at its end) is cut off the file, so the next append starts on a clean line; a bad line
+    anywhere else means the file was edited or damaged, which is an error."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    records: list[dict[str, Any]] = []
+    start = 0
+    while (stop := data.find(b"\n", start)) >= 0:
+        try:
+            records.append(json.loads(data[start:stop]))
+        except ValueError:
+            raise PosttrainError(
+                f"{path}: line {len(records) + 1} is not JSON",
+                fix="the file is damaged; delete it to start over",
+            ) from None
+        start = stop + 1
+    if start < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(start)
+            os.fsync(f.fileno())
+    return records

@@ -11,6 +11,7 @@ from typing import Any
 
 RUNNERS = {
     "sft": "posttrain.stages.sft",
+    "distill": "posttrain.stages.distill",
 }
 
 
