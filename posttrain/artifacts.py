@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,26 +148,54 @@ def append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
-def recover_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The complete records of an append-only JSONL file. A torn last line (a crash mid-write: no
-    newline at its end) is cut off the file, so the next append starts on a clean line; a bad line
-    anywhere else means the file was edited or damaged, which is an error."""
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a JSONL file one at a time (large trace files never sit in memory whole).
+    A torn last line (no newline: a crash mid-write) is not a record; a bad complete line is an error."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                return
+            yield _json_line(line, path, number)
+
+
+def recover_jsonl(path: Path) -> int:
+    """Make an append-only JSONL file safe to append to after a crash: cut off a torn last line, so
+    the next record starts on a clean line. Returns the number of complete records."""
     if not path.exists():
-        return []
-    data = path.read_bytes()
-    records: list[dict[str, Any]] = []
-    start = 0
-    while (stop := data.find(b"\n", start)) >= 0:
-        try:
-            records.append(json.loads(data[start:stop]))
-        except ValueError:
-            raise PosttrainError(
-                f"{path}: line {len(records) + 1} is not JSON",
-                fix="the file is damaged; delete it to start over",
-            ) from None
-        start = stop + 1
-    if start < len(data):
+        return 0
+    count = size = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            _json_line(line, path, count + 1)
+            count, size = count + 1, size + len(line)
+    if size < path.stat().st_size:
         with open(path, "r+b") as f:
-            f.truncate(start)
+            f.truncate(size)
             os.fsync(f.fileno())
-    return records
+    return count
+
+
+def _json_line(line: bytes, path: Path, number: int) -> dict[str, Any]:
+    try:
+        return json.loads(line)
+    except ValueError:
+        raise PosttrainError(
+            f"{path}: line {number} is not JSON", fix="the file is damaged; delete it to start over"
+        ) from None
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
+    """Write records as a JSONL file atomically (a temp file, then one rename); returns their number."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    count = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return count

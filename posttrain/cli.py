@@ -111,6 +111,10 @@ def _summary(metrics: dict) -> str:
     evaluation = metrics.get("eval") or {}
     if "accuracy" in evaluation:
         parts.append(f"eval accuracy {evaluation['accuracy']:.3f} (n={evaluation['n']})")
+    models = {"teacher": metrics.get("teacher") or {}, **(metrics.get("students") or {})}
+    if "students" in metrics and all("accuracy" in m for m in models.values()):
+        sizes = [f"{name} {m['accuracy']:.3f} ({m['parameters'] / 1e6:.2f}M)" for name, m in models.items()]
+        parts.append("accuracy " + ", ".join(sizes))
     return ", ".join(parts) or "ok"
 
 

@@ -27,7 +27,7 @@ completions are conversational (`[{"role": "assistant", "content": ...}]`) when 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,43 +97,43 @@ def _score(verifier: Verifier, rows: list[dict[str, Any]], completions: list[str
     return [None if s is None else float(s) for s in scores]
 
 
-def kept_rows(records: Sequence[dict[str, Any]], teacher: str) -> list[dict[str, Any]]:
+def kept_rows(records: Iterable[dict[str, Any]], teacher: str) -> Iterator[dict[str, Any]]:
     """The kept traces as SFT rows (`prompt` + `completion`, conversational when the prompt is),
     each with its provenance: teacher, prompt_index, sample_index, scores, pass_rate."""
-    rows = []
     for record in records:
         prompt = record["prompt"]
         for j in record["kept"]:
             sample = record["samples"][j]
             text = sample["completion"]
-            completion = [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-            rows.append(
-                {
-                    "prompt": prompt,
-                    "completion": completion,
-                    "teacher": teacher,
-                    "prompt_index": record["index"],
-                    "sample_index": j,
-                    "scores": sample["scores"],
-                    "pass_rate": record["pass_rate"],
-                }
-            )
-    return rows
+            yield {
+                "prompt": prompt,
+                "completion": [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text,
+                "teacher": teacher,
+                "prompt_index": record["index"],
+                "sample_index": j,
+                "scores": sample["scores"],
+                "pass_rate": record["pass_rate"],
+            }
 
 
-def trace_stats(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Pass rate over all samples, prompts with at least one pass, traces kept, mean score per verifier."""
-    samples = [s for r in records for s in r["samples"]]
-    n = max(len(samples), 1)
-    names = sorted({name for s in samples for name in s["scores"]})
+def trace_stats(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Pass rate over all samples, share of prompts with a pass, traces kept, mean score per verifier."""
+    prompts = samples = passed = with_pass = kept = 0
+    sums: dict[str, float] = {}
+    for record in records:
+        flags = [s["passed"] for s in record["samples"]]
+        prompts, samples, kept = prompts + 1, samples + len(flags), kept + len(record["kept"])
+        passed, with_pass = passed + sum(flags), with_pass + any(flags)
+        for sample in record["samples"]:
+            for name, score in sample["scores"].items():
+                sums[name] = sums.get(name, 0.0) + (score or 0.0)
     return {
-        "prompts": len(records),
-        "samples": len(samples),
-        "pass_rate": sum(s["passed"] for s in samples) / n,
-        "prompts_with_pass": sum(any(s["passed"] for s in r["samples"]) for r in records)
-        / max(len(records), 1),
-        "kept": sum(len(r["kept"]) for r in records),
-        "verifier_means": {name: sum(s["scores"][name] or 0.0 for s in samples) / n for name in names},
+        "prompts": prompts,
+        "samples": samples,
+        "pass_rate": passed / max(samples, 1),
+        "prompts_with_pass": with_pass / max(prompts, 1),
+        "kept": kept,
+        "verifier_means": {name: total / max(samples, 1) for name, total in sorted(sums.items())},
     }
 
 
@@ -150,24 +150,23 @@ def sample_traces(
     generation: GenerationSpec,
     path: Path,
     seed: int,
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Sample, verify and append every prompt not yet in `path`; return all records (in row order)
-    and the sampling throughput of this call."""
-    done = {r["index"]: r for r in artifacts.recover_jsonl(path)}
+) -> dict[str, Any]:
+    """Sample, verify and append every prompt not yet in `path` (records keep the row's `index`);
+    returns the sampling throughput of this call. Read the records back with artifacts.read_jsonl."""
+    artifacts.recover_jsonl(path)
+    done = {r["index"] for r in artifacts.read_jsonl(path)} if path.exists() else set()
     todo = [i for i in range(len(rows)) if i not in done]
-    speed = {"tokens": 0, "seconds": 0.0}
+    speed: dict[str, Any] = {"tokens": 0, "seconds": 0.0}
     if todo:
         with TeacherSampler(teacher, generation, samples_per_prompt) as sample:
             for batch in _chunks(todo, generation.batch_size):
                 outputs, stats = sample([rows[i]["prompt"] for i in batch], seed + batch[0])
                 records = rejection_sample([rows[i] for i in batch], outputs, verifiers, keep_per_prompt)
-                records = [{"index": i, **r} for i, r in zip(batch, records, strict=True)]
-                artifacts.append_jsonl(path, records)
-                done.update((r["index"], r) for r in records)
+                artifacts.append_jsonl(path, [{"index": i, **r} for i, r in zip(batch, records, strict=True)])
                 speed["tokens"] += stats["tokens"]
                 speed["seconds"] += stats["seconds"]
     speed["tokens_per_s"] = speed["tokens"] / speed["seconds"] if speed["seconds"] else None
-    return [done[i] for i in range(len(rows))], speed
+    return speed
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:

@@ -167,7 +167,7 @@ def test_rejection_sampling_keeps_only_verified_distinct_traces():
     assert first["samples"][3]["scores"] == {"accuracy": 1.0, "format": 0.0, "ok": None}
     assert "messages" not in first
 
-    kept = kept_rows([{"index": 7, **r} for r in records], teacher="t")
+    kept = list(kept_rows([{"index": 7, **r} for r in records], teacher="t"))
     assert len(kept) == 1
     assert kept[0]["completion"] == [{"role": "assistant", "content": "<a>2</a>"}]
     assert (kept[0]["prompt_index"], kept[0]["sample_index"], kept[0]["teacher"]) == (7, 0, "t")
@@ -186,12 +186,13 @@ def test_recover_jsonl_cuts_a_torn_last_line(tmp_path: Path):
     artifacts.append_jsonl(path, [{"index": 0}, {"index": 1}])
     with open(path, "a") as f:
         f.write('{"index": 2, "sam')  # SIGKILL mid-write
-    assert artifacts.recover_jsonl(path) == [{"index": 0}, {"index": 1}]
+    assert [r["index"] for r in artifacts.read_jsonl(path)] == [0, 1]
+    assert artifacts.recover_jsonl(path) == 2
     artifacts.append_jsonl(path, [{"index": 2}])
-    assert [r["index"] for r in artifacts.recover_jsonl(path)] == [0, 1, 2]
+    assert [r["index"] for r in artifacts.read_jsonl(path)] == [0, 1, 2]
     path.write_text('{"index": 0}\nnot json\n{"index": 2}\n')
     with pytest.raises(PosttrainError, match="line 2 is not JSON"):
-        artifacts.recover_jsonl(path)
+        list(artifacts.read_jsonl(path))
 
 
 class Interrupt(Exception):
@@ -227,17 +228,19 @@ def test_trace_generation_resumes_where_it_stopped(tiny_moe: Path, tmp_path: Pat
     path = tmp_path / "samples.jsonl"
     with pytest.raises(Interrupt):
         traces(path)
-    assert [r["index"] for r in artifacts.recover_jsonl(path)] == [0, 1]
+    assert [r["index"] for r in artifacts.read_jsonl(path)] == [0, 1]
     with open(path, "a") as f:
         f.write('{"index": 2, "prompt"')  # and a torn line from the crash
 
     crash, seen[:] = False, []
-    records, speed = traces(path)
+    speed = traces(path)
+    records = list(artifacts.read_jsonl(path))
     assert [r["index"] for r in records] == list(range(6))
     assert len(seen) == 4 * 2, "only the four prompts not yet done are sampled again"
     assert speed["tokens"] > 0
 
-    fresh, _ = traces(tmp_path / "fresh.jsonl")
+    traces(tmp_path / "fresh.jsonl")
+    fresh = list(artifacts.read_jsonl(tmp_path / "fresh.jsonl"))
     assert [r["samples"] for r in fresh] == [r["samples"] for r in records], (
         "a resumed run draws the same samples"
     )

@@ -33,7 +33,6 @@ tokens/s, and the trace pass rate.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from typing import TYPE_CHECKING, Any
 
@@ -104,10 +103,10 @@ def make_traces(stage: DistillStage, ctx: StageContext, teacher: PathModel, rows
 
     from posttrain.traces import kept_rows, sample_traces, trace_stats
 
-    samples = ctx.out_dir / "samples.jsonl"
+    samples, traces = ctx.out_dir / "samples.jsonl", ctx.out_dir / "data" / "traces.jsonl"
     speed: dict[str, Any] = {}
     if ctx.is_main:
-        records, speed = sample_traces(
+        speed = sample_traces(
             teacher,
             rows.to_list(),
             build_verifiers(stage, ctx),
@@ -117,19 +116,15 @@ def make_traces(stage: DistillStage, ctx: StageContext, teacher: PathModel, rows
             path=samples,
             seed=ctx.seed,
         )
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept_rows(records, teacher.path))
-        artifacts.write_atomic(ctx.out_dir / "data" / "traces.jsonl", text)
+        artifacts.write_jsonl(traces, kept_rows(artifacts.read_jsonl(samples), teacher.path))
     ctx.barrier()
-    stats = {
-        **trace_stats(artifacts.recover_jsonl(samples)),
-        "sampling_tokens_per_s": speed.get("tokens_per_s"),
-    }
+    stats = {**trace_stats(artifacts.read_jsonl(samples)), "sampling_tokens_per_s": speed.get("tokens_per_s")}
     if stats["kept"] == 0:
         raise PosttrainError(
             f"no teacher trace passed the verifiers ({len(rows)} prompts × {stage.samples_per_prompt} samples)",
             fix="check the teacher and the verifiers' min_score, or raise samples_per_prompt",
         )
-    kept = Dataset.from_json(str(ctx.out_dir / "data" / "traces.jsonl"))
+    kept = Dataset.from_json(str(traces))
     dataset = kept.select_columns(["prompt", "completion"])
     if stage.mix is not None:
         mix = mix_rows(stage.mix, ctx, len(dataset))
