@@ -32,7 +32,10 @@ app = typer.Typer(
 )
 console = Console(stderr=True, highlight=False)
 
-Recipe = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]
+Recipe = Annotated[
+    Path,
+    typer.Argument(help="The recipe YAML file, or the name of a shipped one (demo).", show_default=False),
+]
 Set = Annotated[
     list[str] | None,
     typer.Option(
@@ -45,7 +48,17 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 def _load(recipe: Path, overrides: list[str] | None):  # -> Recipe
     from posttrain.recipe import load_recipe
 
-    return load_recipe(recipe, overrides or [])
+    return load_recipe(shipped_recipe(recipe), overrides or [])
+
+
+def shipped_recipe(path: Path) -> Path:
+    """`posttrain run demo` finds the recipe that ships in the package when no such file is here."""
+    if path.exists() or path.parent != Path("."):
+        return path
+    from importlib.resources import files
+
+    shipped = Path(str(files("posttrain.recipes"))) / (path.name if path.suffix else f"{path.name}.yaml")
+    return shipped if shipped.exists() else path
 
 
 def _quiet_libraries() -> None:

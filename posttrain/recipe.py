@@ -170,6 +170,30 @@ class LoraSpec(Strict):
         }
 
 
+class RewardSpec(Strict):
+    """One reward: `{name: accuracy, weight: 1.0, <its options>}`. `name` is a registered reward
+    (`posttrain rewards list`) or `package.module:function`; every other key is an option of that
+    reward, checked against its factory's signature when the recipe loads (posttrain.rewards)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    weight: float = 1.0
+    model: ModelRef | None = None  # for rewards that score with a model: a stage name or a path
+    label: str | None = None  # its name in metrics and samples.jsonl (default: the reward's name)
+
+    @model_validator(mode="after")
+    def _options_bind(self) -> RewardSpec:
+        from posttrain.rewards import check_spec
+
+        check_spec(self.name, self.options, self.model is not None)
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class EvalSpec(Strict):
     """Held-out evaluation run after every training stage (greedy by default)."""
 
@@ -280,12 +304,18 @@ class StudentSpec(Strict):
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
-class VerifierSpec(Strict):
-    """A verifier for rejection sampling: a reward by name; a trace passes when every verifier scores
-    it at or above its `min_score` (a verifier that returns None for a trace fails it)."""
+class VerifierSpec(RewardSpec):
+    """A verifier for rejection sampling: a reward (`{name: accuracy, <its options>}`, as under GRPO's
+    `rewards:`) and the score a trace needs from it. A trace passes when every verifier scores it
+    at or above its `min_score`; a verifier that returns None for a trace (cannot judge it) fails it."""
 
-    name: str
     min_score: float = 1.0  # binary rewards (accuracy, format) pass at 1.0
+
+    @model_validator(mode="after")
+    def _no_weight(self) -> VerifierSpec:
+        if "weight" in self.model_fields_set:
+            raise ValueError("a verifier has no weight: a trace must pass every verifier (set min_score)")
+        return self
 
 
 class GenerationSpec(Strict):
@@ -473,6 +503,32 @@ class SourceMap:
         return PosttrainError(message, file=file, line=line, key=self.display(path) or None, fix=fix)
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float (YAML 1.2), not the string YAML 1.1 makes of it."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: YAML (numbers, lists, mappings), or the text itself."""
+    try:
+        return yaml.load(text, Loader=RecipeLoader) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
 def _yaml_lines(node: yaml.Node, file: str, path: tuple, out: dict) -> None:
     if isinstance(node, yaml.MappingNode):
         seen: set = set()
@@ -498,7 +554,7 @@ def read_yaml(path: str | Path) -> tuple[Any, dict]:
         raise PosttrainError("no such file", file=file, fix="check the path") from None
     except (IsADirectoryError, UnicodeDecodeError) as e:
         raise PosttrainError(f"cannot read: {e.__class__.__name__}", file=file) from None
-    loader = yaml.SafeLoader(text)
+    loader = RecipeLoader(text)
     try:
         node = loader.get_single_node()
         lines: dict = {}
@@ -523,10 +579,7 @@ def apply_override(data: dict, assignment: str, lines: dict) -> None:
         raise PosttrainError(
             f"--set '{assignment}': expected KEY=VALUE, e.g. stages.sft.train.learning_rate=1e-4"
         )
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
-    except yaml.YAMLError:
-        value = raw
+    value = parse_value(raw)
     node: Any = data
     path: tuple = ()
     parts = key.split(".")
@@ -565,6 +618,7 @@ def _validation_error(exc: ValidationError, source: SourceMap) -> PosttrainError
     elif err["type"] in ("unknown_kind", "missing_kind"):
         loc = (*loc, "kind")
     elif err["type"] == "missing":
+        loc = (*_yaml_path(err["loc"][:-1], source.data), err["loc"][-1])
         message = "required key is missing"
     elif message.startswith("Value error, "):
         message = message[len("Value error, ") :]
@@ -669,14 +723,20 @@ def trainer_config_class(name: str) -> type:
 
 
 def check_trainer_keys(recipe: Recipe) -> None:
-    """Trainer blocks' keys (`train:`) must be fields of their trl config; `lora:` extras of peft's LoraConfig."""
+    """Trainer blocks' keys (`train:`) must be fields of their trl config, with values of the field's
+    type; `lora:` extras must be fields of peft's LoraConfig."""
     for i, stage in enumerate(recipe.stages):
         for block, config in stage.trainer_blocks().items():
-            fields = {f.name for f in dataclasses.fields(trainer_config_class(config))}
-            for key in getattr(stage, block, None) or {}:
+            fields = {f.name: f for f in dataclasses.fields(trainer_config_class(config))}
+            for key, value in (getattr(stage, block, None) or {}).items():
+                path = ("stages", i, block, key)
                 if key not in fields:
                     hint = did_you_mean(key, fields) or f"see trl's {config}"
-                    raise recipe.error(("stages", i, block, key), f"not a field of trl.{config}", hint)
+                    raise recipe.error(path, f"not a field of trl.{config}", hint)
+                expected = _scalar_types(fields[key].type)
+                if expected and not any(_is_instance(value, t) for t in expected):
+                    names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
+                    raise recipe.error(path, f"expects {names}, got {value!r}")
         lora = getattr(stage, "lora", None)
         if lora is not None and lora.model_extra:
             from peft import LoraConfig
@@ -686,3 +746,25 @@ def check_trainer_keys(recipe: Recipe) -> None:
                 if key not in fields:
                     hint = did_you_mean(key, fields | set(LoraSpec.model_fields)) or "see peft's LoraConfig"
                     raise recipe.error(("stages", i, "lora", key), "not a LoRA option", hint)
+
+
+def _scalar_types(annotation: Any) -> tuple[type, ...]:
+    """The scalar types a plainly typed dataclass field takes (`float`, `int | None`, ...);
+    empty for anything richer, which trl checks itself."""
+    import types
+    import typing
+
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if all(a in (float, int, bool, type(None)) for a in args):
+        return tuple(args)
+    return ()
+
+
+def _is_instance(value: Any, expected: type) -> bool:
+    if expected is type(None):
+        return value is None
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)

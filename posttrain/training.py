@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from posttrain.artifacts import read_json
 from posttrain.errors import PosttrainError
 from posttrain.recipe import LoraSpec, trainer_config_class
 
@@ -76,11 +77,24 @@ def lora_config(spec: LoraSpec | None, task_type: str = "CAUSAL_LM") -> Any:
 
 
 def last_checkpoint(ctx: StageContext) -> str | None:
-    """The newest Trainer checkpoint of an interrupted run of this same stage config."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete Trainer checkpoint of an interrupted run of this same stage config.
 
+    The Trainer writes a checkpoint folder file by file, trainer_state.json last; a folder a
+    kill cut short is deleted here rather than resumed from (transformers would pick it)."""
     folder = ctx.out_dir / "checkpoints"
-    return get_last_checkpoint(str(folder)) if ctx.resume and folder.is_dir() else None
+    if not ctx.resume or not folder.is_dir():
+        return None
+    found = sorted(
+        (p for p in folder.glob("checkpoint-*") if p.name.rpartition("-")[2].isdigit()),
+        key=lambda p: int(p.name.rpartition("-")[2]),
+    )
+    complete = [p for p in found if read_json(p / "trainer_state.json") is not None]
+    if ctx.is_main:
+        for torn in found:
+            if torn not in complete:
+                shutil.rmtree(torn, ignore_errors=True)
+    ctx.barrier()
+    return str(complete[-1]) if complete else None
 
 
 def save_final_model(trainer: Any, tokenizer: Any, ctx: StageContext, lora: LoraSpec | None) -> Path:

@@ -39,7 +39,7 @@ def write_recipe(tmp_path: Path):
     def write(text: str, name: str = "recipe.yaml") -> Path:
         text = textwrap.dedent(text)
         if "output_dir" not in text:
-            text = f"output_dir: {tmp_path / 'runs'}\n" + text
+            text = text.rstrip("\n") + f"\noutput_dir: {tmp_path / 'runs'}\n"  # last, so line numbers hold
         path = tmp_path / name
         path.write_text(text)
         return path

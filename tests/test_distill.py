@@ -87,38 +87,34 @@ def test_bad_students_fail_at_load_time(write_recipe, student, message):
 
 
 def test_trainer_blocks_follow_the_mode(write_recipe):
-    text = """
-        name: r
-        base_model: {preset: tiny-deepseek-v3}
-        stages:
-          - name: distill
-            kind: distill
-            teacher: {preset: tiny-deepseek-v3}
-            mode: MODE
-            data: {synthetic: arithmetic, n: 8}
-            students: [{name: s, preset: tiny-dense}]
-            BLOCK: {KEY: 1}
-        """
-    ok = (
-        ("logits", "train", "beta"),
-        ("traces", "train", "packing"),
-        ("traces+logits", "logits_train", "beta"),
-    )
-    for mode, block, key in ok:
-        load_recipe(write_recipe(text.replace("MODE", mode).replace("BLOCK", block).replace("KEY", key)))
+    def recipe(mode: str, block: str) -> Path:
+        return write_recipe(
+            f"""
+            name: r
+            base_model: {{preset: tiny-deepseek-v3}}
+            stages:
+              - name: distill
+                kind: distill
+                teacher: {{preset: tiny-deepseek-v3}}
+                mode: {mode}
+                data: {{synthetic: arithmetic, n: 8}}
+                students: [{{name: s, preset: tiny-dense}}]
+                {block}
+            """
+        )
+
+    load_recipe(recipe("logits", "train: {beta: 0.5}"))
+    load_recipe(recipe("traces", "train: {packing: true}"))
+    load_recipe(recipe("traces+logits", "logits_train: {beta: 0.5}"))
+    path = recipe("traces", "train: {beta: 0.5}")
     with pytest.raises(PosttrainError, match="not a field of trl.SFTConfig") as info:
-        load_recipe(
-            write_recipe(text.replace("MODE", "traces").replace("BLOCK", "train").replace("KEY", "beta"))
-        )
-    assert (
-        info.value.key == "stages.distill.train.beta" and info.value.line == 12
-    )  # (write_recipe adds output_dir on line 1)
+        load_recipe(path)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "train:" in text)
+    assert (info.value.key, info.value.line) == ("stages.distill.train.beta", line)
+    with pytest.raises(PosttrainError, match="not a field of trl.DistillationConfig"):
+        load_recipe(recipe("traces+logits", "logits_train: {packing: true}"))
     with pytest.raises(PosttrainError, match="logits_train applies to mode traces"):
-        load_recipe(
-            write_recipe(
-                text.replace("MODE", "traces").replace("BLOCK", "logits_train").replace("KEY", "beta")
-            )
-        )
+        load_recipe(recipe("traces", "logits_train: {beta: 0.5}"))
 
 
 def test_shipped_recipes_validate(cli):
@@ -126,6 +122,39 @@ def test_shipped_recipes_validate(cli):
     for name in ("demo.yaml", "r1-distill-qwen.yaml"):
         code, _, err = cli("validate", root / name)
         assert code == 0, err
+
+
+def test_verifiers_come_from_the_reward_registry(write_recipe):
+    from datasets import Dataset
+
+    from posttrain.stages.distill import build_verifiers
+
+    text = """
+        name: r
+        base_model: {preset: tiny-deepseek-v3}
+        stages:
+          - name: distill
+            kind: distill
+            teacher: {preset: tiny-deepseek-v3}
+            data: {synthetic: arithmetic, n: 8}
+            students: [{name: s, preset: tiny-dense}]
+            verifiers: VERIFIERS
+        """
+    recipe = load_recipe(
+        write_recipe(text.replace("VERIFIERS", "[{name: accuracy}, {name: format, min_score: 0.5}]"))
+    )
+    stage = recipe.stage("distill")
+    verifiers = build_verifiers(stage, None, Dataset.from_list([{"prompt": "1+1=", "answer": "2"}]))
+    assert [(v.name, v.min_score) for v in verifiers] == [("accuracy", 1.0), ("format", 0.5)]
+    scores = verifiers[0].fn(
+        prompts=["1+1="] * 2, completions=["<answer>2</answer>", "<answer>3</answer>"], answer=["2"] * 2
+    )
+    assert scores == [1.0, 0.0]
+    with pytest.raises(PosttrainError, match="needs column 'answer'"):
+        build_verifiers(stage, None, Dataset.from_list([{"prompt": "1+1="}]))
+    for bad, message in [("[{name: acuracy}]", "accuracy"), ("[{name: format, weight: 2}]", "no weight")]:
+        with pytest.raises(PosttrainError, match=message):
+            load_recipe(write_recipe(text.replace("VERIFIERS", bad)))
 
 
 # --------------------------------------------------------------------------- rejection sampling
@@ -273,6 +302,7 @@ def test_traces_mode_trains_students_and_reports_them_next_to_the_teacher(write_
             samples_per_prompt: 2
             keep_per_prompt: 2
             generation: {max_new_tokens: 12, batch_size: 4}
+            verifiers: [{name: format, min_score: 0.0}]   # scores every trace, rejects none
             mix: {data: {synthetic: arithmetic, n: 50, seed: 3}, ratio: 0.2}
             students:
               - {name: small, dense_from: {path: TEACHER}, num_hidden_layers: 1, hidden_size: 32}
@@ -285,7 +315,8 @@ def test_traces_mode_trains_students_and_reports_them_next_to_the_teacher(write_
     stage = recipe.parent / "runs" / "distill"
     metrics = json.loads((stage / "metrics.json").read_text())
     traces = [json.loads(line) for line in (stage / "data" / "traces.jsonl").read_text().splitlines()]
-    assert metrics["traces"]["samples"] == 16 and metrics["traces"]["pass_rate"] == 1.0  # no verifiers
+    assert metrics["traces"]["samples"] == 16 and metrics["traces"]["pass_rate"] == 1.0
+    assert metrics["traces"]["verifier_stats"]["format"]["samples"] == 16
     assert len(traces) == metrics["traces"]["kept"] and {"teacher", "prompt_index", "pass_rate"} <= set(
         traces[0]
     )

@@ -66,10 +66,11 @@ def run(stage: DistillStage, ctx: StageContext) -> dict[str, Any]:
         check_tokenizers(teacher, sources)
     rows = ctx.data(stage.data)
     require_columns(rows, ["prompt"], "distillation", f"stages.{stage.name}.data")
+    verifiers = build_verifiers(stage, ctx, rows)
     metrics: dict[str, Any] = {"mode": stage.mode, "teacher": describe(teacher, _sub(ctx, "teacher"))}
     traces = None
     if stage.mode != "logits":
-        traces, metrics["traces"] = make_traces(stage, ctx, teacher, rows)
+        traces, metrics["traces"] = make_traces(stage, ctx, teacher, rows, verifiers)
     prompts = rows.select_columns(["prompt"])
     metrics["students"] = {
         spec.name: distill_student(stage, spec, sources[spec.name], teacher, traces, prompts, ctx)
@@ -97,7 +98,9 @@ def check_tokenizers(teacher: PathModel, sources: dict[str, PathModel]) -> None:
 # --------------------------------------------------------------------------- traces
 
 
-def make_traces(stage: DistillStage, ctx: StageContext, teacher: PathModel, rows: Any) -> tuple[Any, dict]:
+def make_traces(
+    stage: DistillStage, ctx: StageContext, teacher: PathModel, rows: Any, verifiers: list[Verifier]
+) -> tuple[Any, dict]:
     """Sample and verify teacher traces (resumably), write `data/traces.jsonl`, add the `mix:` rows."""
     from datasets import Dataset
 
@@ -109,7 +112,7 @@ def make_traces(stage: DistillStage, ctx: StageContext, teacher: PathModel, rows
         speed = sample_traces(
             teacher,
             rows.to_list(),
-            build_verifiers(stage, ctx),
+            verifiers,
             samples_per_prompt=stage.samples_per_prompt,
             keep_per_prompt=stage.keep_per_prompt,
             generation=stage.generation,
@@ -119,6 +122,7 @@ def make_traces(stage: DistillStage, ctx: StageContext, teacher: PathModel, rows
         artifacts.write_jsonl(traces, kept_rows(artifacts.read_jsonl(samples), teacher.path))
     ctx.barrier()
     stats = {**trace_stats(artifacts.read_jsonl(samples)), "sampling_tokens_per_s": speed.get("tokens_per_s")}
+    stats["verifier_stats"] = {v.name: v.fn.stats.as_dict() for v in verifiers if hasattr(v.fn, "stats")}
     if stats["kept"] == 0:
         raise PosttrainError(
             f"no teacher trace passed the verifiers ({len(rows)} prompts × {stage.samples_per_prompt} samples)",
@@ -134,15 +138,17 @@ def make_traces(stage: DistillStage, ctx: StageContext, teacher: PathModel, rows
     return dataset, stats
 
 
-def build_verifiers(stage: DistillStage, ctx: StageContext) -> list[Verifier]:
-    """The stage's `verifiers:` as reward functions from the rewards registry."""
-    if not stage.verifiers:
-        return []
-    raise PosttrainError(
-        "verifiers need the rewards registry (posttrain.rewards), which this build does not have yet",
-        key=f"stages.{stage.name}.verifiers",
-        fix="leave verifiers empty to keep every sample",
-    )
+def build_verifiers(stage: DistillStage, ctx: StageContext, rows: Any) -> list[Verifier]:
+    """The stage's `verifiers:` as rewards from the registry (posttrain.rewards), each with the
+    score a trace needs from it; the prompts must carry the columns they read (e.g. `answer`)."""
+    from posttrain.rewards import build_reward, reward_columns, reward_label
+    from posttrain.traces import Verifier
+
+    verifiers = []
+    for spec in stage.verifiers:
+        require_columns(rows, reward_columns(spec), f"verifier '{spec.name}'", f"stages.{stage.name}.data")
+        verifiers.append(Verifier(reward_label(spec), build_reward(spec, ctx), spec.min_score))
+    return verifiers
 
 
 def mix_rows(mix: MixSpec, ctx: StageContext, n_traces: int) -> Any:
