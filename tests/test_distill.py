@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -337,6 +338,20 @@ def test_traces_mode_trains_students_and_reports_them_next_to_the_teacher(write_
             "trace_pass_rate",
         } <= set(student)
     assert metrics["students"]["small"]["parameters"] < metrics["students"]["wide"]["parameters"]
+
+    # Interrupted while training `small`: the rerun keeps the traces and `wide`, and trains `small` again.
+    (stage / "COMPLETE").unlink()
+    fingerprint = json.loads((stage / "manifest.json").read_text())["fingerprint"]
+    (stage / "RUNNING").write_text(json.dumps({"fingerprint": fingerprint}))
+    shutil.rmtree(stage / "small")
+    kept = {
+        p: p.stat().st_mtime_ns
+        for p in (stage / "samples.jsonl", stage / "wide" / "model" / "model.safetensors")
+    }
+    code, _, err = cli("run", recipe)
+    assert code == 0, err
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert (stage / "small" / "model" / "config.json").exists()
 
 
 def test_logits_mode_runs_a_few_steps(write_recipe, tiny_moe, cli):
