@@ -29,6 +29,7 @@ with `path:` starts from those weights instead (any causal LM, e.g. a hub id), a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.errors import PosttrainError
@@ -151,24 +152,15 @@ def student_source(spec: StudentSpec, ctx: StageContext) -> PathModel:
     return PathModel(path=str(dest))
 
 
-def build_dense_student(teacher: PathModel, spec: StudentSpec, seed: int, dest: Any) -> Any:
+def build_dense_student(teacher: PathModel, spec: StudentSpec, seed: int, dest: Path) -> Path:
     """Random-initialise the dense student derived from `teacher` and save it with the teacher's tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from posttrain.models import load_tokenizer, save_pretrained
+    from posttrain.models import load_tokenizer, save_random_init
 
     tokenizer = load_tokenizer(teacher)
     config = dense_config(load_config(teacher), spec.architecture, **spec.size_overrides())
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    save_pretrained(model, tokenizer, dest)
-    return dest
+    return save_random_init(config, tokenizer, seed, dest)
 
 
 def parameter_counts(source: PathModel) -> dict[str, int]:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import artifacts
+from posttrain.errors import PosttrainError
 from posttrain.recipe import GenerationSpec, PathModel
 
 RewardFn = Callable[..., list[float | None]]
@@ -183,6 +184,11 @@ class TeacherSampler:
 
         self.teacher, self.generation, self.k = teacher, generation, k
         self.vllm = generation.backend == "vllm" or (generation.backend == "auto" and vllm_usable())
+        if self.vllm and not vllm_usable():
+            raise PosttrainError(
+                "generation.backend is vllm, but vLLM is not installed or no CUDA GPU is visible",
+                fix="pip install 'posttrain[vllm]' on a GPU machine, or use backend: auto",
+            )
 
     def __enter__(self) -> Callable[[list[Any], int], tuple[list[list[str]], dict[str, float]]]:
         from posttrain.models import load_causal_lm, load_tokenizer
@@ -191,10 +197,11 @@ class TeacherSampler:
         if self.vllm:
             from vllm import LLM
 
+            pinned = {"dtype": self.teacher.dtype, "revision": self.teacher.revision}
             self.model = LLM(
                 model=self.teacher.path,
-                tokenizer=self.teacher.path,
                 trust_remote_code=self.teacher.trust_remote_code,
+                **{k: v for k, v in pinned.items() if v is not None},
                 **self.generation.vllm,
             )
         else:

@@ -236,11 +236,7 @@ def sft_student(source: PathModel, traces: Any, train: dict[str, Any], ctx: Stag
         processing_class=tokenizer,
         callbacks=callbacks(ctx),
     )
-    trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
-    save_final_model(trainer, tokenizer, ctx, None)
-    metrics = train_metrics(trainer)
-    release(trainer, model)
-    return metrics
+    return fit(trainer, tokenizer, ctx, model)
 
 
 def on_policy_student(
@@ -270,10 +266,15 @@ def on_policy_student(
         processing_class=tokenizer,
         callbacks=callbacks(ctx),
     )
+    return fit(trainer, tokenizer, ctx, model, teacher_model)
+
+
+def fit(trainer: Any, tokenizer: Any, ctx: StageContext, *models: Any) -> dict[str, Any]:
+    """Train (from the last checkpoint of an interrupted run), save `model/` atomically, free it all."""
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     save_final_model(trainer, tokenizer, ctx, None)
     metrics = train_metrics(trainer)
-    release(trainer, model, teacher_model)
+    release(trainer, *models)
     return metrics
 
 
