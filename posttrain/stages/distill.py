@@ -60,13 +60,13 @@ def run(stage: DistillStage, ctx: StageContext) -> dict[str, Any]:
     from transformers import set_seed
 
     set_seed(ctx.seed)
+    rows = ctx.data(stage.data)
+    require_columns(rows, ["prompt"], "distillation", f"stages.{stage.name}.data")
+    verifiers = build_verifiers(stage, ctx, rows)
     teacher = ctx.model(stage.teacher)
     sources = {spec.name: student_source(spec, ctx) for spec in stage.students}
     if stage.mode != "traces":
         check_tokenizers(teacher, sources)
-    rows = ctx.data(stage.data)
-    require_columns(rows, ["prompt"], "distillation", f"stages.{stage.name}.data")
-    verifiers = build_verifiers(stage, ctx, rows)
     metrics: dict[str, Any] = {"mode": stage.mode, "teacher": describe(teacher, _sub(ctx, "teacher"))}
     traces = None
     if stage.mode != "logits":
