@@ -1,10 +1,23 @@
-"""Data for every stage: loading files and hub datasets, column mapping, synthetic tasks.
+"""Data for every stage: loading files and hub datasets, column mapping, chat shaping, mixtures,
+dedup and decontamination, curricula, synthetic tasks, and answer extraction.
 
 Installed as `posttrain.data_tools`.
 """
 
-from posttrain.data_tools.answers import extract_answer
+from posttrain.data_tools.answers import answer_tag, extract_answer, final_answer, gsm8k_answer, last_boxed
 from posttrain.data_tools.arithmetic import arithmetic_rows
-from posttrain.data_tools.loading import load_rows, require_columns
+from posttrain.data_tools.hygiene import DataReport
+from posttrain.data_tools.loading import describe, load_rows, require_columns
 
-__all__ = ["arithmetic_rows", "extract_answer", "load_rows", "require_columns"]
+__all__ = [
+    "DataReport",
+    "answer_tag",
+    "arithmetic_rows",
+    "describe",
+    "extract_answer",
+    "final_answer",
+    "gsm8k_answer",
+    "last_boxed",
+    "load_rows",
+    "require_columns",
+]

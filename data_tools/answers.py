@@ -1,5 +1,11 @@
 """Pull the final answer out of a completion (shared by rewards and evaluation).
 
+One helper per format, and `extract_answer` / `final_answer` trying them in order:
+
+- `answer_tag`: the last `<answer>...</answer>` (the R1 format this project trains),
+- `last_boxed`: the last LaTeX `\\boxed{...}` (MATH; nested braces: `\\boxed{\\frac{1}{2}}`),
+- `gsm8k_answer`: GSM8K's `#### 42` final line.
+
 Every search here is linear in the text (`str.rfind`, no backtracking regex), so a 1 MB or
 adversarial completion costs milliseconds, never minutes.
 """
@@ -13,7 +19,7 @@ BRACES = re.compile(r"[{}]")
 BOXED_COMMANDS = ("\\boxed", "\\fbox")
 
 
-def extract_answer(text: str) -> str | None:
+def answer_tag(text: str) -> str | None:
     """The content of the last `<answer>...</answer>`, stripped; None when there is none."""
     end = text.rfind("</answer>")
     if end < 0:
@@ -54,7 +60,7 @@ def gsm8k_answer(text: str) -> str | None:
     return value or None
 
 
-ANSWER_SOURCES = {"answer": extract_answer, "boxed": last_boxed, "gsm8k": gsm8k_answer}
+ANSWER_SOURCES = {"answer": answer_tag, "boxed": last_boxed, "gsm8k": gsm8k_answer}
 
 
 def final_answer(
@@ -70,3 +76,9 @@ def final_answer(
                 found = last_boxed(found) or found
             return found
     return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a completion or a worked solution: the last `<answer>` block, else the
+    last `\\boxed{}`, else a GSM8K `#### N` line (`final_answer` with every source)."""
+    return final_answer(text)

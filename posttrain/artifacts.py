@@ -20,8 +20,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import PosttrainError
-
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -139,61 +137,66 @@ def git_commit(cwd: Path | None = None) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    """Append records as JSON lines and fsync, so a SIGKILL loses at most the batch being written."""
+# --------------------------------------------------------------------------- append-only JSONL
+
+
+def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append rows to a JSONL file so that a SIGKILL at any moment loses at most a torn last line.
+
+    A torn line left by an earlier crash is cut off first, so new rows never glue onto it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    with open(path, "ab") as f:
+        _cut_torn_tail(f, path)
+        f.write(b"".join(json.dumps(row, ensure_ascii=False, default=str).encode() + b"\n" for row in rows))
         f.flush()
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """The records of a JSONL file one at a time (large trace files never sit in memory whole).
-    A torn last line (no newline: a crash mid-write) is not a record; a bad complete line is an error."""
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.endswith(b"\n"):
-                return
-            yield _json_line(line, path, number)
+def _cut_torn_tail(f: Any, path: Path) -> None:
+    size = os.path.getsize(path)
+    if size == 0:
+        return
+    with open(path, "rb") as r:
+        r.seek(size - 1)
+        if r.read(1) == b"\n":
+            return
+        r.seek(0)
+        keep = r.read().rfind(b"\n") + 1
+    f.truncate(keep)
 
 
-def recover_jsonl(path: Path) -> int:
-    """Make an append-only JSONL file safe to append to after a crash: cut off a torn last line, so
-    the next record starts on a clean line. Returns the number of complete records."""
-    if not path.exists():
-        return 0
-    count = size = 0
-    with open(path, "rb") as f:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file; a missing file is empty and a torn or corrupt line is skipped
+    (a last line without its newline is torn even when it parses: `append_jsonl` cuts it off)."""
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """`read_jsonl` one row at a time, for files too large to hold (distillation traces)."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed by the with below; a missing file is empty)
+    except FileNotFoundError:
+        return
+    with f:
         for line in f:
             if not line.endswith(b"\n"):
                 break
-            _json_line(line, path, count + 1)
-            count, size = count + 1, size + len(line)
-    if size < path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(size)
-            os.fsync(f.fileno())
-    return count
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(row, dict):
+                yield row
 
 
-def _json_line(line: bytes, path: Path, number: int) -> dict[str, Any]:
-    try:
-        return json.loads(line)
-    except ValueError:
-        raise PosttrainError(
-            f"{path}: line {number} is not JSON", fix="the file is damaged; delete it to start over"
-        ) from None
-
-
-def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
-    """Write records as a JSONL file atomically (a temp file, then one rename); returns their number."""
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows as a JSONL file atomically (a temp file, then one rename); returns their number."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     count = 0
     with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
             count += 1
         f.flush()
         os.fsync(f.fileno())

@@ -7,6 +7,8 @@ for the traceback.
     posttrain run recipes/demo.yaml
     posttrain run recipes/demo.yaml --set stages.sft.train.learning_rate=1e-3 --force sft
     accelerate launch --config_file recipes/accelerate/zero3.yaml -m posttrain run r.yaml
+    posttrain report runs/demo                       # rebuild report.md and its plots
+    posttrain data inspect data.jsonl --columns prompt=question --model PATH
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from posttrain.errors import PosttrainError
@@ -124,6 +127,8 @@ def _summary(metrics: dict) -> str:
     evaluation = metrics.get("eval") or {}
     if "accuracy" in evaluation:
         parts.append(f"eval accuracy {evaluation['accuracy']:.3f} (n={evaluation['n']})")
+    if "pass_at_1" in evaluation:
+        parts.append(f"pass@1 {evaluation['pass_at_1']:.3f} (k={evaluation['k']})")
     models = {"teacher": metrics.get("teacher") or {}, **(metrics.get("students") or {})}
     if "students" in metrics and all("accuracy" in m for m in models.values()):
         sizes = [f"{name} {m['accuracy']:.3f} ({m['parameters'] / 1e6:.2f}M)" for name, m in models.items()]
@@ -186,6 +191,132 @@ def _print_plan(recipe, force: tuple[str, ...]) -> None:
     console.print(table)
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<name>).", show_default=False)],
+    debug: Debug = False,
+) -> None:
+    """Rebuild a run's report.md and plots from its stage folders."""
+    from posttrain.report import write_report
+
+    if not run_dir.is_dir():
+        raise PosttrainError(f"{run_dir}: no such run directory", fix="pass runs/<name>")
+    path = write_report(run_dir)
+    console.print(f"[green]✓[/] {path}")
+
+
+data_app = typer.Typer(help="Look at datasets before training on them.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    source: Annotated[str, typer.Argument(help="A data file, folder or hub dataset id.", show_default=False)],
+    columns: Annotated[
+        str | None, typer.Option("--columns", help="canonical=source pairs: prompt=question,answer=solution.")
+    ] = None,
+    template: Annotated[str | None, typer.Option("--template", help="Build prompt: '{question}'.")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Split (default train).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Hub dataset config.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Preset or model path whose tokenizer counts tokens.")
+    ] = None,
+    examples: Annotated[int, typer.Option("--examples", help="Rows to show rendered.")] = 3,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the length histogram.")] = Path("."),
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary on stdout.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Rows, columns, examples through the chat template, token lengths, duplicates, histogram."""
+    _quiet_libraries()
+    from posttrain.data_tools.summary import inspect_data, parse_columns
+
+    summary = inspect_data(
+        source, columns=parse_columns(columns), template=template, split=split, name=name,
+        model=model, examples=examples, out_dir=out,
+    )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+        return
+    lengths = summary["token_lengths"]
+    console.print(f"[bold]{source}[/]: {summary['rows']} rows; columns: {', '.join(summary['columns'])}")
+    console.print(
+        f"tokens per row ({summary['tokenizer']}): "
+        + ", ".join(f"{k} {v:g}" for k, v in lengths.items() if k != "mean")
+        + f", mean {lengths['mean']:.1f}"
+    )
+    dup = summary["duplicates"]
+    console.print(f"duplicates: {dup['exact']} exact, {dup['near']} near")
+    for i, text in enumerate(summary["examples"], 1):
+        console.rule(f"example {i}")
+        console.print(text, markup=False, highlight=False)
+    console.print(f"length histogram: {summary['histogram']}")
+
+
+# --------------------------------------------------------------------------- rewards
+
+rewards_app = typer.Typer(help="List rewards and score completions with them.", no_args_is_help=True)
+app.add_typer(rewards_app, name="rewards")
+
+
+@rewards_app.command("list")
+def rewards_list(debug: Debug = False) -> None:
+    """The registered rewards, each with its one-line summary."""
+    from posttrain.rewards import describe
+
+    for name, summary in describe().items():
+        typer.echo(f"{name:22s} {summary}")
+
+
+@rewards_app.command("score")
+def rewards_score(
+    file: Annotated[
+        Path, typer.Argument(help="JSONL rows with `completion` and the columns the rewards read.")
+    ],
+    reward: Annotated[
+        list[str],
+        typer.Option(
+            "--reward", help="A reward name, package.module:function, or '{name: format, mode: lenient}'."
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write each row with `rewards: {name: score}`.")
+    ] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option("--tokenizer", help="Count lengths and n-grams in this model's tokens.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Summary as JSON on stdout.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Score completions with rewards: mean, std, share of None, errors, timeouts, samples/s per reward."""
+    from posttrain.rewards.score import parse_reward, read_rows, score_rows
+
+    specs = [parse_reward(r) for r in reward]
+    rows = read_rows(file)
+    tok = None
+    if tokenizer:
+        from posttrain.models import load_tokenizer
+        from posttrain.recipe import PathModel
+
+        tok = load_tokenizer(PathModel(path=tokenizer))
+    scored, summary = score_rows(rows, specs, tok, label=str(file))
+    if out is not None:
+        from posttrain.artifacts import write_atomic
+
+        write_atomic(out, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in scored))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(
+        f"{'reward':22s} {'mean':>8s} {'std':>8s} {'none':>6s} {'errors':>7s} {'timeouts':>9s} {'samples/s':>10s}"
+    )
+    for name, s in summary.items():
+        typer.echo(
+            f"{name:22s} {s['mean']:8.4f} {s['std']:8.4f} {s['none_frac']:6.1%} {int(s['errors']):7d} "
+            f"{int(s['timeouts']):9d} {s['samples_per_s']:10.1f}"
+        )
+    typer.echo(f"{len(rows)} rows" + (f" -> {out}" if out else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line and exit code 2 (tracebacks with --debug)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -195,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     except PosttrainError as e:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)  # keep [brackets] of messages
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         console.print("[yellow]interrupted[/]")

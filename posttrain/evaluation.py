@@ -1,54 +1,163 @@
-"""Held-out evaluation of a stage's model: batched greedy decoding, answer exact match.
+"""Held-out evaluation of a model: batched generation, scored answers, pass@k / maj@k, gates.
 
-Runs after every training stage when the recipe has an `eval:` block; results land in the
-stage's metrics.json under `eval` and each sample in `eval_samples.jsonl`.
+Runs after every training stage when the recipe has an `eval:` block, and as the `evaluate`
+stage kind. Each prompt gets a greedy completion (`accuracy`) and, with `k > 1`, k sampled
+ones (`pass_at_1` = mean correctness over samples, as DeepSeek-R1 reports it at T=0.6;
+`pass_at_k` = any sample correct; `maj_at_k` = the most frequent answer is correct).
+Results land in the stage's metrics.json under `eval`, every prompt in `eval_samples.jsonl`:
+
+    {"accuracy": 0.69, "n": 200, "format_rate": 0.98, "mean_length": 21.4,
+     "pass_at_1": 0.61, "pass_at_k": 0.83, "maj_at_k": 0.70, "k": 4, "temperature": 0.6}
+
+Scoring uses the reward library: `accuracy` (the completion's final answer, from `<answer>`,
+`\\boxed{}` or `#### N`, is math-verify-equivalent to the row's `answer`, which may be a
+whole GSM8K / MATH solution) and `format` (strict R1 template). maj@k votes over the final
+answers in the normalised form the accuracy judge compares.
 """
 
 from __future__ import annotations
 
 import json
-import re
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.data_tools import extract_answer, require_columns
+from posttrain.errors import PosttrainError
 from posttrain.recipe import EvalSpec, PathModel
 
 if TYPE_CHECKING:
+    from posttrain.recipe import Recipe, StageBase
     from posttrain.runner import StageContext
 
-R1_FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+SAMPLES_FILE = "eval_samples.jsonl"
+
+
+def score(completions: list[str], answers: list[str]) -> tuple[list[bool], list[bool]]:
+    """(correct, well formatted) for each completion: the `accuracy` and `format` rewards at 1.0.
+    A completion the accuracy judge cannot decide (None: a timeout) counts as wrong."""
+    from posttrain.rewards import build_reward
+
+    accuracy = build_reward({"name": "accuracy"})(completions=completions, answer=answers)
+    formatted = build_reward({"name": "format"})(completions=completions)
+    return [s == 1.0 for s in accuracy], [s == 1.0 for s in formatted]
 
 
 def evaluate_model(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict[str, Any]:
-    """Accuracy (exact match of the `<answer>` with the row's `answer`), format rate, mean length."""
+    """Generate, score and record; returns the `eval` block of the stage's metrics."""
     from posttrain.generation import generate, render_prompts
     from posttrain.models import load_causal_lm, load_tokenizer
 
     rows = ctx.data(spec.data)
     require_columns(rows, ["prompt", "answer"], "evaluation", "eval.data")
+    if len(rows) == 0:
+        raise PosttrainError("the evaluation data has no rows", key="eval.data")
     tokenizer = load_tokenizer(source)
     model = load_causal_lm(source).eval()
     if _has_cuda():
         model = model.to("cuda")
     prompts = render_prompts(tokenizer, list(rows["prompt"]))
-    outputs, speed = generate(
+    answers = [str(a) for a in rows["answer"]]
+    greedy, speed = generate(
         model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size
     )
-    completions = [o[0] for o in outputs]
-    answers = [str(a).strip() for a in rows["answer"]]
-    correct = [extract_answer(c) == a for c, a in zip(completions, answers, strict=True)]
-    samples = ctx.out_dir / "eval_samples.jsonl"
-    with open(samples, "w", encoding="utf-8") as f:
-        for p, c, a, ok in zip(rows["prompt"], completions, answers, correct, strict=True):
-            f.write(json.dumps({"prompt": p, "completion": c, "answer": a, "correct": ok}) + "\n")
+    completions = [o[0] for o in greedy]
+    correct, formatted = score(completions, answers)
     n = len(completions)
-    return {
+    result: dict[str, Any] = {
         "accuracy": sum(correct) / n,
         "n": n,
-        "format_rate": sum(bool(R1_FORMAT.match(c)) for c in completions) / n,
+        "format_rate": sum(formatted) / n,
         "mean_length": sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions) / n,
         "tokens_per_s": round(speed["tokens_per_s"], 1),
     }
+    sampled: list[list[str]] = [[] for _ in prompts]
+    sampled_correct: list[list[bool]] = [[] for _ in prompts]
+    if spec.k > 1:
+        sampled, sampled_correct = sample(model, tokenizer, prompts, answers, spec, ctx.seed)
+        result |= sample_metrics(sampled, sampled_correct) | {"k": spec.k, "temperature": spec.temperature}
+    if ctx.is_main:
+        samples = zip(rows["prompt"], completions, answers, correct, sampled, sampled_correct, strict=True)
+        write_samples(ctx.out_dir / SAMPLES_FILE, samples)
+    if spec.harness is not None:
+        from posttrain.harness import run_harness
+
+        result["harness"] = run_harness(source, spec.harness, ctx)
+    return result
+
+
+def sample(
+    model: Any, tokenizer: Any, prompts: list[str], answers: list[str], spec: EvalSpec, seed: int
+) -> tuple[list[list[str]], list[list[bool]]]:
+    """k completions per prompt at the spec's temperature, and whether each is correct."""
+    from transformers import set_seed
+
+    from posttrain.generation import generate
+
+    set_seed(seed)
+    sampled, _ = generate(
+        model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
+        num_return_sequences=spec.k, do_sample=True, temperature=spec.temperature, top_p=spec.top_p,
+    )  # fmt: skip
+    flat, _ = score([s for group in sampled for s in group], [a for a in answers for _ in range(spec.k)])
+    return sampled, [flat[i : i + spec.k] for i in range(0, len(flat), spec.k)]
+
+
+def sample_metrics(sampled: list[list[str]], correct: list[list[bool]]) -> dict[str, float]:
+    """pass@1 (mean over the k samples), pass@k (any correct) and maj@k (the most frequent final
+    answer is correct), averaged over prompts."""
+    n = len(sampled)
+    return {
+        "pass_at_1": sum(sum(c) / len(c) for c in correct) / n,
+        "pass_at_k": sum(any(c) for c in correct) / n,
+        "maj_at_k": sum(c[majority_index(s)] for s, c in zip(sampled, correct, strict=True)) / n,
+    }
+
+
+def majority_index(samples: list[str]) -> int:
+    """The first sample whose (normalised) final answer is the most frequent one; 0 when none has one."""
+    from posttrain.rewards.math_judge import clean
+
+    finals = [clean(found) if (found := extract_answer(s)) is not None else None for s in samples]
+    votes = Counter(f for f in finals if f is not None)
+    if not votes:
+        return 0
+    winner = votes.most_common(1)[0][0]
+    return finals.index(winner)
+
+
+def write_samples(path: Path, samples: Iterable[tuple]) -> None:
+    """One JSON line per prompt: prompt, greedy completion, answer, correct (+ the k samples)."""
+    from posttrain.artifacts import write_atomic
+
+    lines = []
+    for prompt, completion, answer, correct, sampled, sampled_correct in samples:
+        row = {"prompt": prompt, "completion": completion, "answer": answer, "correct": correct}
+        if sampled:
+            row |= {"samples": sampled, "samples_correct": sampled_correct}
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    write_atomic(path, "".join(lines))
+
+
+def check_gate(recipe: Recipe, stage: StageBase, metrics: dict[str, Any]) -> None:
+    """Stop the pipeline with one line when the stage's evaluation misses its gate."""
+    if stage.gate is None:
+        return
+    path = ("stages", recipe.stage_names().index(stage.name), "gate")
+    result = metrics.get("eval")
+    if not result:
+        raise recipe.error(path, f"stage '{stage.name}' has no eval results to gate on (it saves no model)")
+    for metric, minimum in stage.gate.thresholds().items():
+        value = result.get(metric)
+        if value is None or value < minimum:
+            shown = "missing" if value is None else f"{value:.3f}"
+            raise recipe.error(
+                path,
+                f"stage '{stage.name}' failed its gate: eval {metric} {shown} < min_{metric} {minimum:.3f}; "
+                "the pipeline stops here",
+                f"the stage stays COMPLETE: improve it with --force {stage.name}, or lower the gate, and run again",
+            )
 
 
 def _has_cuda() -> bool:

@@ -11,6 +11,7 @@ name, or else a path / hub id; `references()` lists them so the runner can order
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -67,11 +69,12 @@ def _tag(value: Any) -> str:
     if isinstance(value, str):
         return "ref"
     if isinstance(value, dict):
-        for key in ("preset", "synthetic", "path"):
+        for key in ("preset", "synthetic", "mix", "path"):
             if key in value:
                 return key
     if isinstance(value, BaseModel):
-        return {PresetModel: "preset", PathModel: "path", SyntheticData: "synthetic"}.get(type(value), "path")
+        tags = {PresetModel: "preset", PathModel: "path", SyntheticData: "synthetic", MixtureData: "mix"}
+        return tags.get(type(value), "path")
     return "path"
 
 
@@ -98,7 +101,67 @@ ModelRef = Annotated[
 ]
 
 
-class SyntheticData(Strict):
+# --------------------------------------------------------------------------- data options
+# What every data block may add on top of its source: a system turn, duplicate removal,
+# decontamination against the evaluation sets, and a curriculum order (data_tools/).
+
+
+class DedupSpec(Strict):
+    """Drop exact duplicates (normalised text) and, with `near`, near-duplicates found by MinHash
+    LSH over word n-grams (datasketch). The first row of each duplicate group is kept."""
+
+    near: bool = True
+    threshold: float = Field(
+        0.8, gt=0, le=1
+    )  # estimated Jaccard similarity at which rows count as duplicates
+    ngram: int = Field(3, ge=1)  # words per shingle
+    num_perm: int = Field(128, ge=16)  # MinHash permutations: more is more precise and slower
+    on: list[str] | None = None  # columns that make a row's text; default all text columns
+
+
+class DecontaminateSpec(Strict):
+    """Drop training rows that share an n-gram with an evaluation prompt (open-r1 uses 8-grams).
+
+    `against` defaults to every evaluation set of the recipe (`eval.data` and `evaluate` stages'
+    data); the resolved recipe lists them. Evaluation prompts shorter than `ngram` words match as
+    a whole word sequence."""
+
+    ngram: int = Field(8, ge=1)
+    against: list[DataSpec] = []
+
+
+class CurriculumSpec(Strict):
+    """Order rows by a difficulty column or by length (easy first by default). With `buckets`,
+    rows are cut into that many difficulty bands, shuffled within each band (recipe seed).
+    Trainers shuffle unless told not to: the stage's `train:` must set
+    `train_sampling_strategy: sequential` (SFT, reward model) or `shuffle_dataset: false` (GRPO)."""
+
+    by: str = "difficulty"  # a numeric column, or `length` (characters of the row's text)
+    order: Literal["ascending", "descending"] = "ascending"
+    buckets: int | None = Field(None, gt=0)
+
+
+def _on_off(value: Any) -> Any:
+    """`dedup: true` / `decontaminate: true` turn a block on with its defaults; `false` turns it off."""
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    if value == "exact":
+        return {"near": False}
+    return value
+
+
+class RowOptions(Strict):
+    """Options every data block accepts, applied after loading, in this order."""
+
+    system_prompt: str | None = None  # a system turn before each prompt / conversation
+    dedup: Annotated[DedupSpec | None, BeforeValidator(_on_off)] = None  # true, exact, or {...}
+    decontaminate: Annotated[DecontaminateSpec | None, BeforeValidator(_on_off)] = None  # true or {...}
+    curriculum: CurriculumSpec | None = None
+
+
+class SyntheticData(RowOptions):
     """Generated rows (offline). `arithmetic`: multi-digit addition/subtraction with a worked chain
     of thought; the `test` split never overlaps `train`, whatever `n` and `seed`."""
 
@@ -118,19 +181,82 @@ class SyntheticData(Strict):
         return self
 
 
-class FileData(Strict):
+class FileData(RowOptions):
     """Rows from a local file (jsonl, json, parquet, csv), a folder of them, or a hub dataset id."""
 
     path: str
     name: str | None = None  # the hub dataset's config name
-    split: str | None = None
+    split: str | None = None  # default train; slices work: "train[:500]", "test[:10%]"
     columns: dict[str, str] = {}  # canonical name -> the column in the source, e.g. {prompt: question}
-    n: int | None = Field(None, gt=0)  # keep the first n rows
+    template: str | None = None  # builds `prompt` from the source's columns: "{question}\n\n{choices}"
+    as_chat: bool = (
+        True  # text prompts/completions become user/assistant turns (false: raw text, base models)
+    )
+    n: int | None = Field(None, gt=0)  # keep the first n rows (after dedup and decontamination)
+
+    @model_validator(mode="after")
+    def _template(self) -> FileData:
+        if self.template is not None:
+            fields = template_fields(self.template)
+            if not fields:
+                raise ValueError("template names no column; write columns in braces: '{question}'")
+            if "prompt" in self.columns:
+                raise ValueError("set the prompt with `template` or with `columns: {prompt: ...}`, not both")
+        return self
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a `template:` refers to; a malformed template is a ValueError."""
+    import string
+
+    try:
+        names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as e:
+        raise ValueError(f"template is not a valid format string: {e}") from None
+    if any(not name or not name.isidentifier() for name in names):
+        raise ValueError("template fields must be column names, e.g. '{question}' (write {{ }} for a brace)")
+    return list(dict.fromkeys(names))
+
+
+class MixSource(Strict):
+    """One source of a mixture: a share of the mixture's rows (`weight`) or a fixed `count`."""
+
+    data: DataSpec
+    weight: float | None = Field(None, gt=0)  # relative to the other weighted sources
+    count: int | None = Field(None, gt=0)  # exactly this many rows (repeated when the source has fewer)
+
+    @model_validator(mode="after")
+    def _one(self) -> MixSource:
+        if self.weight is not None and self.count is not None:
+            raise ValueError("give a source a weight or a count, not both")
+        return self
+
+
+class MixtureData(RowOptions):
+    """Several sources mixed by weights or counts, shuffled with the recipe seed. Without `n`,
+    weighted sources give as many rows as they can without repeating any row."""
+
+    mix: list[MixSource] = Field(min_length=1)
+    n: int | None = Field(None, gt=0)  # total rows
+    seed: int | None = None  # defaults to the recipe seed
+
+    @model_validator(mode="after")
+    def _counts(self) -> MixtureData:
+        counted = sum(s.count or 0 for s in self.mix)
+        weighted = any(s.count is None for s in self.mix)
+        if self.n is not None and not weighted and counted != self.n:
+            raise ValueError(f"counts add up to {counted} but n is {self.n}; drop n or fix the counts")
+        if self.n is not None and weighted and counted >= self.n:
+            raise ValueError(
+                f"counts add up to {counted}, leaving no rows of n={self.n} for weighted sources"
+            )
+        return self
 
 
 DataSpec = Annotated[
     Annotated[Annotated[str, AfterValidator(DataReference)], Tag("ref")]
     | Annotated[SyntheticData, Tag("synthetic")]
+    | Annotated["MixtureData", Tag("mix")]
     | Annotated[FileData, Tag("path")],
     Discriminator(_tag),
 ]
@@ -194,12 +320,71 @@ class RewardSpec(Strict):
         return dict(self.model_extra or {})
 
 
-class EvalSpec(Strict):
+for _model in (DecontaminateSpec, SyntheticData, FileData, MixSource, MixtureData):
+    _model.model_rebuild()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class HarnessSpec(Strict):
+    """Benchmark suites (MMLU, GSM8K, HumanEval, ...) through EleutherAI's lm-evaluation-harness
+    on the stage's saved model: `pip install 'posttrain[eval]'`; the tasks download their data
+    from the hub, so this runs on a connected (GPU) machine. Results go under `eval.harness`."""
+
+    backend: Literal["lm-eval"] = "lm-eval"
+    tasks: list[str] = Field(min_length=1)  # lm-eval task or group names (globs allowed)
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: float | None = Field(None, gt=0)  # examples per task (a fraction when < 1)
+    batch_size: int | Literal["auto"] = "auto"
+    apply_chat_template: bool = True
+    include_path: str | None = None  # a folder of your own task YAMLs
+    model_args: dict[str, Any] = {}  # extra arguments of lm-eval's `hf` model (dtype, max_length, ...)
+
+
+class EvalOptions(Strict):
+    """How a held-out set is evaluated: a greedy answer per prompt, plus `k` sampled ones for
+    pass@1 (the mean over samples, as DeepSeek-R1 reports it), pass@k and maj@k."""
+
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0)
+    k: int = Field(1, ge=1)  # samples per prompt besides the greedy one; 1 = greedy only
+    temperature: float = Field(0.6, gt=0)  # for the k samples
+    top_p: float = Field(0.95, gt=0, le=1)
+    harness: HarnessSpec | None = None
+
+
+class EvalSpec(EvalOptions):
     """Held-out evaluation run after every training stage (greedy by default)."""
 
     data: DataSpec
-    max_new_tokens: int = Field(64, gt=0)
-    batch_size: int = Field(64, gt=0)
+
+
+class GateSpec(Strict):
+    """Stop the pipeline when the stage's evaluation misses a threshold, instead of feeding a bad
+    model on. The stage stays COMPLETE: change the gate (or the stage) and run again."""
+
+    min_accuracy: float | None = Field(None, ge=0, le=1)  # greedy accuracy
+    min_pass_at_1: float | None = Field(None, ge=0, le=1)  # mean over the k samples (needs k > 1)
+    min_format_rate: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _some(self) -> GateSpec:
+        if not self.thresholds():
+            raise ValueError("a gate needs a threshold: min_accuracy, min_pass_at_1 or min_format_rate")
+        return self
+
+    def thresholds(self) -> dict[str, float]:
+        """{eval metric: minimum} for the thresholds that are set."""
+        return {
+            metric: value
+            for metric, value in (
+                ("accuracy", self.min_accuracy),
+                ("pass_at_1", self.min_pass_at_1),
+                ("format_rate", self.min_format_rate),
+            )
+            if value is not None
+        }
 
 
 # --------------------------------------------------------------------------- stages
@@ -210,6 +395,7 @@ STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 class StageBase(Strict):
     name: str
     kind: str
+    gate: GateSpec | None = None  # e.g. {min_accuracy: 0.6}; not part of the stage's fingerprint
     # The trl config dataclass whose fields the `train:` block may set (None: no trainer).
     trainer_config: ClassVar[str | None] = None
 
@@ -225,6 +411,10 @@ class StageBase(Strict):
         """Each block of trl config keys in this stage and the config class it feeds."""
         return {"train": self.trainer_config} if self.trainer_config else {}
 
+    def check(self, recipe: Recipe, path: tuple) -> None:
+        """Checks that need the whole recipe (other stages, the base model), run before any
+        weights load; raise `recipe.error(path + (key,), ...)`. Nothing by default."""
+
 
 class SFTStage(StageBase):
     """Supervised fine-tuning with trl's SFTTrainer, full or LoRA.
@@ -238,6 +428,55 @@ class SFTStage(StageBase):
     lora: LoraSpec | None = None
     train: dict[str, Any] = {}  # keys of trl's SFTConfig
     trainer_config: ClassVar[str | None] = "SFTConfig"
+
+
+class EvaluateStage(EvalOptions, StageBase):
+    """Evaluate a model (a stage's, the base model, or any path) on a held-out set, and optionally
+    on lm-eval benchmark suites. Writes metrics.json (`eval`) and eval_samples.jsonl, no model."""
+
+    kind: Literal["evaluate"]
+    model: ModelRef | None = None  # absent = base_model
+    data: DataSpec | None = None  # absent = the recipe's eval.data (unset options also come from eval:)
+
+
+# --------------------------------------------------------------------------- grpo
+
+
+class GRPOStage(StageBase):
+    """GRPO with verifiable rewards (DeepSeek-R1) through trl's GRPOTrainer, full or LoRA.
+
+    Data rows hold `prompt` plus the columns the rewards read (`answer` for `accuracy`). The
+    rewards' weights become GRPOConfig.reward_weights. Checked before any weights load: the
+    generation batch divides into groups of `num_generations`, the rewards' columns exist in
+    the data, `max_completion_length` fits the model (posttrain/stages/grpo.py)."""
+
+    kind: Literal["grpo"]
+    model: ModelRef | None = (
+        None  # the policy: a stage name, {path: ...} or {preset: ...}; absent = base_model
+    )
+    data: DataSpec
+    rewards: list[RewardSpec] = Field(min_length=1)
+    system_prompt: str | None = None  # sent before every prompt (a plain-text prompt becomes a user turn)
+    lora: LoraSpec | None = None
+    train: dict[str, Any] = {}  # keys of trl's GRPOConfig
+    trainer_config: ClassVar[str | None] = "GRPOConfig"
+
+    @model_validator(mode="after")
+    def _rewards(self) -> GRPOStage:
+        if "reward_weights" in self.train:
+            raise ValueError("set `weight:` on each reward instead of train.reward_weights")
+        from posttrain.rewards import reward_label
+
+        labels = [reward_label(r) for r in self.rewards]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"two rewards are called '{twice[0]}'; give one a `label:`")
+        return self
+
+    def check(self, recipe: Recipe, path: tuple) -> None:
+        from posttrain.stages.grpo import check_stage
+
+        check_stage(self, recipe, path)
 
 
 # --------------------------------------------------------------------------- distill
@@ -294,14 +533,7 @@ class StudentSpec(Strict):
         return self
 
     def size_overrides(self) -> dict[str, int]:
-        keys = (
-            "num_hidden_layers",
-            "hidden_size",
-            "intermediate_size",
-            "num_attention_heads",
-            "num_key_value_heads",
-        )
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in DENSE_SIZE_KEYS if getattr(self, k) is not None}
 
 
 class VerifierSpec(RewardSpec):
@@ -326,9 +558,8 @@ class GenerationSpec(Strict):
     top_p: float = Field(0.95, gt=0, le=1)
     batch_size: int = Field(32, gt=0)  # prompts per batch; each batch is appended to the trace file
     backend: Literal["auto", "transformers", "vllm"] = "auto"  # auto: vLLM when installed and on GPU
-    vllm: dict[
-        str, Any
-    ] = {}  # extra keyword arguments of vllm.LLM (gpu_memory_utilization, tensor_parallel_size...)
+    # Extra keyword arguments of vllm.LLM: tensor_parallel_size, gpu_memory_utilization, max_model_len...
+    vllm: dict[str, Any] = {}
 
 
 class MixSpec(Strict):
@@ -357,9 +588,8 @@ class DistillStage(StageBase):
     generation: GenerationSpec = GenerationSpec()
     mix: MixSpec | None = None
     train: dict[str, Any] = {}  # keys of trl's SFTConfig (DistillationConfig in mode logits)
-    logits_train: dict[
-        str, Any
-    ] = {}  # keys of trl's DistillationConfig: the on-policy phase of traces+logits
+    # Keys of trl's DistillationConfig for the on-policy phase that follows SFT in traces+logits.
+    logits_train: dict[str, Any] = {}
 
     @model_validator(mode="after")
     def _students(self) -> DistillStage:
@@ -388,7 +618,12 @@ class DistillStage(StageBase):
         return blocks
 
 
-STAGE_KINDS: dict[str, type[StageBase]] = {"sft": SFTStage, "distill": DistillStage}
+STAGE_KINDS: dict[str, type[StageBase]] = {
+    "sft": SFTStage,
+    "grpo": GRPOStage,
+    "evaluate": EvaluateStage,
+    "distill": DistillStage,
+}
 
 
 def _stage_kind(value: Any) -> str | None:
@@ -430,6 +665,11 @@ class Recipe(Strict):
     eval: EvalSpec | None = None
 
     _source: SourceMap = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_defaults(cls, data: Any) -> Any:
+        return fill_eval_defaults(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _unique_names(self) -> Recipe:
@@ -662,6 +902,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     recipe._source = source
     check_references(recipe)
     check_trainer_keys(recipe)
+    check_data(recipe)
+    check_evaluation(recipe)
+    for i, stage in enumerate(recipe.stages):
+        stage.check(recipe, ("stages", i))
     return recipe
 
 
@@ -768,3 +1012,125 @@ def _is_instance(value: Any, expected: type) -> bool:
     if expected is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, expected)
+
+
+# --------------------------------------------------------------------------- data and evaluation
+
+
+def fill_eval_defaults(data: dict) -> dict:
+    """Spell out what the evaluation sets imply, so the resolved recipe (and each stage's
+    fingerprint) shows it: an `evaluate` stage takes the recipe's `eval:` settings (data, k,
+    ...) for what it does not set, and a training stage's `decontaminate:` without `against`
+    gets every evaluation set of the recipe."""
+    stages = data.get("stages")
+    if not isinstance(stages, list):
+        return data
+    data = copy.deepcopy(data)
+    stages = data["stages"]
+    recipe_eval = data.get("eval")
+    eval_data = recipe_eval.get("data") if isinstance(recipe_eval, dict) else None
+    sets = [eval_data] if eval_data is not None else []
+    for stage in stages:
+        if not isinstance(stage, dict) or stage.get("kind") != "evaluate":
+            continue
+        for key, value in recipe_eval.items() if isinstance(recipe_eval, dict) else ():
+            if key in EvalSpec.model_fields and stage.get(key) is None:
+                stage[key] = copy.deepcopy(value)
+        if stage.get("data") is not None and stage["data"] not in sets:
+            sets.append(stage["data"])
+    if sets:
+        for stage in stages:
+            if isinstance(stage, dict) and stage.get("kind") != "evaluate":
+                _fill_against(stage, sets)
+    return data
+
+
+def _fill_against(node: Any, sets: list) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _fill_against(item, sets)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key == "decontaminate" and (
+                value is True or isinstance(value, dict) and "against" not in value
+            ):
+                node[key] = {**(value if isinstance(value, dict) else {}), "against": copy.deepcopy(sets)}
+            elif key != "train":
+                _fill_against(value, sets)
+
+
+def blocks(value: Any, kind: type | tuple[type, ...], path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """Every validated block of type `kind` inside `value`, with its key path."""
+    if isinstance(value, kind):
+        yield path, value
+    if isinstance(value, BaseModel):
+        for field in type(value).model_fields:
+            yield from blocks(getattr(value, field), kind, (*path, field))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from blocks(item, kind, (*path, i))
+
+
+def check_data(recipe: Recipe) -> None:
+    """Local files have the columns the recipe maps; decontamination has something to check
+    against; a curriculum is not undone by the trainer's shuffling."""
+    from posttrain.data_tools.peek import check_file_columns
+
+    specs = list(blocks(recipe.eval, RowOptions, ("eval",)))
+    for i, stage in enumerate(recipe.stages):
+        specs += blocks(stage, RowOptions, ("stages", i))
+    for path, spec in specs:
+        if isinstance(spec, FileData):
+            problem = check_file_columns(spec)
+            if problem:
+                key, message, fix = problem
+                raise recipe.error((*path, key), message, fix)
+        if spec.decontaminate is not None and not spec.decontaminate.against:
+            raise recipe.error(
+                (*path, "decontaminate"),
+                "nothing to decontaminate against",
+                "add a recipe-level `eval:` block, or `against: [...]`",
+            )
+    for i, stage in enumerate(recipe.stages):
+        _check_curriculum(recipe, i, stage)
+
+
+def _check_curriculum(recipe: Recipe, index: int, stage: StageBase) -> None:
+    curricula = [path for path, spec in blocks(stage, RowOptions, ("stages", index)) if spec.curriculum]
+    if not curricula or not stage.trainer_config:
+        return
+    train = getattr(stage, "train", {}) or {}
+    fields = {f.name: f for f in dataclasses.fields(trainer_config_class(stage.trainer_config))}
+    # GRPO-style trainers sample with their own shuffling sampler; the others use transformers'.
+    own_sampler = "shuffle_dataset" in fields and fields["shuffle_dataset"].default is True
+    key, wanted = ("shuffle_dataset", False) if own_sampler else ("train_sampling_strategy", "sequential")
+    if train.get(key) != wanted or (not own_sampler and train.get("shuffle_dataset")):
+        raise recipe.error(
+            (*curricula[0], "curriculum"),
+            "the trainer shuffles rows, which undoes a curriculum",
+            f"set `train: {{{key}: {str(wanted).lower()}}}` on this stage",
+        )
+
+
+def check_evaluation(recipe: Recipe) -> None:
+    """Gates have an evaluation to read, evaluate stages have data, harness tasks exist."""
+    for i, stage in enumerate(recipe.stages):
+        options = stage if isinstance(stage, EvaluateStage) else recipe.eval
+        if isinstance(stage, EvaluateStage) and stage.data is None:
+            raise recipe.error(
+                ("stages", i), "an evaluate stage needs `data:` (or a recipe-level `eval:` block)"
+            )
+        if stage.gate is not None and options is None:
+            raise recipe.error(
+                ("stages", i, "gate"), "a gate needs an evaluation", "add a recipe-level `eval:` block"
+            )
+        if stage.gate is not None and stage.gate.min_pass_at_1 is not None and options.k < 2:
+            raise recipe.error(
+                ("stages", i, "gate", "min_pass_at_1"), "pass@1 needs k > 1 samples", "set eval k: 4 or more"
+            )
+    for path, harness in blocks(recipe, HarnessSpec):
+        from posttrain.harness import check_harness
+
+        problem = check_harness(harness)
+        if problem:
+            raise recipe.error(path, *problem)

@@ -61,9 +61,14 @@ class StageContext:
         return PathModel(path=str(ref))
 
     def data(self, spec: Any) -> Any:
-        from posttrain.data_tools import load_rows
+        """Rows of a data slot; what dedup / decontamination removed goes to data_report.json."""
+        from posttrain.data_tools import DataReport, load_rows
 
-        return load_rows(spec, seed=self.seed, stage_dirs=self.stage_dirs)
+        report = DataReport()
+        rows = load_rows(spec, seed=self.seed, stage_dirs=self.stage_dirs, report=report)
+        if self.is_main:
+            report.save(self.out_dir / "data_report.json")
+        return rows
 
     @property
     def is_main(self) -> bool:
@@ -122,7 +127,7 @@ def stage_config(recipe: Recipe, stage: StageBase) -> dict[str, Any]:
         if Path(block.path).exists():
             files[block.path] = artifacts.path_fingerprint(Path(block.path))
     return {
-        "stage": stage.model_dump(mode="json"),
+        "stage": stage.model_dump(mode="json", exclude={"gate"}),  # a gate never retrains
         "seed": recipe.seed,
         "base_model": recipe.base_model.model_dump(mode="json"),
         "files": files,
@@ -217,6 +222,7 @@ def run(
             metrics = artifacts.read_json(stage_dir / artifacts.METRICS) or {}
             results[stage.name] = _refresh_eval(recipe, stage, stage_dir, finished, metrics, report)
             report(stage.name, "cached", {"dir": str(stage_dir)})
+            _after_stage(recipe, stage, results[stage.name])
             continue
         resume = artifacts.start_stage(stage_dir, fp, fresh=status != "resume")
         ctx = _context(recipe, stage, stage_dir, finished, resume)
@@ -234,7 +240,20 @@ def run(
         )
         results[stage.name] = metrics
         report(stage.name, "done", {"wall_time_s": wall, "metrics": metrics})
+        _after_stage(recipe, stage, metrics)
     return results
+
+
+def _after_stage(recipe: Recipe, stage: StageBase, metrics: dict) -> None:
+    """Rewrite the run report (main process), then stop here if the stage misses its gate."""
+    from accelerate import PartialState
+
+    from posttrain.evaluation import check_gate
+    from posttrain.report import write_report
+
+    if PartialState().is_main_process:
+        write_report(recipe.run_dir)
+    check_gate(recipe, stage, metrics)
 
 
 def _upstream_of(recipe: Recipe, name: str) -> set[str]:

@@ -7,7 +7,7 @@ filtered by verifiers (rejection sampling). This module does that in three steps
    of prompts at a time (vLLM when installed on a GPU, transformers `generate` otherwise).
    Each batch is scored, then appended to `samples.jsonl` (one line per prompt: every sample,
    its verifier scores, whether it passed) and fsynced. A restarted stage reads the file back
-   (a torn last line is cut off) and continues with the prompts not yet done; each batch is
+   (a torn last line is ignored, then cut off) and continues with the prompts not yet done; each batch is
    sampled from a seed derived from its first prompt, so a resumed run draws what an
    uninterrupted one would have on the same hardware.
 2. `rejection_sample`: the rule. A sample **passes when every verifier scores it at or above
@@ -153,9 +153,8 @@ def sample_traces(
     seed: int,
 ) -> dict[str, Any]:
     """Sample, verify and append every prompt not yet in `path` (records keep the row's `index`);
-    returns the sampling throughput of this call. Read the records back with artifacts.read_jsonl."""
-    artifacts.recover_jsonl(path)
-    done = {r["index"] for r in artifacts.read_jsonl(path)} if path.exists() else set()
+    returns the sampling throughput of this call. Read the records back with artifacts.iter_jsonl."""
+    done = {r["index"] for r in artifacts.iter_jsonl(path)}  # append_jsonl cuts a torn last line
     todo = [i for i in range(len(rows)) if i not in done]
     speed: dict[str, Any] = {"tokens": 0, "seconds": 0.0}
     if todo:

@@ -44,7 +44,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from posttrain.rewards import accuracy, format  # noqa: F401  (register the built-in rewards)
+from posttrain.rewards import (  # noqa: F401  (importing registers the built-in rewards)
+    accuracy,
+    format,
+    language,
+    length,
+    repetition,
+    reward_model,
+)
 from posttrain.rewards.guard import Reward, RewardStats
 from posttrain.rewards.registry import (
     REGISTRY,

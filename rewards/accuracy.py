@@ -5,7 +5,8 @@ GSM8K `#### N` line; the gold `answer` may itself be a GSM8K solution (`... ####
 a `\\boxed{}`. Equivalence is math-verify's, fed whole answers (`math_judge.py`), so `1/2`
 matches `0.5`, `50%` matches `50`, `\\frac{1}{n+1}` matches `1/(n+1)`, `1,000` matches `1000`.
 
-Throughput: plain numbers on both sides are compared in-process (exact decimals); verdicts
+Throughput: exact rationals on both sides (`72`, `1,200`, `3/4`, `\\frac{3}{4}`, `50%`) are
+compared in-process, exactly, with no parser; verdicts
 are cached by (gold, answer), which pays off because a GRPO group repeats answers; the rest
 go to a persistent pool of worker processes with a hard per-sample timeout (`pool.py`),
 which works from any thread. A timeout or a crash scores None (not judged) and is counted.
@@ -14,12 +15,11 @@ which works from any thread. A timeout or a crash scores None (not judged) and i
 from __future__ import annotations
 
 import threading
-from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 from posttrain.data_tools.answers import final_answer, gsm8k_answer, last_boxed
-from posttrain.rewards.math_judge import PLAIN_NUMBER, clean
-from posttrain.rewards.pool import OK, TIMEOUT, shared_pool
+from posttrain.rewards.math_judge import quick_verdict
+from posttrain.rewards.pool import OK, TIMEOUT, WorkerPool, shared_pool
 from posttrain.rewards.registry import RewardFunc, register
 from posttrain.rewards.text import completion_text
 
@@ -79,6 +79,10 @@ class AnswerJudge:
         self.workers = workers
         self._cache: dict[tuple[str, str], bool] = {}
         self._lock = threading.Lock()
+        self.pool().start()  # workers import math-verify while the caller loads its model
+
+    def pool(self) -> WorkerPool:
+        return shared_pool(JUDGE, self.workers, PRELOAD)
 
     def score(
         self, golds: list[str | None], preds: list[str | None]
@@ -99,7 +103,7 @@ class AnswerJudge:
         counts = {"timeouts": 0, "errors": 0}
         if todo:
             pairs = list(todo)
-            outcomes = shared_pool(JUDGE, self.workers, PRELOAD).map(pairs, self.timeout)
+            outcomes = self.pool().map(pairs, self.timeout)
             for pair, outcome in zip(pairs, outcomes, strict=True):
                 if outcome.status == OK:
                     self._remember(pair, bool(outcome.value))
@@ -110,17 +114,9 @@ class AnswerJudge:
         return scores, counts
 
     def _quick(self, gold: str, pred: str) -> bool | None:
-        """A verdict without math-verify: cached, or both sides plain decimal numbers."""
+        """A verdict without math-verify: cached, or both sides exact rationals (math_judge)."""
         cached = self._cache.get((gold, pred))
-        if cached is not None:
-            return cached
-        a, b = clean(gold), clean(pred)
-        if PLAIN_NUMBER.match(a) and PLAIN_NUMBER.match(b):
-            try:
-                return Decimal(a) == Decimal(b)
-            except InvalidOperation:
-                return None
-        return None
+        return cached if cached is not None else quick_verdict(gold, pred)
 
     def _remember(self, pair: tuple[str, str], verdict: bool) -> None:
         with self._lock:

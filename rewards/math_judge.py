@@ -12,7 +12,7 @@ What it adds around math-verify, each case a grader accepts:
 - a trailing unit word (`5 dollars`, `12 apples`) or `\\text{}` unit is dropped;
 - `50%` matches `50` and `0.5`, whichever side has the percent sign;
 - thousands separators (`1,000`, `1{,}000`, `1\\,000`) are removed from plain numbers;
-- `x = 5` matches `5`, multiple-choice `(B)` matches `B`.
+- `x = 5` matches `5`, multiple-choice `(B)` matches `B`, `two` matches `2`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 from decimal import Decimal
+from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
@@ -33,7 +34,11 @@ MATH_WORDS = {
 }  # fmt: skip
 THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:(?:,|\{,\}|\\,|\\!| )\d{3})+(?:\.\d+)?$")
 THOUSANDS_SEPARATOR = re.compile(r"\{,\}|\\,|\\!|,| ")
-PLAIN_NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)$")
+RATIONAL = re.compile(
+    r"^(?P<sign>[-+]?)(?:(?P<number>\d+(?:\.\d*)?|\.\d+)"
+    r"|\\frac\{(?P<fnum>\d+)\}\{(?P<fden>\d+)\}|(?P<num2>\d+)/(?P<den2>\d+))$"
+)
+LONG_DECIMAL = re.compile(r"\.\d{4,}")  # 0.3333: possibly a rounded 1/3, math-verify's call
 SCIENTIFIC = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)[eE][-+]?\d{1,4}$")
 NUMBER_WITH_UNIT = re.compile(r"^\\?\$?\s*([-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+))\s*([A-Za-z][A-Za-z .]*)$")
 PERCENT = re.compile(r"\s*(?:\\%|%|\\text\{\s*\\?%\s*\}|\s[Pp]ercent)\s*$")
@@ -41,6 +46,15 @@ CHOICE = re.compile(r"^\(?\s*([A-Ha-h])\s*\)?[.:]?$")
 WORD = re.compile(r"(?<!\\)\b[A-Za-z]{2,}\b")
 LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
 TEXT_COMMAND = re.compile(r"\\(?:text|mathrm|textbf|mathbf|operatorname)\s*\{([^{}]*)\}")
+WRAPPED_TEXT = re.compile(r"^\\(?:text|textbf|textrm|mathrm|mbox)\s*\{([^{}]*)\}$")
+NUMBER_WORDS = {
+    word: str(value)
+    for value, word in [*enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                                    "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+                                    "seventeen", "eighteen", "nineteen", "twenty")),
+                        (30, "thirty"), (40, "forty"), (50, "fifty"), (60, "sixty"), (70, "seventy"), (80, "eighty"),
+                        (90, "ninety"), (100, "hundred"), (1000, "thousand"), (10**6, "million")]
+}  # fmt: skip
 DELIMITERS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
 UNICODE = str.maketrans(
     {"−": "-", "–": "-", "×": "*", "÷": "/", "·": "*", "π": "\\pi", "√": "\\sqrt", "∞": "\\infty"}
@@ -80,6 +94,10 @@ def clean(answer: Any) -> str:
     text = text.rstrip(".").strip()
     if text.startswith("\\boxed{") and text.endswith("}"):
         text = text[len("\\boxed{") : -1].strip()
+    wrapped = WRAPPED_TEXT.match(text)
+    if wrapped:
+        text = wrapped.group(1).strip()
+    text = NUMBER_WORDS.get(text.lower(), text)
     text = re.sub(r"\\[dt]frac", r"\\frac", text)
     if THOUSANDS.match(text):
         text = THOUSANDS_SEPARATOR.sub("", text)
@@ -89,6 +107,40 @@ def clean(answer: Any) -> str:
     if unit and not is_math_word(unit.group(2)):
         text = unit.group(1).replace(",", "") if THOUSANDS.match(unit.group(1)) else unit.group(1)
     return text
+
+
+def exact_values(answer: str) -> set[Fraction] | None:
+    """The exact rational values an answer may mean (`50%` is 1/2 or 50), for `quick_verdict`;
+    None unless it is a plain number, a fraction `a/b` or `\\frac{a}{b}`, or one of those with %."""
+    text, percent = _split_percent(clean(answer))
+    match = RATIONAL.match(text.replace(" ", ""))
+    if match is None:
+        return None
+    sign = -1 if match.group("sign") == "-" else 1
+    numerator, denominator = (
+        match.group("fnum") or match.group("num2"),
+        match.group("fden") or match.group("den2"),
+    )
+    try:
+        value = sign * (
+            Fraction(int(numerator), int(denominator)) if numerator else Fraction(match.group("number"))
+        )
+    except (ValueError, ZeroDivisionError):
+        return None
+    return {value, value / 100} if percent else {value}
+
+
+def quick_verdict(gold: str, pred: str) -> bool | None:
+    """A verdict without math-verify when both answers are exact rationals: True when they share a
+    value; False unless a long decimal might be a rounding (then None: math-verify decides)."""
+    gold_values, pred_values = exact_values(gold), exact_values(pred)
+    if gold_values is None or pred_values is None:
+        return None
+    if gold_values & pred_values:
+        return True
+    if LONG_DECIMAL.search(gold) or LONG_DECIMAL.search(pred):
+        return None
+    return False
 
 
 def is_math_word(words: str) -> bool:

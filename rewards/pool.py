@@ -92,6 +92,11 @@ class WorkerPool:
             self._start()
             return self._dispatch(items, timeout)
 
+    def start(self) -> None:
+        """Launch the workers now (they import in the background), so the first `map` need not wait."""
+        with self._lock:
+            self._start()
+
     def close(self) -> None:
         with self._lock:
             for worker in self._workers:

@@ -44,12 +44,14 @@ class RewardDef:
     options: Mapping[str, inspect.Parameter]
     needs_model: bool
     summary: str
+    typed_by: Callable | None = None  # whose annotations type the options (default: the factory)
 
     def hints(self) -> dict[str, Any]:
         try:
-            return typing.get_type_hints(self.factory)
+            hints = typing.get_type_hints(self.typed_by or self.factory, include_extras=True)
         except Exception:  # an annotation that does not resolve is simply not type-checked
             return {}
+        return {k: v for k, v in hints.items() if k in self.options}
 
 
 REGISTRY: dict[str, RewardDef] = {}
@@ -149,8 +151,7 @@ def _plain_reward(path: str, fn: Callable) -> RewardDef:
         reward.__name__ = getattr(fn, "__name__", path)
         return reward
 
-    factory.__annotations__ = {k: v for k, v in getattr(fn, "__annotations__", {}).items() if k in options}
-    return RewardDef(path, factory, columns, options, False, _summary(fn))
+    return RewardDef(path, factory, columns, options, False, _summary(fn), typed_by=fn)
 
 
 def _summary(fn: Callable) -> str:

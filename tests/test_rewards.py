@@ -248,6 +248,8 @@ def test_user_reward_by_import_path(tmp_path: Path, monkeypatch) -> None:
     assert build_reward(spec)(completions=["abcd"], difficulty=[2]) == [1.0]
     with pytest.raises(ValueError, match="no option 'scal'; did you mean 'scale'"):
         RewardSpec.model_validate({"name": "my_rewards:brevity", "scal": 2})
+    with pytest.raises(ValueError, match="option 'scale': Input should be a valid number"):
+        RewardSpec.model_validate({"name": "my_rewards:brevity", "scale": "big"})
     shouty = build_reward({"name": "my_rewards:shouty", "bonus": 3, "label": "loud"})
     assert shouty.__name__ == "loud" and shouty(completions=["HI", "hi"]) == [3.0, 0.0]
     assert get_reward("shouty").name == "shouty"  # importing the module registered it
@@ -285,3 +287,170 @@ def test_rewards_package_imports_no_heavy_libraries() -> None:
     code = "import sys, posttrain.rewards; print(sorted(m for m in ('torch','sympy','math_verify','trl') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- length, repetition, language
+
+
+def test_length_is_cosine_scaled_by_correctness() -> None:
+    reward = build_reward({"name": "length", "max_len": 100})
+    completions = ["<answer>4</answer>"] * 4 + ["<answer>5</answer>"] * 2
+    ids = [[0] * 0, [0] * 50, [0] * 100, [0] * 500, [0] * 0, [0] * 100]
+    scores = reward(completions=completions, answer=["4"] * 6, completion_ids=ids)
+    assert scores == pytest.approx([1.0, 0.75, 0.5, 0.5, -1.0, -0.5])
+    assert reward(completions=["<answer>4</answer>"], answer=[None], completion_ids=[[0]]) == [None]
+
+
+def test_overlong_is_daps_soft_punishment() -> None:
+    reward = build_reward({"name": "overlong", "max_len": 100, "soft_cache": 20})
+    ids = [[0] * n for n in (10, 80, 90, 100, 120)]
+    assert reward(completions=["x"] * 5, completion_ids=ids) == pytest.approx([0.0, 0.0, -0.5, -1.0, -1.0])
+    assert reward(completions=["x" * 90]) == pytest.approx([-0.5])  # characters without token ids
+
+
+def test_repetition_penalises_loops_in_tokens_words_or_chars() -> None:
+    tokens = build_reward({"name": "repetition", "ngram_size": 2})
+    assert tokens(completions=["a", "b"], completion_ids=[[1, 2, 3, 4], [5, 5, 5, 5, 5]]) == [0.0, -0.75]
+    words = build_reward({"name": "repetition", "ngram_size": 2, "unit": "words"})
+    assert words(completions=["one two three", "go go go go go"]) == [0.0, -0.75]
+    with pytest.raises(ValueError, match="max_penalty"):
+        RewardSpec.model_validate({"name": "repetition", "max_penalty": 0.5})
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion", "expected"),
+    [
+        ("What is two plus two?", "<think>two and two make four</think><answer>4</answer>", 1.0),
+        ("What is two plus two?", "<think>two 加 two 等于 four</think>", 3 / 6),
+        ("二加二等于几？", "<think>二加二等于四</think><answer>4</answer>", 1.0),
+        ("二加二等于几？", "<think>two plus two</think>", 0.0),
+        ("Сколько будет два плюс два?", "<think>два плюс два = четыре</think>", 1.0),
+        (
+            [
+                {"role": "system", "content": "Réponds."},
+                {"role": "user", "content": "Combien font deux et deux ?"},
+            ],
+            [{"role": "assistant", "content": "<think>deux et deux font quatre</think>"}],
+            1.0,
+        ),  # fmt: skip
+        ("What is 2+2?", "<think>2+2=4</think><answer>4</answer>", 1.0),
+        ("28+35=", "<think>8+5=13</think>", None),
+        ("What?", "reasoning without tags, in English", 1.0),
+    ],
+)
+def test_language_consistency_by_script(prompt, completion, expected) -> None:
+    reward = build_reward({"name": "language_consistency"})
+    score = reward(prompts=[prompt], completions=[completion])[0]
+    assert score == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_language_consistency_with_a_fixed_script() -> None:
+    reward = build_reward({"name": "language_consistency", "script": "cjk"})
+    assert reward(prompts=["28+35="], completions=["<think>八加五</think>"]) == [1.0]
+
+
+# --------------------------------------------------------------------------- reward model
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model(tiny_dense: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    dest = tmp_path_factory.mktemp("rm") / "model"
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_dense), num_labels=1)
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(str(tiny_dense)).save_pretrained(dest)
+    return dest
+
+
+def test_reward_model_scores_through_a_stage_reference(tiny_reward_model: Path) -> None:
+    from posttrain.recipe import PathModel
+
+    class Ctx:
+        def model(self, ref):
+            assert ref == "rm"
+            return PathModel(path=str(tiny_reward_model))
+
+    prompts = [[{"role": "user", "content": "1+1="}]] * 3
+    completions = [chat("<answer>2</answer>"), chat("<answer>3</answer>"), chat("<answer>2</answer>")]
+    reward = build_reward({"name": "reward_model", "model": "rm", "batch_size": 2}, Ctx())
+    scores = reward(prompts=prompts, completions=completions)
+    assert all(isinstance(s, float) for s in scores) and scores[0] == pytest.approx(scores[2], abs=1e-5)
+    assert scores[0] != scores[1]
+    shifted = build_reward({"name": "reward_model", "model": "rm", "scale": 2, "shift": 1}, Ctx())
+    assert shifted(prompts=prompts[:1], completions=completions[:1])[0] == pytest.approx(
+        2 * scores[0] + 1, abs=1e-4
+    )
+
+
+# --------------------------------------------------------------------------- posttrain rewards score
+
+
+def test_rewards_score_end_to_end(cli, tmp_path: Path) -> None:
+    rows = [
+        {
+            "prompt": "28+35=",
+            "completion": "<think>8+5=13;2+3+1=6</think><answer>63</answer>",
+            "answer": "63",
+        },
+        {
+            "completion": [{"role": "assistant", "content": "<think>.</think><answer>0.5</answer>"}],
+            "answer": "1/2",
+        },
+        {"completion": "no tags at all", "answer": "4"},
+        {"completion": "<answer>4</answer>", "answer": None},
+    ]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "scored.jsonl"
+    code, stdout, err = cli(
+        "rewards", "score", data, "--reward", "accuracy", "--reward", "{name: format, mode: lenient, label: fmt}",
+        "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["rewards"]["accuracy"] for r in scored] == [1.0, 1.0, 0.0, None]
+    assert [r["rewards"]["fmt"] for r in scored] == [1.0, 1.0, 0.0, 0.0]
+    assert scored[0]["answer"] == "63"  # the row is repeated as it was
+    lines = {line.split()[0]: line.split() for line in stdout.splitlines()[1:3]}
+    assert lines["accuracy"][1:4] == ["0.6667", "0.4714", "25.0%"] and lines["fmt"][1] == "0.5000"
+    assert "samples/s" in stdout and "4 rows" in stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--reward", "acuracy"], "did you mean 'accuracy'"),
+        (["--reward", "{name: length}"], "needs option 'max_len'"),
+        (["--reward", "{name: format, mode: [}"], "invalid YAML"),
+    ],
+)
+def test_rewards_score_bad_rewards_exit_2(cli, tmp_path: Path, args: list[str], message: str) -> None:
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"completion": "x", "answer": "1"}) + "\n")
+    code, _, err = cli("rewards", "score", data, *args)
+    assert code == 2 and message in err
+
+
+def test_rewards_score_missing_column_and_bad_lines_exit_2(cli, tmp_path: Path) -> None:
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"completion": "x"}) + "\n")
+    code, _, err = cli("rewards", "score", data, "--reward", "accuracy")
+    assert code == 2 and "needs column 'answer'" in err
+    data.write_text(json.dumps({"completion": "x"}) + "\n{not json\n")
+    code, _, err = cli("rewards", "score", data, "--reward", "format")
+    assert code == 2 and "rows.jsonl:2" in err
+
+
+def test_append_jsonl_survives_a_torn_last_line(tmp_path: Path) -> None:
+    from posttrain import artifacts
+
+    path = tmp_path / "samples.jsonl"
+    artifacts.append_jsonl(path, [{"step": 1}])
+    with open(path, "a") as f:
+        f.write('{"step": 2, "compl')  # a SIGKILL mid-write
+    assert artifacts.read_jsonl(path) == [{"step": 1}]
+    artifacts.append_jsonl(path, [{"step": 3}])
+    assert artifacts.read_jsonl(path) == [{"step": 1}, {"step": 3}]

@@ -11,6 +11,8 @@ from typing import Any
 
 RUNNERS = {
     "sft": "posttrain.stages.sft",
+    "evaluate": "posttrain.stages.evaluate",
+    "grpo": "posttrain.stages.grpo",
     "distill": "posttrain.stages.distill",
 }
 

@@ -119,9 +119,9 @@ def make_traces(
             path=samples,
             seed=ctx.seed,
         )
-        artifacts.write_jsonl(traces, kept_rows(artifacts.read_jsonl(samples), teacher.path))
+        artifacts.write_jsonl(traces, kept_rows(artifacts.iter_jsonl(samples), teacher.path))
     ctx.barrier()
-    stats = {**trace_stats(artifacts.read_jsonl(samples)), "sampling_tokens_per_s": speed.get("tokens_per_s")}
+    stats = {**trace_stats(artifacts.iter_jsonl(samples)), "sampling_tokens_per_s": speed.get("tokens_per_s")}
     stats["verifier_stats"] = {v.name: v.fn.stats.as_dict() for v in verifiers if hasattr(v.fn, "stats")}
     if stats["kept"] == 0:
         raise PosttrainError(

@@ -1,0 +1,30 @@
+"""Evaluate stage: score a model on a held-out set (and optionally lm-eval suites); train nothing.
+
+Use it to measure the base model before training, a model from outside the recipe, or a
+stage's model with other settings (more samples, another data set). It writes metrics.json
+(`eval`) and eval_samples.jsonl, no model; a `gate:` on it stops the pipeline like any other.
+
+    - name: eval-sft
+      kind: evaluate
+      model: sft                       # a stage, {path: ...}, {preset: ...}; absent = base_model
+      data: {path: data/test.jsonl, columns: {prompt: question}}   # absent = the recipe's eval.data
+      k: 8
+      temperature: 0.6
+      gate: {min_pass_at_1: 0.5}
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from posttrain.evaluation import evaluate_model
+from posttrain.recipe import EvalOptions, EvalSpec, EvaluateStage
+
+if TYPE_CHECKING:
+    from posttrain.runner import StageContext
+
+
+def run(stage: EvaluateStage, ctx: StageContext) -> dict[str, Any]:
+    spec = EvalSpec(data=stage.data, **{field: getattr(stage, field) for field in EvalOptions.model_fields})
+    source = ctx.model(stage.model)
+    return {"eval": evaluate_model(source, spec, ctx), "model": source.path}

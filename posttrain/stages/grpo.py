@@ -1,0 +1,246 @@
+"""GRPO stage: reinforcement learning with verifiable rewards (DeepSeek-R1) via trl's GRPOTrainer.
+
+For each prompt the policy samples `num_generations` completions; the rewards score them,
+the group's scores become advantages, and the policy moves toward the better ones. The
+result is `<stage>/model/`; every logged step's completions, with each reward and the
+advantage, are appended to `<stage>/samples.jsonl`; reward means, `frac_reward_zero_std`,
+the clipped-completion ratio and KL (when beta > 0) go to metrics.json and TensorBoard.
+
+    - name: grpo
+      kind: grpo
+      model: sft                                   # the cold-start policy
+      data: {synthetic: arithmetic, n: 2000, seed: 1}
+      rewards: [{name: accuracy, weight: 1.0}, {name: format, weight: 0.2}]
+      train: {num_generations: 8, learning_rate: 5.0e-5, beta: 0.0, max_completion_length: 48}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from posttrain import artifacts
+from posttrain.errors import PosttrainError
+from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.recipe import GRPOStage, PathModel, PresetModel, Recipe, trainer_config_class
+from posttrain.training import (
+    callbacks,
+    last_checkpoint,
+    lora_config,
+    release,
+    save_final_model,
+    train_metrics,
+    trainer_args,
+)
+
+if TYPE_CHECKING:
+    from posttrain.runner import StageContext
+
+# What posttrain sets unless the recipe does: log often enough to see RL move, and let trl
+# write each logged step's completions (read back into samples.jsonl) without printing them.
+GRPO_DEFAULTS = {"logging_steps": 5, "log_completions": True, "num_completions_to_print": 0}
+RL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/clipped_ratio",
+              "completions/mean_length", "kl", "entropy")  # fmt: skip
+
+
+def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
+    from transformers import set_seed
+    from trl import GRPOTrainer
+
+    from posttrain.rewards import build_reward, reward_label
+    from posttrain.samples import SamplesLog
+
+    set_seed(ctx.seed)
+    dataset = with_system_prompt(grpo_columns(ctx.data(stage.data), stage), stage.system_prompt)
+    source = ctx.model(stage.model)
+    tokenizer = load_tokenizer(source)
+    args = trainer_args(
+        "GRPOConfig", stage.train, ctx, reward_weights=[r.weight for r in stage.rewards], **GRPO_DEFAULTS
+    )
+    check_lengths(dataset, tokenizer, source, args.max_completion_length, ctx.stage)
+    rewards = [build_reward(spec, ctx) for spec in stage.rewards]
+    samples = SamplesLog(ctx.out_dir / "samples.jsonl", Path(args.output_dir) / "completions")
+    model = load_causal_lm(source)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=rewards,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(stage.lora),
+        callbacks=[*callbacks(ctx), samples],
+    )
+    trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    if ctx.is_main:
+        samples.collect()
+    save_final_model(trainer, tokenizer, ctx, stage.lora)
+    labels = [reward_label(spec) for spec in stage.rewards]
+    metrics = {
+        "train": train_metrics(trainer),
+        "rl": rl_metrics(trainer.state.log_history, labels),
+        "rewards": {reward.name: reward.stats.as_dict() for reward in rewards},
+        "parameters": count_parameters(trainer.model),
+        "rows": len(dataset),
+        "samples_logged": samples.rows,
+    }
+    release(trainer, model)
+    return metrics
+
+
+def grpo_columns(dataset: Any, stage: GRPOStage) -> Any:
+    """Keep `prompt` and the columns the rewards read; say which are missing, before any model loads."""
+    problem = missing_column(stage, dataset.column_names)
+    if problem:
+        raise PosttrainError(problem, key=f"stages.{stage.name}.data", fix=_column_fix(problem))
+    return dataset.select_columns(["prompt", *reward_columns(stage)])
+
+
+def with_system_prompt(dataset: Any, system_prompt: str | None) -> Any:
+    """Every prompt as a conversation that opens with `system_prompt` (unless it has a system turn)."""
+    if system_prompt is None:
+        return dataset
+
+    def conversation(row: dict[str, Any]) -> dict[str, Any]:
+        prompt = row["prompt"]
+        turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+        if not (turns and turns[0].get("role") == "system"):
+            turns = [{"role": "system", "content": system_prompt}, *turns]
+        return {"prompt": turns}
+
+    return dataset.map(conversation)
+
+
+def reward_columns(stage: GRPOStage) -> list[str]:
+    from posttrain.rewards import reward_columns as columns_of
+
+    return list(dict.fromkeys(c for spec in stage.rewards for c in columns_of(spec)))
+
+
+def missing_column(stage: GRPOStage, columns: list[str]) -> str | None:
+    """'<who> needs column <c>, but the data has: ...' for the first missing column, else None."""
+    from posttrain.rewards import reward_columns as columns_of
+    from posttrain.rewards import reward_label
+
+    needs = [("GRPO", "prompt")] + [
+        (f"reward '{reward_label(r)}'", c) for r in stage.rewards for c in columns_of(r)
+    ]
+    for who, column in needs:
+        if column not in columns:
+            return f"{who} needs column '{column}', but the data has: {', '.join(columns)}"
+    return None
+
+
+def _column_fix(problem: str) -> str:
+    column = problem.split("needs column '")[1].split("'")[0]
+    return f"map it with `columns: {{{column}: <your column>}}`"
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_stage(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
+    """Recipe-time checks (no weights, no data loading beyond a peek): batch, columns, lengths."""
+    train = {**_config_defaults(), **GRPO_DEFAULTS, **stage.train}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    generation_batch = train["generation_batch_size"] or (
+        train["per_device_train_batch_size"]
+        * world
+        * (train["steps_per_generation"] or train["gradient_accumulation_steps"])
+    )
+    if generation_batch % train["num_generations"]:
+        raise recipe.error(
+            (*path, "train", "num_generations"),
+            f"the generation batch ({generation_batch} = per_device_train_batch_size "
+            f"{train['per_device_train_batch_size']} x {world} process(es) x steps per generation) "
+            f"is not divisible by num_generations ({train['num_generations']})",
+            "make per_device_train_batch_size (or gradient_accumulation_steps) a multiple of num_generations",
+        )
+    _check_columns(stage, recipe, path)
+    max_positions = model_max_positions(recipe, stage.model)
+    completion = train["max_completion_length"]
+    if max_positions is not None and completion is not None and completion >= max_positions:
+        raise recipe.error(
+            (*path, "train", "max_completion_length"),
+            f"max_completion_length ({completion}) leaves no room for the prompt in the model's "
+            f"max_position_embeddings ({max_positions})",
+            f"lower it below {max_positions}",
+        )
+
+
+def _config_defaults() -> dict[str, Any]:
+    fields = dataclasses.fields(trainer_config_class("GRPOConfig"))
+    return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+
+
+def _check_columns(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
+    from posttrain.data_tools.peek import peek_columns
+
+    columns = peek_columns(stage.data)
+    problem = missing_column(stage, columns) if columns is not None else None
+    if problem:  # unknown columns are checked again at stage start, before the model loads
+        raise recipe.error((*path, "data"), problem, _column_fix(problem))
+
+
+def model_max_positions(recipe: Recipe, ref: Any, seen: frozenset = frozenset()) -> int | None:
+    """The policy's max_position_embeddings from its config alone (preset file, local config.json,
+    or by following a stage's own `model:`); None when it cannot be known without the hub."""
+    if ref is None:
+        ref = recipe.base_model
+    if isinstance(ref, PresetModel):
+        from posttrain.models import preset_config
+
+        return preset_config(ref.preset).get("max_position_embeddings")
+    if isinstance(ref, str) and ref in recipe.stage_names() and ref not in seen:
+        done = recipe.run_dir / ref / "model" / "config.json"
+        if done.exists():
+            return _config_positions(done)
+        upstream = recipe.stage(ref)
+        return model_max_positions(recipe, getattr(upstream, "model", None), seen | {ref})
+    path = Path(ref.path if isinstance(ref, PathModel) else str(ref)).expanduser() / "config.json"
+    return _config_positions(path) if path.exists() else None
+
+
+def _config_positions(path: Path) -> int | None:
+    config = artifacts.read_json(path) or {}
+    return config.get("max_position_embeddings") or config.get("text_config", {}).get(
+        "max_position_embeddings"
+    )
+
+
+def check_lengths(
+    dataset: Any, tokenizer: Any, source: PathModel, max_completion: int | None, stage: str
+) -> None:
+    """The longest prompt plus max_completion_length must fit the model's positions."""
+    positions = _config_positions(Path(source.path) / "config.json")
+    if positions is None or max_completion is None:
+        return
+    from posttrain.generation import render_prompts
+
+    sample = dataset.select(range(min(len(dataset), 2000)))
+    longest = max((len(tokenizer(p, add_special_tokens=False)["input_ids"])
+                   for p in render_prompts(tokenizer, list(sample["prompt"]))), default=0)  # fmt: skip
+    if longest + max_completion > positions:
+        raise PosttrainError(
+            f"the longest prompt ({longest} tokens) plus max_completion_length ({max_completion}) "
+            f"exceeds the model's max_position_embeddings ({positions})",
+            key=f"stages.{stage}.train.max_completion_length",
+            fix="lower max_completion_length or shorten the prompts",
+        )
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def rl_metrics(history: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+    """First and last logged value (mean of up to 3 log steps each) of the RL signals."""
+    keys = [*RL_METRICS, *(f"rewards/{label}/{s}" for label in labels for s in ("mean", "std"))]
+    keys += sorted({k for h in history for k in h if k.startswith("rewards/") and k not in keys})
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = [h[key] for h in history if isinstance(h.get(key), int | float)]
+        if values:
+            window = min(3, len(values))
+            out[key] = {"first": sum(values[:window]) / window, "last": sum(values[-window:]) / window}
+    return out
