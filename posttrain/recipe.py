@@ -609,6 +609,11 @@ class DistillStage(StageBase):
             raise ValueError("mode logits samples no traces: verifiers and mix apply to traces modes only")
         return self
 
+    def check(self, recipe: Recipe, path: tuple) -> None:
+        from posttrain.stages.distill import check_stage
+
+        check_stage(self, recipe, path)
+
     def trainer_blocks(self) -> dict[str, str]:
         if self.mode == "logits":
             return {"train": "DistillationConfig"}

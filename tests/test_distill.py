@@ -158,6 +158,26 @@ def test_verifiers_come_from_the_reward_registry(write_recipe):
             load_recipe(write_recipe(text.replace("VERIFIERS", bad)))
 
 
+def test_missing_prompt_or_verifier_columns_fail_at_load_time(write_recipe, tmp_path: Path):
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text(json.dumps({"prompt": [{"role": "user", "content": "1+1="}], "solution": "2"}) + "\n")
+    text = f"""
+        name: r
+        base_model: {{preset: tiny-deepseek-v3}}
+        stages:
+          - name: distill
+            kind: distill
+            teacher: {{preset: tiny-deepseek-v3}}
+            data: {{path: {rows}COLUMNS}}
+            verifiers: [{{name: accuracy}}]
+            students: [{{name: s, preset: tiny-dense}}]
+        """
+    with pytest.raises(PosttrainError, match="no 'answer' column") as info:
+        load_recipe(write_recipe(text.replace("COLUMNS", "")))
+    assert info.value.key == "stages.distill.data"
+    load_recipe(write_recipe(text.replace("COLUMNS", ", columns: {answer: solution}")))
+
+
 # --------------------------------------------------------------------------- rejection sampling
 
 
@@ -346,6 +366,10 @@ def test_traces_mode_trains_students_and_reports_them_next_to_the_teacher(write_
             "trace_pass_rate",
         } <= set(student)
     assert metrics["students"]["small"]["parameters"] < metrics["students"]["wide"]["parameters"]
+    report = (recipe.parent / "runs" / "report.md").read_text()
+    assert (
+        "## Distillation" in report and "| wide | 0." in report and "| teacher | 1.01 M | 0.57 M |" in report
+    )
 
     # Interrupted while training `small`: the rerun keeps the traces and `wide`, and trains `small` again.
     (stage / "COMPLETE").unlink()

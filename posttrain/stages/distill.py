@@ -52,6 +52,7 @@ from posttrain.training import (
 )
 
 if TYPE_CHECKING:
+    from posttrain.recipe import Recipe
     from posttrain.runner import StageContext
     from posttrain.traces import Verifier
 
@@ -71,12 +72,37 @@ def run(stage: DistillStage, ctx: StageContext) -> dict[str, Any]:
     traces = None
     if stage.mode != "logits":
         traces, metrics["traces"] = make_traces(stage, ctx, teacher, rows, verifiers)
+    metrics["rows"] = len(traces) if traces is not None else len(rows)  # what the students train on
     prompts = rows.select_columns(["prompt"])
     metrics["students"] = {
         spec.name: distill_student(stage, spec, sources[spec.name], teacher, traces, prompts, ctx)
         for spec in stage.students
     }
     return compare(metrics)
+
+
+def check_stage(stage: DistillStage, recipe: Recipe, path: tuple) -> None:
+    """Recipe-time checks (data peeked, no weights): the prompts carry the columns the verifiers
+    read, and `mix:` data is SFT data. Unknown columns are checked again when the stage starts."""
+    from posttrain.data_tools.peek import peek_columns
+    from posttrain.rewards import reward_columns
+
+    columns = peek_columns(stage.data)
+    needed = ["prompt", *(c for spec in stage.verifiers for c in reward_columns(spec))]
+    missing = [c for c in needed if columns is not None and c not in columns]
+    if missing:
+        raise recipe.error(
+            (*path, "data"),
+            f"the prompts have no '{missing[0]}' column (they have: {', '.join(columns or [])})",
+            f"map one with `columns: {{{missing[0]}: <your column>}}`",
+        )
+    mixed = peek_columns(stage.mix.data) if stage.mix is not None else None
+    if mixed is not None and "messages" not in mixed and not {"prompt", "completion"} <= set(mixed):
+        raise recipe.error(
+            (*path, "mix", "data"),
+            f"mix data needs 'messages' or 'prompt' + 'completion' (it has: {', '.join(mixed)})",
+            "map them with `columns:`",
+        )
 
 
 def _sub(ctx: StageContext, *parts: str) -> StageContext:
