@@ -250,13 +250,13 @@ class Interrupt(Exception):
 def test_trace_generation_resumes_where_it_stopped(tiny_moe: Path, tmp_path: Path):
     from posttrain.data_tools import arithmetic_rows
 
-    rows = arithmetic_rows(6, seed=1)
+    rows = arithmetic_rows(4, seed=1)
     generation = GenerationSpec(max_new_tokens=6, batch_size=2, temperature=1.0, top_p=1.0)
     seen: list[str] = []
 
     def counting(prompts, completions, **_):
         seen.extend(p[0]["content"] for p in prompts)
-        if len(seen) > 4 and crash:
+        if len(seen) > 4 and crash:  # batches of 2 prompts x 2 samples
             raise Interrupt  # dies while scoring the second batch
         return [1.0] * len(completions)
 
@@ -283,8 +283,8 @@ def test_trace_generation_resumes_where_it_stopped(tiny_moe: Path, tmp_path: Pat
     crash, seen[:] = False, []
     speed = traces(path)
     records = list(artifacts.iter_jsonl(path))
-    assert [r["index"] for r in records] == list(range(6))
-    assert len(seen) == 4 * 2, "only the four prompts not yet done are sampled again"
+    assert [r["index"] for r in records] == list(range(4))
+    assert len(seen) == 2 * 2, "only the two prompts not yet done are sampled again"
     assert speed["tokens"] > 0
 
     traces(tmp_path / "fresh.jsonl")
@@ -318,7 +318,7 @@ def _stage_recipe(write_recipe, tiny_moe: Path, body: str) -> Path:
             teacher: {{path: {tiny_moe}}}
             data: {{synthetic: arithmetic, n: 8}}
 {body.replace("TEACHER", str(tiny_moe))}
-        eval: {{data: {{synthetic: arithmetic, split: test, n: 8}}, max_new_tokens: 8}}
+        eval: {{data: {{synthetic: arithmetic, split: test, n: 4}}, max_new_tokens: 8}}
         """
     )
 
@@ -405,6 +405,28 @@ def test_logits_mode_runs_a_few_steps(write_recipe, tiny_moe, cli):
     assert student["train"]["logits"]["steps"] == 2 and student["train"]["logits"]["loss_first"] is not None
     assert (stage / "s" / "model" / "model.safetensors").exists()
     assert not (stage / "data").exists(), "logit distillation writes no traces"
+
+
+def test_traces_then_logits_trains_both_phases(write_recipe, tiny_moe, cli):
+    recipe = _stage_recipe(
+        write_recipe,
+        tiny_moe,
+        """\
+            mode: traces+logits
+            samples_per_prompt: 1
+            generation: {max_new_tokens: 8}
+            students: [{name: s, dense_from: {path: TEACHER}, num_hidden_layers: 1, hidden_size: 32}]
+            train: {max_steps: 1, per_device_train_batch_size: 8}
+            logits_train: {max_steps: 1, per_device_train_batch_size: 4, gradient_checkpointing: false}
+        """,
+    )
+    code, _, err = cli("run", recipe)
+    assert code == 0, err
+    stage = recipe.parent / "runs" / "distill"
+    train = json.loads((stage / "metrics.json").read_text())["students"]["s"]["train"]
+    assert train["sft"]["steps"] == 1 and train["logits"]["steps"] == 1
+    assert (stage / "s" / "model" / "config.json").exists()
+    assert not (stage / "s" / "sft").exists(), "the SFT phase's model was only a resume point"
 
 
 def test_logits_mode_refuses_a_student_with_another_tokenizer(

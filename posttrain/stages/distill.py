@@ -246,6 +246,8 @@ def distill_student(
         source = PathModel(path=str(pctx.out_dir / "model"))
     metrics = {"init": _init_of(spec), **describe(source, sctx), "train": trained}
     artifacts.write_json(sctx.out_dir / artifacts.METRICS, metrics)
+    for phase in phases[:-1]:  # an earlier phase's model was only a resume point
+        shutil.rmtree(sctx.out_dir / phase, ignore_errors=True)
     return metrics
 
 
