@@ -1,0 +1,133 @@
+"""SFT throughput: `posttrain run` against a plain trl SFTTrainer script, and packing vs padding.
+
+    python bench/sft_bench.py                  # tiny DeepSeek-V3 MoE, 4000 arithmetic rows, 3 repeats
+    python bench/sft_bench.py --rows 8000 --repeats 5
+
+Both sides train the same model from the same weights on the same rows with the same trl
+settings. Figures are medians over interleaved repeats:
+- tokens/s: non-padding tokens trained per second of `trainer.train()`;
+- wall: the whole job, model load and final save included (posttrain adds its run
+  directory, manifest and fingerprinting; that is the overhead a user pays);
+- packing vs padding: the same plain trl script with `packing: true` (trl's best-fit
+  decreasing packing, padding-free), counting the same non-padding tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common import CPU_ARGS, alternate, median, print_table, tiny_model
+
+SETTINGS = {
+    "num_train_epochs": 1,
+    "learning_rate": 3.0e-3,
+    "per_device_train_batch_size": 64,
+    "gradient_checkpointing": False,
+    "logging_steps": 10,
+    "max_length": 128,
+    "assistant_only_loss": True,
+    "seed": 0,
+}
+
+
+def plain_trl(model_dir: Path, rows: list[dict], out: Path, packing: bool) -> dict[str, Any]:
+    """What a user would write with trl alone."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    args = SFTConfig(output_dir=str(out), packing=packing, **SETTINGS, **CPU_ARGS)
+    dataset = Dataset.from_list([{"messages": r["messages"]} for r in rows])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    result = trainer.train()
+    trainer.save_model(str(out / "model"))
+    tokens = next(h["num_tokens"] for h in reversed(trainer.state.log_history) if "num_tokens" in h)
+    return {"tokens": tokens, "train_s": result.metrics["train_runtime"]}
+
+
+def posttrain_run(model_dir: Path, rows: int, out: Path) -> dict[str, Any]:
+    """The same job as a one-stage recipe, through the runner (fresh each time: --force)."""
+    from posttrain.recipe import load_recipe
+    from posttrain.runner import run
+
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = out / "recipe.yaml"
+    train = {**SETTINGS, "save_strategy": "no"}
+    recipe.write_text(
+        json.dumps(
+            {
+                "name": "sft-bench",
+                "output_dir": str(out / "runs"),
+                "base_model": {"path": str(model_dir)},
+                "stages": [
+                    {
+                        "name": "sft",
+                        "kind": "sft",
+                        "data": {"synthetic": "arithmetic", "n": rows},
+                        "train": train,
+                    }
+                ],
+            }
+        )
+    )
+    metrics = run(load_recipe(recipe), force=("sft",))["sft"]["train"]
+    return {"tokens": metrics["tokens"], "train_s": metrics["runtime_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=4000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+
+    from posttrain.cli import _quiet_libraries
+    from posttrain.data_tools import arithmetic_rows
+
+    _quiet_libraries()
+    tmp = Path(tempfile.mkdtemp(prefix="sft-bench-"))
+    model_dir = tiny_model(tmp)
+    rows = arithmetic_rows(args.rows, seed=0)
+    results = alternate(
+        {
+            "trl (padding)": lambda: plain_trl(model_dir, rows, tmp / "trl", packing=False),
+            "posttrain run": lambda: posttrain_run(model_dir, args.rows, tmp / "posttrain"),
+            "trl (packing)": lambda: plain_trl(model_dir, rows, tmp / "trl-packed", packing=True),
+        },
+        args.repeats,
+    )
+    figures = {
+        name: {
+            "tokens_per_s": median([{**r, "tps": r["tokens"] / r["train_s"]} for r in runs], "tps"),
+            "wall_s": median(runs, "wall_s"),
+        }
+        for name, runs in results.items()
+    }
+    base = figures["trl (padding)"]
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return
+    print_table(
+        f"SFT, tiny-deepseek-v3, {args.rows} rows x 1 epoch, median of {args.repeats}",
+        ["variant", "tokens/s", "vs trl", "wall s", "wall vs trl"],
+        [
+            [
+                name,
+                f"{f['tokens_per_s']:.0f}",
+                f"{f['tokens_per_s'] / base['tokens_per_s']:.3f}",
+                f"{f['wall_s']:.1f}",
+                f"{f['wall_s'] / base['wall_s']:.3f}",
+            ]
+            for name, f in figures.items()
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
