@@ -130,6 +130,7 @@ def make_traces(
     """Sample and verify teacher traces (resumably), write `data/traces.jsonl`, add the `mix:` rows."""
     from datasets import Dataset
 
+    from posttrain.data_tools.mixture import concatenate
     from posttrain.traces import kept_rows, sample_traces, trace_stats
 
     samples, traces = ctx.out_dir / "samples.jsonl", ctx.out_dir / "data" / "traces.jsonl"
@@ -159,7 +160,7 @@ def make_traces(
     if stage.mix is not None:
         mix = mix_rows(stage.mix, ctx, len(dataset))
         stats["mix_rows"] = len(mix)
-        dataset = _concat(dataset, mix).shuffle(seed=ctx.seed)
+        dataset = concatenate([dataset, mix], f"stages.{stage.name}.mix").shuffle(seed=ctx.seed)
     stats["train_rows"] = len(dataset)
     return dataset, stats
 
@@ -195,18 +196,6 @@ def _split_conversation(row: dict[str, Any]) -> dict[str, Any]:
     if not messages or messages[-1]["role"] != "assistant":
         raise PosttrainError("mix: every conversation must end with an assistant turn")
     return {"prompt": messages[:-1], "completion": messages[-1:]}
-
-
-def _concat(traces: Any, mix: Any) -> Any:
-    from datasets import concatenate_datasets
-
-    try:
-        return concatenate_datasets([traces, mix.cast(traces.features)])
-    except (ValueError, TypeError) as e:
-        raise PosttrainError(
-            f"mix: its rows do not match the traces' format ({str(e).splitlines()[0]})",
-            fix="mix conversational data with conversational prompts, plain text with plain text",
-        ) from None
 
 
 # --------------------------------------------------------------------------- students
