@@ -101,7 +101,13 @@ def run(
     _quiet_libraries()
     from posttrain.runner import run as run_recipe
 
-    results = run_recipe(loaded, force=tuple(force or ()), only=only, report=_report)
+    try:
+        results = run_recipe(loaded, force=tuple(force or ()), only=only, report=_report)
+    except KeyboardInterrupt as e:  # typer would turn it into a silent exit code
+        console.print(f"[yellow]interrupted[/]{': ' + str(e) if str(e) else ''}")
+        raise typer.Exit(130) from None
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch, the main process reports
+        return
     console.print(f"[bold green]done[/] {loaded.run_dir}")
     for name, metrics in results.items():
         console.print(f"  {name}: {_summary(metrics)}")
@@ -152,10 +158,20 @@ def plan(
     set_: Set = None,
     force: Annotated[list[str] | None, typer.Option("--force", help="Show this stage as re-run.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable plan on stdout.")] = False,
+    gpus_per_node: Annotated[
+        int, typer.Option("--gpus-per-node", min=1, help="GPUs per node, for the memory estimate.")
+    ] = 8,
+    nodes: Annotated[int, typer.Option("--nodes", min=1, help="Nodes, for the memory estimate.")] = 1,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option("--gpu-memory", help="Memory per GPU (e.g. 80GB): estimate each stage's memory."),
+    ] = None,
     debug: Debug = False,
 ) -> None:
-    """Show the stages in run order, their inputs, and which are cached."""
+    """Show the stages in run order, their inputs, and which are cached; with --gpu-memory, also
+    each stage's per-GPU memory under DDP / ZeRO-2 / ZeRO-3 / ZeRO-3 + offload and what fits."""
     loaded = _load(recipe, set_)
+    memory = _memory_plan(loaded, gpus_per_node, nodes, gpu_memory) if gpu_memory else None
     if as_json:
         from posttrain.runner import make_plan
 
@@ -169,11 +185,77 @@ def plan(
             }
             for p in make_plan(loaded, tuple(force or ()))
         ]
-        typer.echo(
-            json.dumps({"name": loaded.name, "run_dir": str(loaded.run_dir), "stages": rows}, indent=2)
-        )
+        out = {"name": loaded.name, "run_dir": str(loaded.run_dir), "stages": rows}
+        typer.echo(json.dumps({**out, **({"memory": memory} if memory else {})}, indent=2))
         return
     _print_plan(loaded, tuple(force or ()))
+    if memory:
+        _print_memory(memory)
+
+
+def _memory_plan(recipe, gpus_per_node: int, nodes: int, gpu_memory: str) -> dict:
+    from posttrain.memory import Cluster, parse_size, plan_recipe
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs come from disk or the hub cache, never the network
+    return plan_recipe(recipe, Cluster(gpus_per_node, nodes, parse_size(gpu_memory)))
+
+
+def _print_memory(memory: dict) -> None:
+    from posttrain.memory import GIB, SHARDINGS
+
+    gpus = memory["gpus_per_node"] * memory["nodes"]
+    table = Table(
+        title=f"memory per GPU: {memory['nodes']} node(s) × {memory['gpus_per_node']} GPUs, "
+        f"{memory['gpu_memory'] / GIB:.0f} GiB each ({gpus} GPUs)"
+    )
+    for column in ("stage", "params total / active / trainable", *(s.name for s in SHARDINGS)):
+        table.add_column(column, justify="right" if column in {s.name for s in SHARDINGS} else "left")
+    for row in memory["stages"]:
+        if "skipped" in row:
+            table.add_row(row["name"], f"[dim]{row['skipped']}[/]", *("-" for _ in SHARDINGS))
+            continue
+        p = row["params"]
+        cells = []
+        for s in SHARDINGS:
+            e = row["estimates"][s.name]
+            cells.append(f"[{'green' if e['fits'] else 'red'}]{e['total'] / GIB:.1f}[/]")
+        table.add_row(
+            row["name"],
+            f"{_count(p['total'])} / {_count(p['active'])} / {_count(p['trainable'])}"
+            + (" (LoRA)" if p["lora"] else ""),
+            *cells,
+        )
+    console.print(table)
+    for row in memory["stages"]:
+        if "estimates" not in row:
+            continue
+        name = (row["fits_with"] or ["zero3_offload"])[0]
+        best = row["estimates"][name]
+        parts = ", ".join(
+            f"{k} {best[k] / GIB:.1f}" for k in best if k not in ("total", "fits", "cpu_offload") and best[k]
+        )
+        host = best["cpu_offload"] / GIB
+        offload = (
+            f"; host memory {host:.1f} GiB per GPU, {host * memory['gpus_per_node']:.0f} GiB per node"
+            if host
+            else ""
+        )
+        console.print(f"  {row['name']} with {name}: {best['total'] / GIB:.1f} GiB = {parts}{offload}")
+        for hint in row["suggestions"]:
+            console.print(f"    [yellow]→ {hint}[/]")
+    rec = memory["recommended"]
+    console.print(
+        f"recommended: [bold]{rec['accelerate_config']}[/]"
+        if rec
+        else "[red]no shipped setting fits every stage[/]"
+    )
+
+
+def _count(n: int) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
 
 
 def _print_plan(recipe, force: tuple[str, ...]) -> None:
@@ -182,7 +264,7 @@ def _print_plan(recipe, force: tuple[str, ...]) -> None:
     table = Table(title=f"{recipe.name} → {recipe.run_dir}")
     for column in ("#", "stage", "kind", "inputs", "status"):
         table.add_column(column)
-    styles = {"cached": "dim", "run": "bold", "resume": "yellow", "waits": ""}
+    styles = {"cached": "dim", "run": "bold", "resume": "yellow", "waits": "default"}
     for i, p in enumerate(make_plan(recipe, force), 1):
         status = {"waits": "run (after inputs)"}.get(p.status, p.status)
         table.add_row(
@@ -322,24 +404,39 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("POSTTRAIN_DEBUG") == "1"
     try:
-        app(args=args, prog_name="posttrain", standalone_mode=False)
+        code = app(args=args, prog_name="posttrain", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer returns Exit codes instead of raising them
+            sys.exit(code)
     except PosttrainError as e:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)  # keep [brackets] of messages
+        console.print(
+            f"[bold red]error{_rank_label()}:[/] {escape(str(e))}", soft_wrap=True
+        )  # keep [brackets]
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
+    except typer.Abort:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click's usage errors
+    except Exception as e:  # click's usage errors; a peer rank's failure
         import click
+
+        from posttrain.distributed import PeerFailed
 
         if isinstance(e, click.ClickException):
             e.show()
             sys.exit(2)
+        if isinstance(e, PeerFailed):  # the main process failed and has printed why
+            console.print(f"[dim]stopping{_rank_label()}: {e}[/]", soft_wrap=True)
+            sys.exit(2)
         raise
+
+
+def _rank_label() -> str:
+    """' (rank 1/2)' in a multi-process launch, so each line says which process wrote it."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return f" (rank {rank}/{world})" if world > 1 else ""
 
 
 if __name__ == "__main__":

@@ -1,26 +1,127 @@
-"""How this process was launched (plain python, accelerate DDP, DeepSpeed ZeRO), for manifests."""
+"""Several processes, one run: who does what under `accelerate launch` (DDP or DeepSpeed ZeRO).
+
+Every rank runs the same plan. Work that must happen once (deciding what is cached, writing
+manifests, evaluating) runs on the main process through `on_main`, which hands the result, or
+the failure, to every rank: a rank never waits at a barrier for a peer that has already died.
+A failure inside a collective (mid-training) ends that rank's process, and the launcher
+(torch.distributed.run, under accelerate) then stops the others and names the failing rank.
+
+    accelerate launch --config_file recipes/accelerate/zero3.yaml -m posttrain run r.yaml
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class PeerFailed(Exception):
+    """The main process failed in work it did for every rank; this rank stops too, quietly (the
+    failing rank has already said why)."""
+
+
+def state() -> Any:
+    """accelerate's PartialState, created the way the trainers will create it.
+
+    It is a process-wide singleton and whoever creates it first decides what it sees: without
+    a GPU it must be made with `cpu=True` (as trl's `use_cpu=True` does), else a DeepSpeed
+    launch on CPU finds no backend and every rank believes it is rank 0 of 1."""
+    from accelerate import PartialState
+
+    from posttrain.training import has_accelerator
+
+    return PartialState(cpu=not has_accelerator())
 
 
 def launch_info() -> dict[str, Any]:
-    """world_size, zero_stage (0 without DeepSpeed) and accelerate's distributed type."""
-    from accelerate import PartialState
+    """world_size, zero_stage (0 without DeepSpeed) and accelerate's distributed type, for manifests."""
     from accelerate.state import AcceleratorState
 
-    state = PartialState()
-    zero_stage = 0
+    kind = state().distributed_type
+    if AcceleratorState._shared_state:  # a trainer has run: its view includes DeepSpeed
+        kind = AcceleratorState().distributed_type
+    stage = zero_stage()
+    name = str(kind.value if hasattr(kind, "value") else kind)
+    return {
+        "world_size": state().num_processes,
+        "zero_stage": stage,
+        "distributed_type": "DEEPSPEED" if stage else name,
+    }
+
+
+def zero_stage() -> int:
+    """The DeepSpeed ZeRO stage of this launch: the live accelerate plugin once a trainer made one,
+    else what `accelerate launch` put in the environment; 0 without DeepSpeed."""
+    from accelerate.state import AcceleratorState
+
     if AcceleratorState._shared_state:
         plugin = getattr(AcceleratorState(), "deepspeed_plugin", None)
-        zero_stage = int(getattr(plugin, "zero_stage", 0) or 0) if plugin else 0
-    return {
-        "world_size": state.num_processes,
-        "zero_stage": zero_stage,
-        "distributed_type": str(
-            state.distributed_type.value
-            if hasattr(state.distributed_type, "value")
-            else state.distributed_type
-        ),
-    }
+        if plugin is not None:
+            return int(plugin.zero_stage or 0)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return 0
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if config_file and os.path.exists(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            return int(json.load(f).get("zero_optimization", {}).get("stage", 0))
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+
+
+def broadcast(value: T) -> T:
+    """The main process's `value`, on every rank (a no-op in a single process)."""
+    from accelerate.utils import broadcast_object_list
+
+    if state().num_processes == 1:
+        return value
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run `fn` on the main process only and return its result on every rank.
+
+    If it raises, the main process re-raises the error and every other rank raises
+    `PeerFailed`, so all ranks stop together instead of waiting at the next barrier."""
+    if state().num_processes == 1:
+        return fn(*args, **kwargs)
+    outcome: tuple[str, Any] = ("error", "the main process failed")
+    error: BaseException | None = None
+    if state().is_main_process:
+        try:
+            outcome = ("ok", fn(*args, **kwargs))
+        except BaseException as e:  # also KeyboardInterrupt: the peers must not wait for us
+            error = e
+            outcome = ("error", f"{type(e).__name__}: {e}")
+    status, value = broadcast(outcome)
+    if error is not None:
+        raise error
+    if status == "error":
+        raise PeerFailed(f"rank 0 failed ({value})")
+    return value
+
+
+@contextlib.contextmanager
+def unsharded_loading() -> Iterator[None]:
+    """Let this process alone build or load a whole model, even in a ZeRO-3 launch.
+
+    Under ZeRO-3 transformers wraps `from_pretrained` / `from_config` in `deepspeed.zero.Init`,
+    which partitions weights with collectives that every rank must join: on the main process
+    alone (evaluation, LoRA merge, preset creation) that waits forever. This switches the
+    partitioning off for the block and restores it after."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover - transformers always has it
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

@@ -33,7 +33,8 @@ class PosttrainError(Exception):
         where = ":".join(str(p) for p in (self.file, self.line) if p is not None)
         parts = [p for p in (where, self.key) if p]
         text = ": ".join([*parts, self.message])
-        return f"{text} ({self.fix})" if self.fix else text
+        text = f"{text} ({self.fix})" if self.fix else text
+        return text.replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever the input held
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

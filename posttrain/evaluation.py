@@ -87,6 +87,17 @@ def evaluate_model(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict
     return result
 
 
+def evaluate_whole(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict[str, Any]:
+    """`evaluate_model` with the model loaded whole in this process, even in a ZeRO-3 launch.
+
+    Evaluation runs on the main process alone (`distributed.on_main`): ZeRO-3's sharded loading
+    would wait for ranks that are not loading."""
+    from posttrain.distributed import unsharded_loading
+
+    with unsharded_loading():
+        return evaluate_model(source, spec, ctx)
+
+
 def sample(
     model: Any, tokenizer: Any, prompts: list[str], answers: list[str], spec: EvalSpec, seed: int
 ) -> tuple[list[list[str]], list[list[bool]]]:

@@ -131,21 +131,29 @@ def load_causal_lm(source: PathModel, **kwargs: Any) -> Any:
     if (Path(source.path) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
-        return AutoPeftModelForCausalLM.from_pretrained(source.path, **kwargs).merge_and_unload()
+        from posttrain.lora_targets import literal_targets
+
+        with literal_targets():  # the saved adapter config already names v5 modules
+            return AutoPeftModelForCausalLM.from_pretrained(source.path, **kwargs).merge_and_unload()
     return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
 
 
 def count_parameters(model: Any) -> dict[str, int]:
     """Total and trainable parameters; for MoE models also the parameters active per token."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     counts = {"total": total, "trainable": trainable}
     config = getattr(model, "config", None)
     n_experts = getattr(config, "n_routed_experts", None) or getattr(config, "num_local_experts", None)
     top_k = getattr(config, "num_experts_per_tok", None)
     if n_experts and top_k:
         routed = sum(
-            p.numel() for n, p in model.named_parameters() if ".experts." in n or n.endswith(".experts")
+            numel(p) for n, p in model.named_parameters() if ".experts." in n or n.endswith(".experts")
         )
         counts["active"] = total - routed + routed * top_k // n_experts
     return counts
+
+
+def numel(param: Any) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it away (`ds_numel`)."""
+    return int(getattr(param, "ds_numel", None) or param.numel())

@@ -262,16 +262,25 @@ DataSpec = Annotated[
 ]
 
 
+LoraTarget = Literal["attention", "dense_mlp", "shared_experts", "routed_experts"]
+
+
 class LoraSpec(Strict):
     """peft LoRA options. `alpha` and `dropout` are short for `lora_alpha` and `lora_dropout`; any other
     key of peft's LoraConfig is passed through (checked against it). For MoE models, fused expert
-    weights (`mlp.experts.gate_up_proj`) are reached through `target_parameters`."""
+    weights (`mlp.experts.gate_up_proj`) are reached through `target_parameters`.
+
+    `targets` names what to adapt instead of listing modules: `attention`, `dense_mlp` (the
+    dense FFN layers), `shared_experts`, `routed_experts` (fused expert weights, per-expert
+    LoRA), or `all`; posttrain finds the matching modules in the model (see docs/moe.md for
+    trainable-parameter counts)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     r: int = Field(16, gt=0)
     alpha: float = 32
     dropout: float = Field(0.0, ge=0, lt=1)  # must stay 0 where LoRA wraps fused expert parameters
+    targets: list[LoraTarget] | Literal["all"] | None = None
     target_modules: list[str] | str | None = "all-linear"
     target_parameters: list[str] | None = None
     merge: bool = True  # merge into model/ at the end; false saves the adapter alone
@@ -282,18 +291,52 @@ class LoraSpec(Strict):
             raise ValueError(
                 "dropout must be 0 with target_parameters (peft's ParamWrapper does not support it)"
             )
+        if self.targets is not None:
+            explicit = {"target_modules", "target_parameters"} & self.model_fields_set
+            if explicit:
+                raise ValueError(f"use either targets or {' / '.join(sorted(explicit))}, not both")
+            if self.dropout and (self.targets == "all" or "routed_experts" in self.targets):
+                raise ValueError(
+                    "dropout must be 0 when targets include routed_experts (fused expert weights)"
+                )
         return self
 
     def peft_kwargs(self) -> dict[str, Any]:
+        """LoraConfig keyword arguments; with `targets`, the model fills in the modules (lora_targets)."""
         extra = dict(self.model_extra or {})
         return {
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
-            "target_modules": self.target_modules,
-            "target_parameters": self.target_parameters,
+            "target_modules": None if self.targets is not None else self.target_modules,
+            "target_parameters": None if self.targets is not None else self.target_parameters,
             **extra,
         }
+
+
+class MoESpec(Strict):
+    """How a stage trains a Mixture-of-Experts model (an error on a dense model, unless left default).
+
+    Router metrics (`moe/...`: tokens per expert, load CV, entropy, dead experts) are logged
+    whenever the model has experts."""
+
+    # train | freeze the router weights. Unset: the stage kind decides (SFT trains them in full
+    # fine-tunes; under LoRA they stay frozen; GRPO freezes them, as router updates and aux
+    # losses destabilise RL). `train` with LoRA trains them in full via peft's modules_to_save.
+    router: Literal["train", "freeze"] | None = None
+    # Load-balancing auxiliary loss weight, for models that have one (Mixtral, Qwen-MoE, GPT-OSS);
+    # sets trl's router_aux_loss_coef. 0 turns it off. DeepSeek-V3 has none: use bias_update_rate.
+    aux_loss_coef: float | None = Field(None, ge=0)
+    # DeepSeek-V3's auxiliary-loss-free balancing: after every step, each expert's
+    # e_score_correction_bias moves by this much against its load (DeepSeek-V3 used 0.001).
+    bias_update_rate: float = Field(0.0, ge=0)
+    metrics: bool = True  # log router metrics (forward hooks, cheap)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MoESpec:
+        if self.router == "freeze" and self.aux_loss_coef:
+            raise ValueError("aux_loss_coef trains the routers, but router is freeze; set one of them")
+        return self
 
 
 class RewardSpec(Strict):
@@ -392,6 +435,14 @@ class GateSpec(Strict):
 STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
+class GuardSpec(Strict):
+    """What to do when training goes wrong; checked at every logging step."""
+
+    nan: Literal["stop", "warn"] = "stop"  # the loss or gradient norm became NaN or inf
+    constant_reward_steps: int | None = Field(None, gt=0)  # RL: logged steps in a row where every
+    constant_reward: Literal["stop", "warn"] = "warn"  # group scored alike (no learning signal)
+
+
 class StageBase(Strict):
     name: str
     kind: str
@@ -426,8 +477,15 @@ class SFTStage(StageBase):
     model: ModelRef | None = None  # a stage name, {path: ...} or {preset: ...}; absent = base_model
     data: DataSpec
     lora: LoraSpec | None = None
+    moe: MoESpec = MoESpec()  # router train/freeze, aux loss, bias balancing (MoE models)
+    guard: GuardSpec = GuardSpec()  # NaN/inf loss: stop (default) or warn
     train: dict[str, Any] = {}  # keys of trl's SFTConfig
     trainer_config: ClassVar[str | None] = "SFTConfig"
+
+    def check(self, recipe: Recipe, path: tuple) -> None:
+        from posttrain.architecture import check_moe
+
+        check_moe(self, recipe, path)
 
 
 class EvaluateStage(EvalOptions, StageBase):
@@ -458,6 +516,8 @@ class GRPOStage(StageBase):
     rewards: list[RewardSpec] = Field(min_length=1)
     system_prompt: str | None = None  # sent before every prompt (a plain-text prompt becomes a user turn)
     lora: LoraSpec | None = None
+    moe: MoESpec = MoESpec()  # routers frozen and no aux loss unless set here (MoE models)
+    guard: GuardSpec = GuardSpec(constant_reward_steps=10)  # NaN/inf loss; 10 logged steps without signal
     train: dict[str, Any] = {}  # keys of trl's GRPOConfig
     trainer_config: ClassVar[str | None] = "GRPOConfig"
 
@@ -587,6 +647,7 @@ class DistillStage(StageBase):
     verifiers: list[VerifierSpec] = []  # empty: keep every sample (plain sequence-level distillation)
     generation: GenerationSpec = GenerationSpec()
     mix: MixSpec | None = None
+    guard: GuardSpec = GuardSpec()  # students' training: NaN/inf loss stops (default) or warns
     train: dict[str, Any] = {}  # keys of trl's SFTConfig (DistillationConfig in mode logits)
     # Keys of trl's DistillationConfig for the on-policy phase that follows SFT in traces+logits.
     logits_train: dict[str, Any] = {}
@@ -605,6 +666,10 @@ class DistillStage(StageBase):
             )
         if self.logits_train and self.mode != "traces+logits":
             raise ValueError("logits_train applies to mode traces+logits only; use train: in mode logits")
+        if self.gate is not None:
+            raise ValueError(
+                "gate: a distill stage has no model of its own to gate; its students are in metrics"
+            )
         if self.mode == "logits" and (self.verifiers or self.mix):
             raise ValueError("mode logits samples no traces: verifiers and mix apply to traces modes only")
         return self
@@ -799,8 +864,9 @@ def read_yaml(path: str | Path) -> tuple[Any, dict]:
         raise PosttrainError("no such file", file=file, fix="check the path") from None
     except (IsADirectoryError, UnicodeDecodeError) as e:
         raise PosttrainError(f"cannot read: {e.__class__.__name__}", file=file) from None
-    loader = RecipeLoader(text)
+    loader = None
     try:
+        loader = RecipeLoader(text)  # the reader rejects control characters already here
         node = loader.get_single_node()
         lines: dict = {}
         if node is not None:
@@ -811,9 +877,10 @@ def read_yaml(path: str | Path) -> tuple[Any, dict]:
         line = mark.line + 1 if mark else None
         raise PosttrainError(f"invalid YAML: {e.problem or e.context}", file=file, line=line) from None
     except yaml.YAMLError as e:
-        raise PosttrainError(f"invalid YAML: {e}", file=file) from None
+        raise PosttrainError(f"invalid YAML: {' '.join(str(e).split())}", file=file) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, lines
 
 
@@ -986,6 +1053,14 @@ def check_trainer_keys(recipe: Recipe) -> None:
                 if expected and not any(_is_instance(value, t) for t in expected):
                     names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
                     raise recipe.error(path, f"expects {names}, got {value!r}")
+        moe = getattr(stage, "moe", None)
+        train = getattr(stage, "train", None)
+        if moe is not None and moe.aux_loss_coef is not None and train and "router_aux_loss_coef" in train:
+            raise recipe.error(
+                ("stages", i, "moe", "aux_loss_coef"),
+                "set both here and as train.router_aux_loss_coef",
+                "keep moe.aux_loss_coef",
+            )
         lora = getattr(stage, "lora", None)
         if lora is not None and lora.model_extra:
             from peft import LoraConfig

@@ -17,6 +17,7 @@ from posttrain import artifacts
 
 REPORT = "report.md"
 CURVES = {"loss": "train/loss", "reward": "train/reward"}
+MOE_HEATMAP = "moe_expert_load.png"  # posttrain.moe.HEATMAP, not imported here: it loads transformers
 EVAL_COLUMNS = (
     ("accuracy", "accuracy"),
     ("pass@1", "pass_at_1"),
@@ -168,7 +169,7 @@ def details(stages: list[StageSummary]) -> list[str]:
     return lines
 
 
-def distill_tables(stages: list[StageSummary]) -> list[str]:
+def distill_section(stages: list[StageSummary]) -> list[str]:
     """Per distill stage: the teacher and its students side by side (size, accuracy, speed)."""
     lines: list[str] = []
     for s in stages:
@@ -185,7 +186,28 @@ def distill_tables(stages: list[StageSummary]) -> list[str]:
             row += [_num(m.get("tokens_per_s"), 1), _num(m.get("speedup_vs_teacher"), 2)]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-    return lines
+    return ["", "## Distillation", "", *lines] if lines else []
+
+
+def moe_section(run_dir: Path, stages: list[StageSummary]) -> list[str]:
+    """Router balance of every stage that trained an MoE model, with its expert-load heatmap."""
+    lines: list[str] = []
+    for s in stages:
+        m = s.metrics
+        if "moe/load_cv" not in m:
+            continue
+        trend = (
+            f" ({_num(m['moe/load_cv_first'])} → {_num(m['moe/load_cv_last'])})"
+            if "moe/load_cv_last" in m
+            else ""
+        )
+        lines.append(
+            f"- **{s.name}**: load CV {_num(m['moe/load_cv'])}{trend}, max load {_num(m.get('moe/max_load'))}, "
+            f"router entropy {_num(m.get('moe/router_entropy'))}, dead experts {m.get('moe/dead_experts', 0)}"
+        )
+        if (run_dir / s.name / MOE_HEATMAP).exists():
+            lines.append(f"\n  ![{s.name} expert load]({s.name}/{MOE_HEATMAP})")
+    return ["", "## Mixture of experts", "", *lines] if lines else []
 
 
 # --------------------------------------------------------------------------- plots
@@ -253,12 +275,11 @@ def write_report(run_dir: Path) -> Path:
     plots = [plot_curves(stages, curve, run_dir / f"{curve}.png") and curve for curve in CURVES]
     plots.append(plot_accuracy(stages, run_dir / "accuracy.png") and "accuracy")
     lines += [f"![{p}]({p}.png)" for p in plots if p]
-    distilled = distill_tables(stages)
-    if distilled:
-        lines += ["", "## Distillation", "", *distilled]
+    lines += distill_section(stages)
     more = details(stages)
     if more:
         lines += ["", "## Details", "", *more]
+    lines += moe_section(run_dir, stages)
     path = run_dir / REPORT
     artifacts.write_atomic(path, "\n".join(lines).rstrip() + "\n")
     return path

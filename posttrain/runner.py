@@ -47,12 +47,12 @@ class StageContext:
         if ref is None:
             ref = self.base_model
         if isinstance(ref, PresetModel):
+            from posttrain.distributed import on_main, unsharded_loading
             from posttrain.models import materialize_preset
 
             dest = self.run_dir / "presets" / f"{ref.preset}-seed{self.seed}"
-            if self.is_main:
-                materialize_preset(ref.preset, self.seed, dest)
-            self.barrier()
+            with unsharded_loading():
+                on_main(materialize_preset, ref.preset, self.seed, dest)
             return PathModel(path=str(dest))
         if isinstance(ref, PathModel):
             return ref
@@ -72,14 +72,14 @@ class StageContext:
 
     @property
     def is_main(self) -> bool:
-        from accelerate import PartialState
+        from posttrain.distributed import state
 
-        return PartialState().is_main_process
+        return state().is_main_process
 
     def barrier(self) -> None:
-        from accelerate import PartialState
+        from posttrain.distributed import state
 
-        PartialState().wait_for_everyone()
+        state().wait_for_everyone()
 
 
 # --------------------------------------------------------------------------- plan
@@ -194,20 +194,26 @@ def run(
     only: str | None = None,
     report: Reporter | None = None,
 ) -> dict[str, dict]:
-    """Run the recipe; returns each stage's metrics. Each stage is skipped, resumed or run fresh."""
+    """Run the recipe; returns each stage's metrics. Each stage is skipped, resumed or run fresh.
+
+    Under `accelerate launch` every rank runs this same loop and trains together; the main
+    process alone decides what is cached, writes the run directory and evaluates, and every
+    decision reaches the other ranks through `on_main` (which doubles as the barrier after
+    each stage)."""
+    from posttrain.distributed import on_main
     from posttrain.stages import get_runner
 
-    report = report or (lambda name, event, details: None)
+    report = _main_only(report or (lambda name, event, details: None))
     for name in (*force, *([only] if only else [])):
         recipe.stage(name)
     needed = _upstream_of(recipe, only) if only else set()
-    _write_resolved(recipe)
+    on_main(_write_resolved, recipe)
     finished: dict[str, dict] = {}
     results: dict[str, dict] = {}
     for stage in order_stages(recipe):
         stage_dir = recipe.run_dir / stage.name
         if only is not None and stage.name != only:
-            manifest = artifacts.completed_manifest(stage_dir)
+            manifest = on_main(artifacts.completed_manifest, stage_dir)
             if manifest is None and stage.name in needed:
                 raise PosttrainError(
                     f"--only {only} needs stage '{stage.name}' to be complete first",
@@ -216,27 +222,27 @@ def run(
             if manifest is not None:
                 finished[stage.name] = manifest
             continue
-        status, fp, manifest = decide(recipe, stage, finished, force)
+        status, fp, manifest = on_main(decide, recipe, stage, finished, force)
         if manifest is not None:
             finished[stage.name] = manifest
-            metrics = artifacts.read_json(stage_dir / artifacts.METRICS) or {}
-            results[stage.name] = _refresh_eval(recipe, stage, stage_dir, finished, metrics, report)
+            results[stage.name] = on_main(_cached_metrics, recipe, stage, stage_dir, finished, report)
             report(stage.name, "cached", {"dir": str(stage_dir)})
             _after_stage(recipe, stage, results[stage.name])
             continue
-        resume = artifacts.start_stage(stage_dir, fp, fresh=status != "resume")
+        resume = on_main(artifacts.start_stage, stage_dir, fp, fresh=status != "resume")
         ctx = _context(recipe, stage, stage_dir, finished, resume)
         report(stage.name, "resume" if resume else "start", {"kind": stage.kind, "dir": str(stage_dir)})
         started = time.time()
         try:
-            metrics = _with_eval(recipe, stage_dir, ctx, get_runner(stage.kind)(stage, ctx))
+            metrics = get_runner(stage.kind)(stage, ctx)
+            metrics = on_main(_with_eval, recipe, stage_dir, ctx, metrics)
         except PosttrainError as e:
             e.key = e.key or f"stages.{stage.name}"
             raise
         wall = time.time() - started
         manifest = _manifest(recipe, stage, fp, finished, wall)
-        finished[stage.name] = artifacts.finish_stage(
-            stage_dir, manifest, {**metrics, "wall_time_s": round(wall, 2)}
+        finished[stage.name] = on_main(
+            artifacts.finish_stage, stage_dir, manifest, {**metrics, "wall_time_s": round(wall, 2)}
         )
         results[stage.name] = metrics
         report(stage.name, "done", {"wall_time_s": wall, "metrics": metrics})
@@ -244,15 +250,29 @@ def run(
     return results
 
 
-def _after_stage(recipe: Recipe, stage: StageBase, metrics: dict) -> None:
-    """Rewrite the run report (main process), then stop here if the stage misses its gate."""
-    from accelerate import PartialState
+def _main_only(report: Reporter) -> Reporter:
+    """Progress is printed once, by the main process."""
+    from posttrain.distributed import state
 
+    return report if state().is_main_process else (lambda name, event, details: None)
+
+
+def _cached_metrics(
+    recipe: Recipe, stage: StageBase, stage_dir: Path, finished: dict, report: Reporter
+) -> dict:
+    metrics = artifacts.read_json(stage_dir / artifacts.METRICS) or {}
+    return _refresh_eval(recipe, stage, stage_dir, finished, metrics, report)
+
+
+def _after_stage(recipe: Recipe, stage: StageBase, metrics: dict) -> None:
+    """Rewrite the run report (main process), then stop here if the stage misses its gate.
+
+    Every rank checks the gate on the same metrics (broadcast by `on_main`), so all stop together."""
+    from posttrain.distributed import on_main
     from posttrain.evaluation import check_gate
     from posttrain.report import write_report
 
-    if PartialState().is_main_process:
-        write_report(recipe.run_dir)
+    on_main(write_report, recipe.run_dir)
     check_gate(recipe, stage, metrics)
 
 
@@ -288,9 +308,9 @@ def _with_eval(recipe: Recipe, stage_dir: Path, ctx: StageContext, metrics: dict
     """Evaluate the stage's model on the recipe's held-out data, when both exist."""
     if recipe.eval is None or not (stage_dir / "model").is_dir():
         return metrics
-    from posttrain.evaluation import evaluate_model
+    from posttrain.evaluation import evaluate_whole
 
-    result = evaluate_model(PathModel(path=str(stage_dir / "model")), recipe.eval, ctx)
+    result = evaluate_whole(PathModel(path=str(stage_dir / "model")), recipe.eval, ctx)  # main process only
     return {**metrics, "eval": result}
 
 
@@ -335,6 +355,13 @@ def _manifest(recipe: Recipe, stage: StageBase, fp: str, finished: dict, wall: f
 def _write_resolved(recipe: Recipe) -> None:
     import yaml
 
-    recipe.run_dir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-    artifacts.write_atomic(recipe.run_dir / "recipe.resolved.yaml", text)
+    try:
+        recipe.run_dir.mkdir(parents=True, exist_ok=True)
+        artifacts.write_atomic(recipe.run_dir / "recipe.resolved.yaml", text)
+    except OSError as e:
+        raise recipe.error(
+            ("output_dir",),
+            f"cannot write the run directory {recipe.run_dir}: {e.strerror}",
+            "pick a writable folder",
+        ) from None

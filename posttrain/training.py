@@ -7,13 +7,14 @@ settings into trl and the trained weights into the run directory.
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.artifacts import read_json
 from posttrain.errors import PosttrainError
-from posttrain.recipe import LoraSpec, trainer_config_class
+from posttrain.recipe import GuardSpec, LoraSpec, trainer_config_class
 
 if TYPE_CHECKING:
     from posttrain.runner import StageContext
@@ -33,6 +34,9 @@ def trainer_args(config: str, train: dict[str, Any], ctx: StageContext, **defaul
     logs to `<stage>/logs`. Without a GPU, `use_cpu=True` (also under DeepSpeed, whose batch
     check fails otherwise) and bf16 off unless the recipe asks for it."""
     cls = trainer_config_class(config)
+    # Under ZeRO-3, gather the shards into one model at save time (accelerate's default writes a
+    # DeepSpeed checkpoint instead of a model); the launch's own config still wins.
+    os.environ.setdefault("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true")
     kwargs: dict[str, Any] = {
         "output_dir": str(ctx.out_dir / "checkpoints"),
         "seed": ctx.seed,
@@ -55,23 +59,40 @@ def trainer_args(config: str, train: dict[str, Any], ctx: StageContext, **defaul
         raise PosttrainError(f"{str(e).splitlines()[0]}", key=f"stages.{ctx.stage}.train") from None
 
 
-def callbacks(ctx: StageContext) -> list[Any]:
-    """TensorBoard in `<stage>/logs`, always on and local: nothing leaves the machine by default."""
+def callbacks(ctx: StageContext, guard: GuardSpec | None = None) -> list[Any]:
+    """What every trainer gets: Ctrl-C saves a checkpoint and stops (the stage resumes next run),
+    the stage's `guard:` watches for NaN losses and reward collapse, and TensorBoard logs go to
+    `<stage>/logs`, always on and local: nothing leaves the machine by default."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    if not ctx.is_main:
-        return []
-    return [TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out_dir / "logs")))]
+    from posttrain.guards import GracefulStop, TrainingGuard
+
+    guard = guard or GuardSpec()
+    found: list[Any] = [GracefulStop(), TrainingGuard(ctx.stage, **guard.model_dump())]
+    if ctx.is_main:
+        found.append(TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out_dir / "logs"))))
+    return found
 
 
-def lora_config(spec: LoraSpec | None, task_type: str = "CAUSAL_LM") -> Any:
+def lora_config(
+    spec: LoraSpec | None, task_type: str = "CAUSAL_LM", model: Any = None, modules_to_save: list[str] = ()
+) -> Any:
+    """peft's LoraConfig for the recipe's `lora:` block; named `targets` are looked up in `model`,
+    and `modules_to_save` (e.g. MoE routers with `moe.router: train`) are trained in full."""
     if spec is None:
         return None
     from peft import LoraConfig
 
+    kwargs = spec.peft_kwargs()
+    if spec.targets is not None:
+        from posttrain.lora_targets import peft_targets
+
+        kwargs.update(peft_targets(model, spec.targets))
+    if modules_to_save:
+        kwargs["modules_to_save"] = [*(kwargs.get("modules_to_save") or []), *modules_to_save]
     try:
-        return LoraConfig(task_type=task_type, **spec.peft_kwargs())
+        return LoraConfig(task_type=task_type, **kwargs)
     except (ValueError, TypeError) as e:
         raise PosttrainError(f"invalid LoRA options: {str(e).splitlines()[0]}") from None
 
@@ -122,7 +143,11 @@ def save_final_model(trainer: Any, tokenizer: Any, ctx: StageContext, lora: Lora
 def _merge_adapter(folder: Path, tokenizer: Any) -> None:
     from peft import AutoPeftModelForCausalLM
 
-    merged = AutoPeftModelForCausalLM.from_pretrained(str(folder)).merge_and_unload()
+    from posttrain.distributed import unsharded_loading
+    from posttrain.lora_targets import literal_targets
+
+    with unsharded_loading(), literal_targets():  # main process only: no ZeRO-3 partitioning
+        merged = AutoPeftModelForCausalLM.from_pretrained(str(folder)).merge_and_unload()
     shutil.rmtree(folder)
     merged.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))

@@ -225,7 +225,7 @@ def distill_student(
         marker = pctx.out_dir / f"train_{phase}.json"
         if artifacts.read_json(marker) is None:
             if phase == "sft":
-                result = sft_student(source, traces, stage.train, pctx)
+                result = sft_student(source, traces, stage, pctx)
             else:
                 train = stage.logits_train if stage.mode == "traces+logits" else stage.train
                 result = on_policy_student(source, teacher, prompts, train, stage, pctx)
@@ -240,7 +240,7 @@ def distill_student(
     return metrics
 
 
-def sft_student(source: PathModel, traces: Any, train: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+def sft_student(source: PathModel, traces: Any, stage: DistillStage, ctx: StageContext) -> dict[str, Any]:
     """SFT on the kept traces with trl's SFTTrainer (loss on the teacher's completion only)."""
     from trl import SFTTrainer
 
@@ -248,10 +248,10 @@ def sft_student(source: PathModel, traces: Any, train: dict[str, Any], ctx: Stag
     model = load_causal_lm(source)
     trainer = SFTTrainer(
         model=model,
-        args=trainer_args("SFTConfig", train, ctx),
+        args=trainer_args("SFTConfig", stage.train, ctx),
         train_dataset=traces,
         processing_class=tokenizer,
-        callbacks=callbacks(ctx),
+        callbacks=callbacks(ctx, stage.guard),
     )
     return fit(trainer, tokenizer, ctx, model)
 
@@ -281,7 +281,7 @@ def on_policy_student(
         args=args,
         train_dataset=prompts,
         processing_class=tokenizer,
-        callbacks=callbacks(ctx),
+        callbacks=callbacks(ctx, stage.guard),
     )
     return fit(trainer, tokenizer, ctx, model, teacher_model)
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from posttrain.evaluation import evaluate_model
+from posttrain.distributed import on_main
+from posttrain.evaluation import evaluate_whole
 from posttrain.recipe import EvalOptions, EvalSpec, EvaluateStage
 
 if TYPE_CHECKING:
@@ -27,4 +28,4 @@ if TYPE_CHECKING:
 def run(stage: EvaluateStage, ctx: StageContext) -> dict[str, Any]:
     spec = EvalSpec(data=stage.data, **{field: getattr(stage, field) for field in EvalOptions.model_fields})
     source = ctx.model(stage.model)
-    return {"eval": evaluate_model(source, spec, ctx), "model": source.path}
+    return {"eval": on_main(evaluate_whole, source, spec, ctx), "model": source.path}  # rank 0 alone

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain import artifacts
+from posttrain.architecture import check_moe
 from posttrain.errors import PosttrainError
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import GRPOStage, PathModel, PresetModel, Recipe, trainer_config_class
@@ -49,6 +50,8 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
     from transformers import set_seed
     from trl import GRPOTrainer
 
+    from posttrain import moe
+    from posttrain.lora_targets import literal_targets
     from posttrain.rewards import build_reward, reward_label
     from posttrain.samples import SamplesLog
 
@@ -57,21 +60,28 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
     source = ctx.model(stage.model)
     tokenizer = load_tokenizer(source)
     args = trainer_args(
-        "GRPOConfig", stage.train, ctx, reward_weights=[r.weight for r in stage.rewards], **GRPO_DEFAULTS
+        "GRPOConfig",
+        stage.train,
+        ctx,
+        reward_weights=[r.weight for r in stage.rewards],
+        **GRPO_DEFAULTS,
+        **moe.train_defaults(stage.moe, aux_loss_coef=0.0),  # aux losses hurt RL (NeMo-RL)
     )
     check_lengths(dataset, tokenizer, source, args.max_completion_length, ctx.stage)
     rewards = [build_reward(spec, ctx) for spec in stage.rewards]
     samples = SamplesLog(ctx.out_dir / "samples.jsonl", Path(args.output_dir) / "completions")
     model = load_causal_lm(source)
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=rewards,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(stage.lora),
-        callbacks=[*callbacks(ctx), samples],
-    )
+    experts = moe.prepare(model, stage.moe, lora=stage.lora, default_router="freeze")
+    with literal_targets(stage.lora is not None and stage.lora.targets is not None):
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=rewards,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
+            callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard), samples],
+        )
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     if ctx.is_main:
         samples.collect()
@@ -84,6 +94,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
         "parameters": count_parameters(trainer.model),
         "rows": len(dataset),
         "samples_logged": samples.rows,
+        **experts.summary(ctx.out_dir if ctx.is_main else None),
     }
     release(trainer, model)
     return metrics
@@ -158,6 +169,7 @@ def check_stage(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
             "make per_device_train_batch_size (or gradient_accumulation_steps) a multiple of num_generations",
         )
     _check_columns(stage, recipe, path)
+    check_moe(stage, recipe, path)
     max_positions = model_max_positions(recipe, stage.model)
     completion = train["max_completion_length"]
     if max_positions is not None and completion is not None and completion >= max_positions:

@@ -8,7 +8,8 @@ or `text` (loss on everything). The result is `<stage>/model/` (LoRA merged unle
     - name: sft
       kind: sft
       data: {synthetic: arithmetic, n: 4000}
-      lora: {r: 16, target_parameters: [mlp.experts.gate_up_proj]}   # or null: full fine-tune
+      lora: {r: 16, targets: [attention, shared_experts]}   # or null: full fine-tune
+      moe: {bias_update_rate: 0.001}                        # DeepSeek-V3 loss-free balancing
       train: {num_train_epochs: 2, learning_rate: 3.0e-3}              # any trl SFTConfig key
 """
 
@@ -39,26 +40,38 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
     from transformers import set_seed
     from trl import SFTTrainer
 
+    from posttrain import moe
+    from posttrain.lora_targets import literal_targets
+
     set_seed(ctx.seed)
     dataset = sft_columns(ctx.data(stage.data))
     source = ctx.model(stage.model)
     tokenizer = load_tokenizer(source)
     model = load_causal_lm(source)
-    args = trainer_args("SFTConfig", stage.train, ctx, assistant_only_loss="messages" in dataset.column_names)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(stage.lora),
-        callbacks=callbacks(ctx),
+    experts = moe.prepare(model, stage.moe, lora=stage.lora)
+    args = trainer_args(
+        "SFTConfig",
+        stage.train,
+        ctx,
+        assistant_only_loss="messages" in dataset.column_names,
+        **moe.train_defaults(stage.moe),
     )
+    with literal_targets(stage.lora is not None and stage.lora.targets is not None):
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
+            callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard)],
+        )
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     save_final_model(trainer, tokenizer, ctx, stage.lora)
     metrics = {
         "train": train_metrics(trainer),
         "parameters": count_parameters(trainer.model),
         "rows": len(dataset),
+        **experts.summary(ctx.out_dir if ctx.is_main else None),
     }
     release(trainer, model)
     return metrics

@@ -1,0 +1,131 @@
+"""Trainer callbacks that keep a long run from wasting hours or losing work.
+
+- `GracefulStop`: the first Ctrl-C (SIGINT) saves a checkpoint at the end of the current step
+  and stops; the stage stays unfinished, so `posttrain run` again resumes from there. A second
+  Ctrl-C stops at once. Under several processes, the ranks agree on the step to stop at.
+- `TrainingGuard`: a NaN/inf loss or gradient norm, or an RL reward that gives no signal
+  (every group scored alike) for N logged steps, stops the stage with one clear line or warns,
+  as the stage's `guard:` block says.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from typing import Any
+
+from transformers import TrainerCallback
+
+from posttrain.errors import PosttrainError
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on request after saving a checkpoint; the stage resumes on the next run."""
+
+
+class GracefulStop(TrainerCallback):
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _any_rank(self.requested):
+            self.requested = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.requested:
+            self._restore()
+            raise Interrupted(
+                f"stopped at step {state.global_step} after saving a checkpoint; run again to resume"
+            )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def _any_rank(flag: bool) -> bool:
+    """True when any process saw the signal, so every rank stops at the same step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    import torch
+
+    value = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class TrainingGuard(TrainerCallback):
+    """Watches every log: NaN/inf loss or grad norm; GRPO rewards without signal."""
+
+    def __init__(
+        self,
+        stage: str,
+        nan: str = "stop",
+        constant_reward_steps: int | None = None,
+        constant_reward: str = "warn",
+    ):
+        self.stage = stage
+        self.nan = nan
+        self.constant_reward_steps = constant_reward_steps
+        self.constant_reward = constant_reward
+        self.flat_logs = 0
+        self.warned: set[str] = set()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        for key in ("loss", "grad_norm"):
+            value = logs.get(key)
+            if isinstance(value, int | float) and not math.isfinite(value):
+                self._act(
+                    self.nan,
+                    key,
+                    f"{key} became {value} at step {state.global_step}",
+                    "lower the learning rate, clip gradients (max_grad_norm), or use bf16 instead of fp16",
+                    control,
+                )
+        if self.constant_reward_steps and "frac_reward_zero_std" in logs:
+            self.flat_logs = self.flat_logs + 1 if logs["frac_reward_zero_std"] >= 1.0 else 0
+            if self.flat_logs >= self.constant_reward_steps:
+                self._act(
+                    self.constant_reward,
+                    "reward",
+                    f"every group got identical rewards for {self.flat_logs} logged steps (no learning signal)",
+                    "raise temperature or num_generations, use harder prompts, or check the rewards "
+                    "with `posttrain rewards score`",
+                    control,
+                )
+        return control
+
+    def _act(self, action: str, key: str, problem: str, fix: str, control: Any) -> None:
+        if action == "stop":
+            control.should_training_stop = True
+            raise PosttrainError(problem, key=f"stages.{self.stage}", fix=fix)
+        if key not in self.warned:
+            self.warned.add(key)
+            from rich.console import Console
+
+            Console(stderr=True).print(
+                f"[yellow]warning:[/] stages.{self.stage}: {problem} ({fix})", soft_wrap=True
+            )

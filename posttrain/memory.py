@@ -1,0 +1,354 @@
+"""Per-GPU memory estimate of each stage, under each DeepSpeed setting posttrain ships.
+
+    posttrain plan recipe.yaml --gpus-per-node 8 --nodes 2 --gpu-memory 80GB [--json]
+
+The arithmetic follows the ZeRO paper (Rajbhandari et al. 2020): with bf16 mixed precision a
+trained parameter costs 2 bytes of weights, 2 of gradients and 12 of Adam state (fp32 master,
+momentum, variance); ZeRO-1 shards the optimizer state over the N GPUs, ZeRO-2 also the
+gradients, ZeRO-3 also the weights, and CPU offload moves optimizer state (and, for
+`zero3_offload`, weights) to host memory. LoRA trains only the adapters (16 bytes each) on
+frozen weights. Frozen models a stage holds (GRPO's reference model when beta > 0, a
+distillation teacher) cost their weights, sharded like the policy under ZeRO-3.
+
+Activations are a rough term: per token and layer, ~10 hidden-size values (attention,
+norms, residual) plus ~3 per MLP unit a token passes through (top-k experts + shared experts
+for MoE), in bf16; with gradient checkpointing only each layer's input is kept plus one
+layer's worth; the logits add 8 bytes per vocabulary entry per token (fp32 and its gradient).
+GRPO's generation (without vLLM) holds a KV cache instead, when that is larger.
+ZeRO-3 adds the parameters it gathers at once (a decoder layer, with its whole MoE block as
+one DeepSpeed leaf module, plus a prefetch bucket); ZeRO-2 and ZeRO-3 allocate a contiguous
+gradient buffer of DeepSpeed's default reduce_bucket_size (5e8 elements, ~1 GiB in bf16)
+whatever the model's size, and DDP's reducer a flat copy of the gradients; and every GPU pays ~2 GiB for the CUDA context, communication
+buffers and fragmentation. Expect the total to be within tens of
+percent; bench/memory_bench.py compares it with measured peaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+from posttrain.architecture import ModelShape
+from posttrain.errors import PosttrainError
+
+GIB = 1024**3
+RUNTIME_OVERHEAD = 2 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
+# DeepSpeed's default reduce_bucket_size (elements): ZeRO-2/3 allocate one contiguous gradient
+# buffer of this size up front, whatever the model's size (accelerate's configs leave the default).
+REDUCE_BUCKET = 500_000_000
+PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size default (elements)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+    """One DeepSpeed setting; `name` is its file under recipes/accelerate/."""
+
+    name: str
+    zero_stage: int
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+SHARDINGS = (
+    Sharding("ddp", 0),
+    Sharding("zero2", 2),
+    Sharding("zero3", 3),
+    Sharding("zero3_offload", 3, offload_optimizer=True, offload_params=True),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    gpus_per_node: int
+    nodes: int
+    gpu_memory: int  # bytes
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one stage puts on each GPU: the model it trains and how, and the frozen models it holds."""
+
+    model: ModelShape
+    trainable: int  # parameters with gradients and optimizer state
+    lora: bool
+    frozen: tuple[int, ...] = ()  # parameter counts of frozen models (reference, teacher)
+    batch: int = 8  # sequences per GPU per micro-step
+    seq: int = 1024  # tokens per sequence
+    gradient_checkpointing: bool = True
+    bf16: bool = True
+    generating: int = 0  # sequences generated at once per GPU (GRPO): their KV cache
+
+
+def parse_size(text: str) -> int:
+    """'80GB', '80GiB', '80G' or '81920MB' -> bytes. GPU makers' "80 GB" are GiB, so GB means GiB."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
+    if not match:
+        raise PosttrainError(f"cannot read memory size '{text}'", fix="write e.g. 80GB or 141GiB")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** "BKMGT".index(unit or "B"))
+
+
+def estimate(work: Workload, sharding: Sharding, gpus: int) -> dict[str, int]:
+    """Bytes per GPU, by component, and the `total`; `cpu_offload` is host memory per GPU."""
+    shards = max(gpus, 1)
+    weight_bytes = 2 if work.bf16 else 4
+    base = work.model.total * weight_bytes
+    if work.lora:  # adapters in fp32 with their own Adam state: 4 + 4 + 8 bytes each
+        trained_weights, grads, optimizer = work.trainable * 4, work.trainable * 4, work.trainable * 8
+    elif work.bf16:
+        trained_weights, grads, optimizer = 0, work.trainable * 2, work.trainable * 12
+    else:
+        trained_weights, grads, optimizer = 0, work.trainable * 4, work.trainable * 8
+    frozen = sum(work.frozen) * weight_bytes
+    zero = sharding.zero_stage
+    weights = base + trained_weights
+    if zero >= 3:
+        weights, frozen = weights / shards, frozen / shards
+    if zero >= 2:
+        grads = grads / shards
+    if zero >= 1:
+        optimizer = optimizer / shards
+    cpu = 0.0
+    if sharding.offload_optimizer:
+        cpu, optimizer = cpu + optimizer, 0
+    if sharding.offload_params:
+        cpu, weights, frozen = cpu + weights + frozen, 0, 0
+    parts = {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optimizer,
+        "frozen_models": frozen,
+        "activations": activations(work),
+        "zero3_gathered": gathered(work.model, weight_bytes) if zero >= 3 else 0,
+        # DDP's reducer keeps its own flat copy of the gradients; ZeRO-2/3 one bucket of fixed size
+        "comm_buffers": (grads if gpus > 1 else 0)
+        if zero == 0
+        else (REDUCE_BUCKET * weight_bytes if zero >= 2 else 0),
+        "runtime": RUNTIME_OVERHEAD,
+    }
+    out = {key: int(value) for key, value in parts.items()}
+    out["total"] = sum(out.values())
+    out["cpu_offload"] = int(cpu)
+    return out
+
+
+def activations(work: Workload) -> int:
+    """Rough activation memory of one micro-batch (see the module docstring), or of the KV cache
+    while generating (keys and values, ~2 hidden sizes per token and layer), whichever is larger."""
+    m = work.model
+    tokens = work.batch * work.seq
+    per_layer = 2 * (10 * m.hidden + 3 * m.mlp_width)  # bytes per token, bf16
+    if work.gradient_checkpointing:
+        kept = tokens * (2 * m.hidden * m.layers + per_layer)
+    else:
+        kept = tokens * per_layer * m.layers
+    kv_cache = work.generating * work.seq * m.layers * 2 * m.hidden * 2
+    return int(max(kept + tokens * m.vocab * 8, kv_cache))
+
+
+def gathered(model: ModelShape, weight_bytes: int) -> int:
+    """What ZeRO-3 holds unsharded at a time: one decoder layer (its MoE block gathered whole as a
+    leaf module) and DeepSpeed's prefetch bucket."""
+    return int((max(model.largest_layer, model.largest_moe_block) + PREFETCH_BUCKET) * weight_bytes)
+
+
+def plan_stage(work: Workload, cluster: Cluster) -> dict[str, Any]:
+    """Every sharding's estimate, which fit, and what would make it fit when none does."""
+    estimates = {}
+    for sharding in SHARDINGS:
+        numbers = estimate(work, sharding, cluster.gpus)
+        estimates[sharding.name] = {**numbers, "fits": numbers["total"] <= cluster.gpu_memory}
+    fits = [name for name, e in estimates.items() if e["fits"]]
+    return {"estimates": estimates, "fits_with": fits, "suggestions": suggestions(work, cluster, fits)}
+
+
+def suggestions(work: Workload, cluster: Cluster, fits: list[str]) -> list[str]:
+    """What would make a stage fit: a higher ZeRO stage or offload, LoRA, more GPUs, a smaller batch."""
+    if fits:
+        return [] if fits[0] == "ddp" else [f"use recipes/accelerate/{fits[0]}.yaml"]
+    out = []
+    if not work.lora and work.model.model is not None:
+        lora = dataclasses.replace(work, lora=True, trainable=_lora_size(work.model))
+        for sharding in SHARDINGS:
+            total = estimate(lora, sharding, cluster.gpus)["total"]
+            if total <= cluster.gpu_memory:
+                out.append(
+                    f"LoRA r=16 on attention + shared experts fits with {sharding.name} ({_gib(total)})"
+                )
+                break
+    for sharding in SHARDINGS[2:]:
+        nodes = _nodes_needed(work, sharding, cluster)
+        if nodes:
+            out.append(
+                f"{sharding.name} fits on {nodes} nodes × {cluster.gpus_per_node} GPUs "
+                f"({_gib(estimate(work, sharding, nodes * cluster.gpus_per_node)['total'])})"
+            )
+            break
+    else:
+        out.append(
+            "no number of GPUs is enough: activations alone are too big — lower "
+            "per_device_train_batch_size or the sequence length, or turn on gradient_checkpointing"
+        )
+    return out
+
+
+def _nodes_needed(work: Workload, sharding: Sharding, cluster: Cluster, limit: int = 4096) -> int | None:
+    nodes = cluster.nodes
+    while nodes <= limit:
+        if estimate(work, sharding, nodes * cluster.gpus_per_node)["total"] <= cluster.gpu_memory:
+            return nodes
+        nodes *= 2
+    return None
+
+
+def _lora_size(model: ModelShape, r: int = 16) -> int:
+    from posttrain.lora_targets import count
+
+    targets = ["attention", "shared_experts"] if model.is_moe else ["attention", "dense_mlp"]
+    return count(model.model, targets, r)["total"]
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def accelerate_config(name: str) -> Path:
+    """The shipped accelerate config file of a sharding (recipes/accelerate/<name>.yaml)."""
+    from posttrain.models import PRESETS
+
+    return PRESETS.parent / "accelerate" / f"{name}.yaml"
+
+
+def recommend(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The lightest shipped setting under which every estimated stage fits (one launch runs them all)."""
+    planned = [s for s in stages if "estimates" in s]
+    for sharding in SHARDINGS:
+        if planned and all(sharding.name in s["fits_with"] for s in planned):
+            return {
+                "sharding": sharding.name,
+                "zero_stage": sharding.zero_stage,
+                "accelerate_config": str(accelerate_config(sharding.name)),
+            }
+    return None
+
+
+# --------------------------------------------------------------------------- from a recipe
+
+
+def plan_recipe(recipe: Any, cluster: Cluster) -> dict[str, Any]:
+    """The memory plan of every stage of a recipe (see `plan_stage`) and the recommended setting."""
+    from posttrain.runner import order_stages
+
+    shapes: dict[int, ModelShape] = {}
+    stages = []
+    for stage in order_stages(recipe):
+        row: dict[str, Any] = {"name": stage.name, "kind": stage.kind}
+        work = stage_workload(recipe, stage, shapes)
+        if isinstance(work, str):
+            row["skipped"] = work
+        else:
+            row["params"] = {
+                "total": work.model.total,
+                "active": work.model.active,
+                "trainable": work.trainable,
+                "frozen_models": list(work.frozen),
+                "lora": work.lora,
+            }
+            row.update(plan_stage(work, cluster))
+        stages.append(row)
+    return {
+        "gpus_per_node": cluster.gpus_per_node,
+        "nodes": cluster.nodes,
+        "gpu_memory": cluster.gpu_memory,
+        "stages": stages,
+        "recommended": recommend(stages),
+    }
+
+
+def stage_workload(recipe: Any, stage: Any, shapes: dict[int, ModelShape]) -> Workload | str:
+    """The Workload of a trainer stage, from its model's config and its `train:` block over trl's
+    defaults; a reason string when there is nothing to estimate."""
+    from posttrain.architecture import stage_config
+
+    if not stage.trainer_config:
+        return "no trainer: inference only"
+    model = _shape(recipe, getattr(stage, "model", None), shapes)
+    if model is None:
+        return "model config not available offline"
+    train = {**trainer_defaults(stage.trainer_config), **getattr(stage, "train", {})}
+    lora = getattr(stage, "lora", None)
+    frozen = []
+    if (train.get("beta") or 0) > 0 and lora is None:  # trl keeps a reference copy of the policy
+        frozen.append(model.total)
+    teacher = getattr(stage, "teacher", None)
+    if teacher is not None and stage_config(recipe, teacher) is not None:
+        frozen.append(_shape(recipe, teacher, shapes).total)
+    seq = train.get("max_length") or (train.get("max_prompt_length") or 512) + (
+        train.get("max_completion_length") or 0
+    )
+    batch = int(train.get("per_device_train_batch_size") or 8)
+    steps_per_generation = train.get("steps_per_generation") or train.get("gradient_accumulation_steps") or 1
+    return Workload(
+        model=model,
+        trainable=_trainable(stage, model, lora),
+        lora=lora is not None,
+        frozen=tuple(frozen),
+        batch=batch,
+        seq=int(seq or 1024),
+        gradient_checkpointing=bool(train.get("gradient_checkpointing", True)),
+        bf16=train.get("bf16") is not False and not train.get("fp16"),
+        generating=batch * steps_per_generation if "num_generations" in train else 0,
+    )
+
+
+def trainer_defaults(config_name: str) -> dict[str, Any]:
+    """trl's own defaults for the fields the estimate reads."""
+    from posttrain.recipe import trainer_config_class
+
+    fields = {f.name: f for f in dataclasses.fields(trainer_config_class(config_name))}
+    keys = (
+        "per_device_train_batch_size",
+        "max_length",
+        "max_prompt_length",
+        "max_completion_length",
+        "gradient_checkpointing",
+        "bf16",
+        "fp16",
+        "beta",
+        "num_generations",
+        "steps_per_generation",
+        "gradient_accumulation_steps",
+    )
+    return {
+        k: fields[k].default for k in keys if k in fields and fields[k].default is not dataclasses.MISSING
+    }
+
+
+def _shape(recipe: Any, ref: Any, shapes: dict[int, ModelShape]) -> ModelShape | None:
+    from posttrain.architecture import shape, stage_config
+
+    config = stage_config(recipe, ref)
+    if config is None:
+        return None
+    key = hash(config.to_json_string(use_diff=False))
+    if key not in shapes:
+        shapes[key] = shape(config)
+    return shapes[key]
+
+
+def _trainable(stage: Any, model: ModelShape, lora: Any) -> int:
+    from posttrain.lora_targets import count, count_modules
+
+    if lora is not None:
+        if lora.targets is not None:
+            return count(model.model, lora.targets, lora.r)["total"]
+        return count_modules(model.model, lora.target_modules, lora.target_parameters, lora.r)
+    moe = getattr(stage, "moe", None)
+    frozen_routers = moe is not None and moe.router == "freeze"
+    return model.total - (model.routers if frozen_routers else 0)
