@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,17 +166,39 @@ def _cut_torn_tail(f: Any, path: Path) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSONL file; a missing file is empty and a torn or corrupt line is skipped."""
+    """The rows of a JSONL file; a missing file is empty and a torn or corrupt line is skipped
+    (a last line without its newline is torn even when it parses: `append_jsonl` cuts it off)."""
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """`read_jsonl` one row at a time, for files too large to hold (distillation traces)."""
     try:
-        lines = path.read_bytes().splitlines()
+        f = open(path, "rb")  # noqa: SIM115 (closed by the with below; a missing file is empty)
     except FileNotFoundError:
-        return []
-    rows = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+        return
+    with f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(row, dict):
+                yield row
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows as a JSONL file atomically (a temp file, then one rename); returns their number."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    count = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            count += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return count

@@ -135,6 +135,10 @@ def _summary(metrics: dict) -> str:
         parts.append(f"eval accuracy {evaluation['accuracy']:.3f} (n={evaluation['n']})")
     if "pass_at_1" in evaluation:
         parts.append(f"pass@1 {evaluation['pass_at_1']:.3f} (k={evaluation['k']})")
+    models = {"teacher": metrics.get("teacher") or {}, **(metrics.get("students") or {})}
+    if "students" in metrics and all("accuracy" in m for m in models.values()):
+        sizes = [f"{name} {m['accuracy']:.3f} ({m['parameters'] / 1e6:.2f}M)" for name, m in models.items()]
+        parts.append("accuracy " + ", ".join(sizes))
     return ", ".join(parts) or "ok"
 
 

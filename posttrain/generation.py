@@ -74,3 +74,47 @@ def generate(
         "seconds": seconds,
         "tokens_per_s": new_tokens / max(seconds, 1e-9),
     }
+
+
+# --------------------------------------------------------------------------- vLLM (optional extra)
+
+
+def vllm_usable() -> bool:
+    """vLLM is an optional extra (`pip install posttrain[vllm]`), used only with a CUDA GPU."""
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def generate_vllm(
+    llm: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    num_return_sequences: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> tuple[list[list[str]], dict[str, float]]:
+    """`generate` with a `vllm.LLM`: same inputs (rendered prompts), same outputs. Prompts are passed
+    as token ids tokenised like `generate` does, so vLLM adds no second BOS."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(
+        n=num_return_sequences,
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        skip_special_tokens=True,
+    )
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    started = time.perf_counter()
+    results = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(o.token_ids) for r in results for o in r.outputs)
+    outputs = [[o.text for o in r.outputs] for r in results]
+    return outputs, {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}

@@ -39,8 +39,7 @@ def materialize_preset(name: str, seed: int, dest: Path) -> Path:
     Written to a temporary folder and renamed, so a crash never leaves half a model behind."""
     if (dest / "config.json").exists():
         return dest
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     spec = preset_config(name)
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
@@ -51,6 +50,15 @@ def materialize_preset(name: str, seed: int, dest: Path) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return save_random_init(config, tokenizer, seed, dest)
+
+
+def save_random_init(config: Any, tokenizer: Any, seed: int, dest: Path) -> Path:
+    """Random-initialise a causal LM from `config` with weights drawn from `seed` and save it, with
+    `tokenizer` and a generation config that knows its pad and EOS tokens, atomically at `dest`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)

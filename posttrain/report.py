@@ -169,6 +169,26 @@ def details(stages: list[StageSummary]) -> list[str]:
     return lines
 
 
+def distill_section(stages: list[StageSummary]) -> list[str]:
+    """Per distill stage: the teacher and its students side by side (size, accuracy, speed)."""
+    lines: list[str] = []
+    for s in stages:
+        students = s.metrics.get("students")
+        if not students:
+            continue
+        pass_rate = (s.metrics.get("traces") or {}).get("pass_rate")
+        title = f"**{s.name}**" + (f": trace pass rate {pass_rate:.3f}" if pass_rate is not None else "")
+        head = ["model", "parameters", "active", "accuracy", "vs teacher", "tokens/s", "vs teacher"]
+        lines += [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, m in {"teacher": s.metrics.get("teacher") or {}, **students}.items():
+            sizes = [f"{m[k] / 1e6:.2f} M" if m.get(k) else "" for k in ("parameters", "active_parameters")]
+            row = [name, *sizes, _num(m.get("accuracy")), _num(m.get("accuracy_vs_teacher"), 2)]
+            row += [_num(m.get("tokens_per_s"), 1), _num(m.get("speedup_vs_teacher"), 2)]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return ["", "## Distillation", "", *lines] if lines else []
+
+
 def moe_section(run_dir: Path, stages: list[StageSummary]) -> list[str]:
     """Router balance of every stage that trained an MoE model, with its expert-load heatmap."""
     lines: list[str] = []
@@ -255,6 +275,7 @@ def write_report(run_dir: Path) -> Path:
     plots = [plot_curves(stages, curve, run_dir / f"{curve}.png") and curve for curve in CURVES]
     plots.append(plot_accuracy(stages, run_dir / "accuracy.png") and "accuracy")
     lines += [f"![{p}]({p}.png)" for p in plots if p]
+    lines += distill_section(stages)
     more = details(stages)
     if more:
         lines += ["", "## Details", "", *more]

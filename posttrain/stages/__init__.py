@@ -15,6 +15,7 @@ RUNNERS = {
     "grpo": "posttrain.stages.grpo",
     "rlaif_label": "posttrain.stages.rlaif",
     "reward_model": "posttrain.stages.reward_model",
+    "distill": "posttrain.stages.distill",
 }
 
 

@@ -1,0 +1,343 @@
+"""Distillation stage: one or more dense students from a (MoE) teacher, in one recipe step.
+
+DeepSeek-R1's distilled models are dense Qwen/Llama models fine-tuned on ~800k samples that
+the MoE model wrote and verifiers filtered. `mode` picks how knowledge moves:
+
+- `traces` (R1): the teacher samples `samples_per_prompt` answers per prompt; those that pass
+  every verifier are kept (up to `keep_per_prompt` distinct ones, see posttrain/traces.py),
+  optionally mixed with other SFT data, written to `<stage>/data/traces.jsonl`, and every
+  student is SFT-trained on them (loss on the completion). The raw samples with their scores
+  are in `<stage>/samples.jsonl`, which a restarted stage resumes.
+- `logits`: on-policy generalised-JSD distillation with trl's DistillationTrainer: the student
+  writes, the teacher's full next-token distribution grades every token. Needs one tokenizer,
+  which is checked before anything loads.
+- `traces+logits`: SFT on the traces, then the on-policy phase (`logits_train:`).
+
+Each student lands in `<stage>/<student>/model/` with its own metrics.json; the stage's
+metrics put the students next to the teacher: parameters, held-out accuracy, generation
+tokens/s, and the trace pass rate.
+
+    - name: distill
+      kind: distill
+      teacher: grpo
+      mode: traces
+      data: {synthetic: arithmetic, n: 2000}
+      samples_per_prompt: 4
+      verifiers: [{name: accuracy}, {name: format}]
+      students:
+        - {name: small, dense_from: grpo, num_hidden_layers: 2}
+        - {name: base, dense_from: grpo, num_hidden_layers: 3, hidden_size: 96}
+      train: {num_train_epochs: 2}     # trl SFTConfig keys (DistillationConfig in mode logits)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from posttrain import artifacts
+from posttrain.data_tools import require_columns
+from posttrain.errors import PosttrainError
+from posttrain.models import load_causal_lm, load_tokenizer
+from posttrain.recipe import DistillStage, MixSpec, PathModel, StudentSpec
+from posttrain.students import parameter_counts, student_source, tokenizer_mismatch
+from posttrain.training import (
+    callbacks,
+    last_checkpoint,
+    release,
+    save_final_model,
+    train_metrics,
+    trainer_args,
+)
+
+if TYPE_CHECKING:
+    from posttrain.recipe import Recipe
+    from posttrain.runner import StageContext
+    from posttrain.traces import Verifier
+
+
+def run(stage: DistillStage, ctx: StageContext) -> dict[str, Any]:
+    from transformers import set_seed
+
+    set_seed(ctx.seed)
+    rows = ctx.data(stage.data)
+    require_columns(rows, ["prompt"], "distillation", f"stages.{stage.name}.data")
+    verifiers = build_verifiers(stage, ctx, rows)
+    teacher = ctx.model(stage.teacher)
+    sources = {spec.name: student_source(spec, ctx) for spec in stage.students}
+    if stage.mode != "traces":
+        check_tokenizers(teacher, sources)
+    metrics: dict[str, Any] = {"mode": stage.mode, "teacher": describe(teacher, _sub(ctx, "teacher"))}
+    traces = None
+    if stage.mode != "logits":
+        traces, metrics["traces"] = make_traces(stage, ctx, teacher, rows, verifiers)
+    metrics["rows"] = len(traces) if traces is not None else len(rows)  # what the students train on
+    prompts = rows.select_columns(["prompt"])
+    metrics["students"] = {
+        spec.name: distill_student(stage, spec, sources[spec.name], teacher, traces, prompts, ctx)
+        for spec in stage.students
+    }
+    return compare(metrics)
+
+
+def check_stage(stage: DistillStage, recipe: Recipe, path: tuple) -> None:
+    """Recipe-time checks (data peeked, no weights): the prompts carry the columns the verifiers
+    read, and `mix:` data is SFT data. Unknown columns are checked again when the stage starts."""
+    from posttrain.data_tools.peek import peek_columns
+    from posttrain.rewards import reward_columns
+
+    columns = peek_columns(stage.data)
+    needed = ["prompt", *(c for spec in stage.verifiers for c in reward_columns(spec))]
+    missing = [c for c in needed if columns is not None and c not in columns]
+    if missing:
+        raise recipe.error(
+            (*path, "data"),
+            f"the prompts have no '{missing[0]}' column (they have: {', '.join(columns or [])})",
+            f"map one with `columns: {{{missing[0]}: <your column>}}`",
+        )
+    mixed = peek_columns(stage.mix.data) if stage.mix is not None else None
+    if mixed is not None and "messages" not in mixed and not {"prompt", "completion"} <= set(mixed):
+        raise recipe.error(
+            (*path, "mix", "data"),
+            f"mix data needs 'messages' or 'prompt' + 'completion' (it has: {', '.join(mixed)})",
+            "map them with `columns:`",
+        )
+
+
+def _sub(ctx: StageContext, *parts: str) -> StageContext:
+    """The context of a part of the stage: the same run, its own folder (model/, checkpoints/, logs/)."""
+    return dataclasses.replace(ctx, out_dir=ctx.out_dir.joinpath(*parts))
+
+
+def check_tokenizers(teacher: PathModel, sources: dict[str, PathModel]) -> None:
+    for name, source in sources.items():
+        why = tokenizer_mismatch(teacher, source)
+        if why:
+            raise PosttrainError(
+                f"logit distillation needs one tokenizer, but teacher '{teacher.path}' and student '{name}' "
+                f"('{source.path}') differ: {why}",
+                fix="use mode: traces, or a student with the teacher's tokenizer (dense_from)",
+            )
+
+
+# --------------------------------------------------------------------------- traces
+
+
+def make_traces(
+    stage: DistillStage, ctx: StageContext, teacher: PathModel, rows: Any, verifiers: list[Verifier]
+) -> tuple[Any, dict]:
+    """Sample and verify teacher traces (resumably), write `data/traces.jsonl`, add the `mix:` rows."""
+    from datasets import Dataset
+
+    from posttrain.data_tools.mixture import concatenate
+    from posttrain.traces import kept_rows, sample_traces, trace_stats
+
+    samples, traces = ctx.out_dir / "samples.jsonl", ctx.out_dir / "data" / "traces.jsonl"
+    speed: dict[str, Any] = {}
+    if ctx.is_main:
+        speed = sample_traces(
+            teacher,
+            rows.to_list(),
+            verifiers,
+            samples_per_prompt=stage.samples_per_prompt,
+            keep_per_prompt=stage.keep_per_prompt,
+            generation=stage.generation,
+            path=samples,
+            seed=ctx.seed,
+        )
+        artifacts.write_jsonl(traces, kept_rows(artifacts.iter_jsonl(samples), teacher.path))
+    ctx.barrier()
+    stats = {**trace_stats(artifacts.iter_jsonl(samples)), "sampling_tokens_per_s": speed.get("tokens_per_s")}
+    stats["verifier_stats"] = {v.name: v.fn.stats.as_dict() for v in verifiers if hasattr(v.fn, "stats")}
+    if stats["kept"] == 0:
+        raise PosttrainError(
+            f"no teacher trace passed the verifiers ({len(rows)} prompts × {stage.samples_per_prompt} samples)",
+            fix="check the teacher and the verifiers' min_score, or raise samples_per_prompt",
+        )
+    kept = Dataset.from_json(str(traces))
+    dataset = kept.select_columns(["prompt", "completion"])
+    if stage.mix is not None:
+        mix = mix_rows(stage.mix, ctx, len(dataset))
+        stats["mix_rows"] = len(mix)
+        dataset = concatenate([dataset, mix], f"stages.{stage.name}.mix").shuffle(seed=ctx.seed)
+    stats["train_rows"] = len(dataset)
+    return dataset, stats
+
+
+def build_verifiers(stage: DistillStage, ctx: StageContext, rows: Any) -> list[Verifier]:
+    """The stage's `verifiers:` as rewards from the registry (posttrain.rewards), each with the
+    score a trace needs from it; the prompts must carry the columns they read (e.g. `answer`)."""
+    from posttrain.rewards import build_reward, reward_columns, reward_label
+    from posttrain.traces import Verifier
+
+    verifiers = []
+    for spec in stage.verifiers:
+        require_columns(rows, reward_columns(spec), f"verifier '{spec.name}'", f"stages.{stage.name}.data")
+        verifiers.append(Verifier(reward_label(spec), build_reward(spec, ctx), spec.min_score))
+    return verifiers
+
+
+def mix_rows(mix: MixSpec, ctx: StageContext, n_traces: int) -> Any:
+    """`ratio` of the final training set from `mix.data`: ratio / (1 - ratio) rows per trace, drawn
+    with the recipe seed (all of them when the data has fewer), as `prompt` + `completion`."""
+    rows = ctx.data(mix.data)
+    want = round(n_traces * mix.ratio / (1 - mix.ratio))
+    rows = rows.shuffle(seed=ctx.seed).select(range(min(want, len(rows))))
+    if "messages" in rows.column_names:
+        return rows.map(_split_conversation, remove_columns=rows.column_names)
+    require_columns(rows, ["prompt", "completion"], "mix", "mix.data")
+    return rows.select_columns(["prompt", "completion"])
+
+
+def _split_conversation(row: dict[str, Any]) -> dict[str, Any]:
+    """A conversation as prompt (every turn before the last) + completion (the last, assistant turn)."""
+    messages = row["messages"]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise PosttrainError("mix: every conversation must end with an assistant turn")
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+# --------------------------------------------------------------------------- students
+
+
+def distill_student(
+    stage: DistillStage,
+    spec: StudentSpec,
+    source: PathModel,
+    teacher: PathModel,
+    traces: Any,
+    prompts: Any,
+    ctx: StageContext,
+) -> dict[str, Any]:
+    """Train one student through the mode's phases into `<stage>/<student>/model/`, then measure it.
+
+    A phase that finished before an interruption is not run again (its metrics file is its marker);
+    a phase that was cut short resumes from its last checkpoint."""
+    sctx = _sub(ctx, spec.name)
+    done = artifacts.read_json(sctx.out_dir / artifacts.METRICS)
+    if done is not None:
+        return done
+    phases = {"traces": ["sft"], "logits": ["logits"], "traces+logits": ["sft", "logits"]}[stage.mode]
+    trained: dict[str, Any] = {}
+    for i, phase in enumerate(phases):
+        pctx = sctx if i == len(phases) - 1 else _sub(sctx, phase)
+        marker = pctx.out_dir / f"train_{phase}.json"
+        if artifacts.read_json(marker) is None:
+            if phase == "sft":
+                result = sft_student(source, traces, stage, pctx)
+            else:
+                train = stage.logits_train if stage.mode == "traces+logits" else stage.train
+                result = on_policy_student(source, teacher, prompts, train, stage, pctx)
+            artifacts.write_json(marker, result)
+            shutil.rmtree(pctx.out_dir / "checkpoints", ignore_errors=True)
+        trained[phase] = artifacts.read_json(marker)
+        source = PathModel(path=str(pctx.out_dir / "model"))
+    metrics = {"init": _init_of(spec), **describe(source, sctx), "train": trained}
+    artifacts.write_json(sctx.out_dir / artifacts.METRICS, metrics)
+    for phase in phases[:-1]:  # an earlier phase's model was only a resume point
+        shutil.rmtree(sctx.out_dir / phase, ignore_errors=True)
+    return metrics
+
+
+def sft_student(source: PathModel, traces: Any, stage: DistillStage, ctx: StageContext) -> dict[str, Any]:
+    """SFT on the kept traces with trl's SFTTrainer (loss on the teacher's completion only)."""
+    from trl import SFTTrainer
+
+    tokenizer = load_tokenizer(source)
+    model = load_causal_lm(source)
+    trainer = SFTTrainer(
+        model=model,
+        args=trainer_args("SFTConfig", stage.train, ctx),
+        train_dataset=traces,
+        processing_class=tokenizer,
+        callbacks=callbacks(ctx, stage.guard),
+    )
+    return fit(trainer, tokenizer, ctx, model)
+
+
+def on_policy_student(
+    source: PathModel,
+    teacher: PathModel,
+    prompts: Any,
+    train: dict[str, Any],
+    stage: DistillStage,
+    ctx: StageContext,
+) -> dict[str, Any]:
+    """On-policy generalised-JSD distillation with trl's DistillationTrainer: the student samples
+    completions and learns the teacher's next-token distribution on them (`beta` picks the divergence)."""
+    from trl import DistillationTrainer
+
+    tokenizer = load_tokenizer(source)
+    tokenizer.padding_side = "left"
+    model = load_causal_lm(source)
+    teacher_model = load_causal_lm(teacher)
+    args = trainer_args(
+        "DistillationConfig", train, ctx, max_completion_length=stage.generation.max_new_tokens
+    )
+    trainer = DistillationTrainer(
+        model=model,
+        teacher_model=teacher_model,
+        args=args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        callbacks=callbacks(ctx, stage.guard),
+    )
+    return fit(trainer, tokenizer, ctx, model, teacher_model)
+
+
+def fit(trainer: Any, tokenizer: Any, ctx: StageContext, *models: Any) -> dict[str, Any]:
+    """Train (from the last checkpoint of an interrupted run), save `model/` atomically, free it all."""
+    trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    save_final_model(trainer, tokenizer, ctx, None)
+    metrics = train_metrics(trainer)
+    release(trainer, *models)
+    return metrics
+
+
+def _init_of(spec: StudentSpec) -> str:
+    if spec.path is not None:
+        return f"path {spec.path}"
+    if spec.preset is not None:
+        return f"preset {spec.preset}"
+    return f"{spec.architecture} dense_from {spec.dense_from} {spec.size_overrides() or ''}".strip()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def describe(source: PathModel, ctx: StageContext) -> dict[str, Any]:
+    """Parameters, held-out accuracy and greedy generation tokens/s of one model (cached in its folder)."""
+    from posttrain.evaluation import evaluate_model
+
+    saved = artifacts.read_json(ctx.out_dir / "description.json")
+    if saved is not None:
+        return saved
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    counts = parameter_counts(source)
+    about: dict[str, Any] = {"model": source.path, "parameters": counts["total"]}
+    if "active" in counts:
+        about["active_parameters"] = counts["active"]
+    if ctx.eval is not None:
+        result = evaluate_model(source, ctx.eval, ctx)
+        about.update(accuracy=result["accuracy"], tokens_per_s=result["tokens_per_s"], eval=result)
+    artifacts.write_json(ctx.out_dir / "description.json", about)
+    return about
+
+
+def compare(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Each student's accuracy, size and speed as fractions of the teacher's, and the trace pass rate."""
+    teacher = metrics["teacher"]
+    pass_rate = (metrics.get("traces") or {}).get("pass_rate")
+    for student in metrics["students"].values():
+        student["parameters_vs_teacher"] = student["parameters"] / teacher["parameters"]
+        if "accuracy" in teacher:  # None where the teacher scores 0: no ratio to take
+            student["accuracy_vs_teacher"] = _ratio(student["accuracy"], teacher["accuracy"])
+            student["speedup_vs_teacher"] = _ratio(student["tokens_per_s"], teacher["tokens_per_s"])
+        if pass_rate is not None:
+            student["trace_pass_rate"] = pass_rate
+    return metrics
+
+
+def _ratio(value: float, reference: float) -> float | None:
+    return value / reference if reference else None
