@@ -13,6 +13,7 @@ for the traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -97,6 +98,7 @@ def run(
     loaded = _load(recipe, set_)
     if dry_run:
         _print_plan(loaded, tuple(force or ()))
+        _print_preflight(loaded, with_memory=True)
         return
     _quiet_libraries()
     from posttrain.runner import run as run_recipe
@@ -166,10 +168,14 @@ def plan(
         str | None,
         typer.Option("--gpu-memory", help="Memory per GPU (e.g. 80GB): estimate each stage's memory."),
     ] = None,
+    preflight: Annotated[
+        bool, typer.Option(help="Load tokenizers and data, check columns, lengths and rewards.")
+    ] = True,
     debug: Debug = False,
 ) -> None:
-    """Show the stages in run order, their inputs, and which are cached; with --gpu-memory, also
-    each stage's per-GPU memory under DDP / ZeRO-2 / ZeRO-3 / ZeRO-3 + offload and what fits."""
+    """Show the stages in run order, their inputs, and which are cached, then the preflight checks;
+    with --gpu-memory, also each stage's per-GPU memory under DDP / ZeRO-2 / ZeRO-3 / ZeRO-3 +
+    offload and what fits."""
     loaded = _load(recipe, set_)
     memory = _memory_plan(loaded, gpus_per_node, nodes, gpu_memory) if gpu_memory else None
     if as_json:
@@ -186,11 +192,39 @@ def plan(
             for p in make_plan(loaded, tuple(force or ()))
         ]
         out = {"name": loaded.name, "run_dir": str(loaded.run_dir), "stages": rows}
+        if preflight:
+            out["preflight"] = [dataclasses.asdict(f) for f in _preflight(loaded)]
         typer.echo(json.dumps({**out, **({"memory": memory} if memory else {})}, indent=2))
+        if any(f["problem"] for f in out.get("preflight", [])):
+            raise typer.Exit(2)
         return
     _print_plan(loaded, tuple(force or ()))
     if memory:
         _print_memory(memory)
+    if preflight:
+        _print_preflight(loaded, with_memory=False)
+
+
+def _preflight(recipe) -> list:
+    _quiet_libraries()
+    from posttrain.preflight import preflight
+
+    return preflight(recipe)
+
+
+def _print_preflight(recipe, with_memory: bool) -> None:
+    """One line per finding; exit 2 when any is a problem, so a broken run never starts."""
+    from posttrain.preflight import memory_findings
+
+    findings = _preflight(recipe) + (memory_findings(recipe) if with_memory else [])
+    for finding in findings:
+        style = "red" if finding.problem else "dim"
+        console.print(f"[{style}]{escape(finding.line())}[/]", highlight=False, soft_wrap=True)
+    problems = sum(f.problem for f in findings)
+    if problems:
+        console.print(f"[red]preflight: {problems} problem(s)[/]")
+        raise typer.Exit(2)
+    console.print("[green]preflight: ok[/]")
 
 
 def _memory_plan(recipe, gpus_per_node: int, nodes: int, gpu_memory: str) -> dict:

@@ -1,0 +1,322 @@
+"""Preflight: what a run would trip over, found in seconds and before any weights load.
+
+`posttrain run --dry-run` and `posttrain plan` call `preflight(recipe)` after the schema checks.
+For every stage it loads the tokenizer (from the model's folder, or the preset's shipped one)
+and the stage's data, then checks what the stage itself checks only when it starts, possibly
+hours into a run: the columns the stage and its rewards read, prompt + completion lengths
+against the model's positions and the trainer's `max_length` (how many rows would be cut),
+and every reward and verifier, run on a few real rows with the reference answer as the
+completion. Each finding is one line; a problem makes the command exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from posttrain.errors import PosttrainError
+from posttrain.recipe import PathModel, PresetModel, Recipe, StageBase
+
+SAMPLE_ROWS = 2000  # rows tokenised per data slot for the length checks
+REWARD_ROWS = 4  # rows each reward is run on
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of the preflight: a problem (the run would fail or silently cut data) or a fact."""
+
+    where: str  # `stages.<name>` or `eval`
+    message: str
+    problem: bool = False
+    fix: str | None = None
+
+    def line(self) -> str:
+        mark = "✗" if self.problem else "✓"
+        return f"{mark} {self.where}: {self.message}" + (f" (fix: {self.fix})" if self.fix else "")
+
+
+def preflight(recipe: Recipe) -> list[Finding]:
+    """Every finding for every stage in run order, then for the recipe's `eval:`."""
+    from posttrain.runner import order_stages
+
+    findings: list[Finding] = []
+    for stage in order_stages(recipe):
+        where = f"stages.{stage.name}"
+        try:
+            findings += check_stage(recipe, stage, where)
+        except PosttrainError as e:
+            findings.append(Finding(where, e.message, problem=True, fix=e.fix))
+    if recipe.eval is not None:
+        try:
+            findings += check_slot(
+                recipe, "eval", None, recipe.eval.data, ("prompt", "answer"), recipe.eval.max_new_tokens
+            )
+        except PosttrainError as e:
+            findings.append(Finding("eval", e.message, problem=True, fix=e.fix))
+    return findings
+
+
+def check_stage(recipe: Recipe, stage: StageBase, where: str) -> list[Finding]:
+    """The checks of one stage kind: which data, which columns, how many tokens it generates."""
+    kind = stage.kind
+    if kind == "sft":
+        return check_slot(recipe, where, stage.model, stage.data, "sft", None, _train(stage, "max_length"))
+    if kind == "grpo":
+        from posttrain.stages.grpo import missing_column
+
+        found, rows = _slot(
+            recipe, where, stage.model, stage.data, None, _train(stage, "max_completion_length")
+        )
+        problem = rows is not None and missing_column(stage, rows.column_names)
+        if problem:
+            return [*found, Finding(where, problem, problem=True, fix="map it with `columns:`")]
+        return found + (run_rewards(where, stage.rewards, rows) if rows is not None else [])
+    if kind == "rlaif_label":
+        return check_slot(recipe, where, stage.policy, stage.data, ("prompt",), stage.sampling.max_new_tokens)
+    if kind == "reward_model":
+        return check_slot(
+            recipe,
+            where,
+            stage.model,
+            stage.data,
+            ("prompt", "chosen", "rejected"),
+            None,
+            _train(stage, "max_length"),
+        )
+    if kind == "distill":
+        found, rows = _slot(
+            recipe, where, stage.teacher, stage.data, ("prompt",), stage.generation.max_new_tokens
+        )
+        return found + (run_rewards(where, stage.verifiers, rows, "verifier") if rows is not None else [])
+    if kind == "evaluate":
+        return check_slot(recipe, where, stage.model, stage.data, ("prompt", "answer"), stage.max_new_tokens)
+    return []
+
+
+def check_slot(
+    recipe: Recipe,
+    where: str,
+    model: Any,
+    data: Any,
+    columns: Any,
+    new_tokens: int | None,
+    max_length: int | None = None,
+) -> list[Finding]:
+    return _slot(recipe, where, model, data, columns, new_tokens, max_length)[0]
+
+
+def _slot(
+    recipe: Recipe,
+    where: str,
+    model: Any,
+    data: Any,
+    columns: Any,
+    new_tokens: int | None,
+    max_length: int | None = None,
+) -> tuple[list[Finding], Any]:
+    """Load one data slot and check its columns and lengths; (findings, rows or None when the data
+    comes from a stage that has not run yet)."""
+    from posttrain.data_tools import load_rows, require_columns
+
+    if isinstance(data, str) and data in recipe.stage_names():
+        done = recipe.run_dir / data / "COMPLETE"
+        if not done.exists():
+            return [Finding(where, f"data comes from stage '{data}' (checked when it has run)")], None
+    stage_dirs = {name: recipe.run_dir / name for name in recipe.stage_names()}
+    rows = load_rows(data, seed=recipe.seed, stage_dirs=stage_dirs)
+    if columns == "sft":
+        from posttrain.stages.sft import sft_columns
+
+        sft_columns(rows)
+    elif columns:
+        require_columns(rows, columns, where.removeprefix("stages."), f"{where}.data")
+    found = [Finding(where, f"{len(rows)} rows; columns {', '.join(rows.column_names)}")]
+    return found + length_findings(recipe, where, model, rows, new_tokens, max_length), rows
+
+
+def length_findings(
+    recipe: Recipe, where: str, model: Any, rows: Any, new_tokens: int | None, max_length: int | None
+) -> list[Finding]:
+    """Token lengths of a sample of rows against the model's positions and the trainer's max_length."""
+    from posttrain.stages.grpo import model_max_positions
+
+    tokenizer = tokenizer_for(recipe, model)
+    positions = model_max_positions(recipe, model)
+    sample = rows.select(range(min(len(rows), SAMPLE_ROWS)))
+    lengths = [len(ids) for ids in token_ids(tokenizer, sample, prompt_only=new_tokens is not None)]
+    if not lengths:
+        return [Finding(where, "no rows", problem=True, fix="check the data's path, split and filters")]
+    longest = max(lengths)
+    budget = new_tokens or 0
+    of = f"of {len(lengths)}" + (" sampled" if len(rows) > len(lengths) else "")
+    found = [
+        Finding(
+            where,
+            f"tokens per row: max {longest}, mean {sum(lengths) / len(lengths):.0f}"
+            + (f" + {budget} generated" if budget else "")
+            + (f" (max_length {max_length})" if max_length else ""),
+        )
+    ]
+    if max_length is not None:
+        cut = sum(n > max_length for n in lengths)
+        if cut:
+            found.append(
+                Finding(
+                    where,
+                    f"{cut} {of} rows exceed max_length {max_length} and would be truncated",
+                    problem=True,
+                    fix=f"raise train.max_length to {longest} or filter the rows",
+                )
+            )
+    if positions is not None:
+        kept = [min(n, max_length or n) for n in lengths]  # what truncation leaves of each row
+        over = sum(n + budget > positions for n in kept)
+        if over:
+            plus = f" plus {budget} new tokens" if budget else ""
+            found.append(
+                Finding(
+                    where,
+                    f"{over} {of} rows{plus} exceed the model's max_position_embeddings {positions}",
+                    problem=True,
+                    fix="shorten the prompts or generate fewer tokens" if budget else "set train.max_length",
+                )
+            )
+    return found
+
+
+def token_ids(tokenizer: Any, rows: Any, prompt_only: bool) -> list[list[int]]:
+    """Each row as the model sees it: the rendered prompt where the model generates the rest,
+    else the chat template over messages, or prompt + completion."""
+    from posttrain.generation import render_prompts
+
+    columns = rows.column_names
+    if prompt_only and "prompt" in columns:
+        texts = render_prompts(tokenizer, list(rows["prompt"]))
+    elif "messages" in columns:
+        texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in rows["messages"]]
+    elif "prompt" in columns:
+        texts = render_prompts(tokenizer, list(rows["prompt"]))
+        for extra in ("completion", "chosen"):
+            if extra in columns:
+                texts = [t + _text(c) for t, c in zip(texts, rows[extra], strict=True)]
+                break
+    elif "text" in columns:
+        texts = list(rows["text"])
+    else:
+        return []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, list):  # conversational: a list of messages
+        return "".join(str(m.get("content", "")) for m in value)
+    return str(value)
+
+
+def tokenizer_for(recipe: Recipe, ref: Any) -> Any:
+    """The tokenizer a model slot will use, without loading weights: follow stage references to
+    the model they start from (a finished stage's own folder when it exists)."""
+    from posttrain.models import TOKENIZER_DIR, load_tokenizer
+
+    seen: set[str] = set()
+    while isinstance(ref, str) and ref in recipe.stage_names() and ref not in seen:
+        seen.add(ref)
+        done = recipe.run_dir / ref / "model"
+        if (done / "tokenizer_config.json").exists():
+            return load_tokenizer(PathModel(path=str(done)))
+        upstream = recipe.stage(ref)
+        ref = next(
+            (getattr(upstream, k) for k in ("model", "teacher", "policy") if hasattr(upstream, k)), None
+        )
+    ref = recipe.base_model if ref is None else ref
+    if isinstance(ref, PresetModel):  # every preset uses the tokenizer that ships with the package
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    return load_tokenizer(ref if isinstance(ref, PathModel) else PathModel(path=str(ref)))
+
+
+def run_rewards(where: str, specs: list[Any], rows: Any, what: str = "reward") -> list[Finding]:
+    """Run each reward on a few real rows, with the reference answer (when the data has one) as
+    the completion: a reward that raises, or returns the wrong number of scores, fails here."""
+    from posttrain.rewards import build_reward
+
+    batch = rows.select(range(min(len(rows), REWARD_ROWS)))
+    prompts = list(batch["prompt"])
+    answers = batch["answer"] if "answer" in batch.column_names else [""] * len(batch)
+    completions = [_reference_completion(p, a) for p, a in zip(prompts, answers, strict=True)]
+    found, scored = [], []
+    for spec in specs:
+        try:
+            reward = build_reward(spec)
+        except ValueError:  # needs a model: a stage's weights, checked when the stage starts
+            found.append(Finding(where, f"{what} '{spec.name}' reads a model; checked when the stage starts"))
+            continue
+        columns = {c: list(batch[c]) for c in reward.columns}
+        try:
+            scores = reward.fn(
+                prompts=prompts, completions=completions, log_metric=lambda k, v: None, **columns
+            )
+            scores = [None if s is None else float(s) for s in scores]
+            if len(scores) != len(completions):
+                raise ValueError(f"returned {len(scores)} scores for {len(completions)} completions")
+        except Exception as e:  # the reward's own bug: show it now, not hours into training
+            found.append(
+                Finding(
+                    where,
+                    f"{what} '{reward.name}' failed on {len(batch)} real rows: {type(e).__name__}: {e}",
+                    problem=True,
+                    fix="try it with `posttrain rewards score`",
+                )
+            )
+            continue
+        valid = [s for s in scores if s is not None]
+        scored.append(f"{reward.name} {sum(valid) / len(valid):.2f}" if valid else f"{reward.name} None")
+    if scored:
+        found.append(
+            Finding(
+                where, f"{what}s on {len(batch)} rows, reference answer as completion: " + ", ".join(scored)
+            )
+        )
+    return found
+
+
+def _reference_completion(prompt: Any, answer: Any) -> Any:
+    """What a perfect R1-style completion of the row looks like (a message list for chat prompts)."""
+    text = f"<think>\nThe answer is {answer}.\n</think>\n<answer>{answer}</answer>"
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def _train(stage: StageBase, key: str) -> int | None:
+    """A `train:` key, else the default of the stage's trl config (None when it has no such key)."""
+    from posttrain.recipe import trainer_config_class
+
+    if key in stage.train:
+        return stage.train[key]
+    fields = {f.name: f.default for f in dataclasses.fields(trainer_config_class(stage.trainer_config))}
+    return fields.get(key)
+
+
+def memory_findings(recipe: Recipe) -> list[Finding]:
+    """The memory plan for the GPUs of this machine; on a CPU-only machine, how to ask for one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return [Finding("memory", "no GPU here; `posttrain plan RECIPE --gpu-memory 80GB` plans for GPUs")]
+    from posttrain.memory import Cluster, plan_recipe
+
+    gpus = torch.cuda.device_count()
+    total = torch.cuda.get_device_properties(0).total_memory
+    memory = plan_recipe(recipe, Cluster(gpus, 1, total))
+    best = memory.get("recommended") or {}
+    if not best:
+        return [
+            Finding(
+                "memory",
+                f"no shipped DeepSpeed setting fits every stage on {gpus} GPU(s)",
+                problem=True,
+                fix="run `posttrain plan --gpu-memory` for the per-stage table",
+            )
+        ]
+    return [Finding("memory", f"every stage fits {gpus} GPU(s) with {best.get('accelerate_config')}")]

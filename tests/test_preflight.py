@@ -1,0 +1,98 @@
+"""Preflight (`run --dry-run`, `plan`): data, columns, lengths and rewards checked before any weights load."""
+
+import json
+from pathlib import Path
+
+PIPELINE = """
+name: pf
+base_model: {preset: tiny-deepseek-v3}
+stages:
+  - {name: sft, kind: sft, data: {synthetic: arithmetic, n: 50}}
+  - name: grpo
+    kind: grpo
+    model: sft
+    data: {synthetic: arithmetic, n: 40, seed: 1}
+    rewards: [{name: accuracy}, {name: format, weight: 0.25}]
+    train: {max_completion_length: 32}
+eval: {data: {synthetic: arithmetic, split: test, n: 20}, max_new_tokens: 32}
+"""
+
+
+def test_a_sound_recipe_passes_with_one_line_per_fact(write_recipe, cli, tmp_path):
+    code, out, err = cli("run", write_recipe(PIPELINE), "--dry-run")
+    text = out + err
+    assert code == 0, text
+    assert "preflight: ok" in text
+    assert "✓ stages.sft: 50 rows; columns" in text
+    assert "✓ stages.grpo: tokens per row: max 8" in text and "+ 32 generated" in text
+    assert "rewards on 4 rows, reference answer as completion: accuracy 1.00, format 1.00" in text
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
+
+
+def test_a_reward_that_raises_fails_in_seconds(write_recipe, cli, tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def strict(completions, answer, **kwargs):\n"
+        "    return [float(int(a) == int(c)) for a, c in zip(answer, completions)]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = write_recipe(PIPELINE.replace("{name: accuracy}", "{name: 'my_rewards:strict'}"))
+    code, out, err = cli("plan", recipe)
+    text = out + err
+    assert code == 2, text
+    line = next(x for x in text.splitlines() if "strict" in x)
+    assert line.startswith("✗ stages.grpo: reward 'strict' failed on 4 real rows: TypeError: int() argument")
+    assert "posttrain rewards score" in line and "preflight: 1 problem(s)" in text
+
+
+def test_rows_cut_by_max_length_and_positions_are_counted(write_recipe, cli, tmp_path):
+    rows = [{"prompt": "1+1=", "completion": "2"}] * 3 + [{"prompt": "x" * 700, "completion": "y"}]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(
+        f"""
+        name: pf
+        base_model: {{preset: tiny-deepseek-v3}}
+        stages:
+          - {{name: sft, kind: sft, data: {{path: {data}}}, train: {{max_length: 64}}}}
+          - {{name: label, kind: rlaif_label, policy: sft, data: {{path: {data}}},
+              judge: {{backend: likelihood, model: sft}}}}
+        """
+    )
+    code, out, err = cli("plan", recipe, "--json")
+    assert code == 2
+    problems = [f for f in json.loads(out)["preflight"] if f["problem"]]
+    assert [(f["where"], f["message"].split(" and ")[0]) for f in problems] == [
+        ("stages.sft", "1 of 4 rows exceed max_length 64"),
+        ("stages.label", "1 of 4 rows plus 128 new tokens exceed the model's max_position_embeddings 512"),
+    ]
+    assert problems[0]["fix"] == "raise train.max_length to 703 or filter the rows"
+
+
+def test_missing_columns_and_data_of_unfinished_stages(write_recipe, cli, tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
+    recipe = write_recipe(
+        f"""
+        name: pf
+        base_model: {{preset: tiny-deepseek-v3}}
+        stages:
+          - {{name: label, kind: rlaif_label, data: {{synthetic: arithmetic, n: 8}},
+              judge: {{backend: reward, reward: {{name: accuracy}}}}}}
+          - {{name: rm, kind: reward_model, data: label}}
+          - {{name: rm2, kind: reward_model, data: {{path: {data}}}}}
+        """
+    )
+    code, out, err = cli("plan", recipe)
+    lines = (out + err).splitlines()
+    assert code == 2
+    assert "✓ stages.rm: data comes from stage 'label' (checked when it has run)" in lines
+    assert any(
+        x.startswith("✗ stages.rm2: ") and "needs column 'rejected', but the data has: prompt, chosen" in x
+        for x in lines
+    ), lines
+
+
+def test_shipped_demo_passes_preflight(cli, tmp_path):
+    demo = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
+    code, out, err = cli("plan", demo, "--set", f"output_dir={tmp_path}")
+    assert code == 0 and "preflight: ok" in out + err, out + err
