@@ -38,6 +38,7 @@ class StageSummary:
     data: list[dict[str, Any]]
     curves: dict[str, list[tuple[int, float]]]
     gate: dict[str, float] | None
+    source: str | None = None  # the stage whose model this one started from, if any
 
     @property
     def eval(self) -> dict[str, Any]:
@@ -84,6 +85,7 @@ def collect(run_dir: Path) -> tuple[str, list[StageSummary]]:
                 data=(artifacts.read_json(folder / "data_report.json") or {}).get("steps", []),
                 curves=read_curves(folder / "logs"),
                 gate={k: v for k, v in gate.items() if v is not None} if gate else None,
+                source=next((stage[k] for k in ("model", "teacher") if isinstance(stage.get(k), str)), None),
             )
         )
     return resolved.get("name") or run_dir.name, summaries
@@ -166,6 +168,37 @@ def details(stages: list[StageSummary]) -> list[str]:
                     f"- **{s.name}** {step['step']} removed {step['removed']} of {step['rows_in']} rows "
                     f"from `{step['source']}`" + (f", e.g. “{example}”" if example else "")
                 )
+    return lines
+
+
+def headlines(stages: list[StageSummary]) -> list[str]:
+    """One sentence per stage that says whether it did its job, the way a reader asks it: did RL
+    beat its starting point, does the reward model rank right above wrong, did a student keep up."""
+    by_name = {s.name: s for s in stages}
+    lines = []
+    for s in stages:
+        start = by_name.get(s.source or "")
+        before, after = (start.eval.get("accuracy") if start else None), s.eval.get("accuracy")
+        if s.kind == "grpo" and before is not None and after is not None:
+            lines.append(f"- **{s.name}** lifted held-out accuracy {before:.3f} → {after:.3f} "
+                         f"({(after - before) * 100:+.1f} points over {start.name})")  # fmt: skip
+        held_out = s.metrics.get("held_out") or {}
+        if "accuracy" in held_out:
+            rvw = held_out.get("right_vs_wrong") or {}
+            extra = f", {rvw['accuracy']:.3f} on right-vs-wrong pairs (n={rvw['n']})" if rvw.get("n") else ""
+            lines.append(f"- **{s.name}** ranks the chosen answer first on {held_out['accuracy']:.3f} of "
+                         f"{held_out['n']} held-out pairs{extra} (chance: 0.5)")  # fmt: skip
+        agreement = s.metrics.get("agreement_with_answer") or {}
+        if agreement.get("n"):
+            lines.append(f"- **{s.name}**: the judge kept {s.metrics.get('kept')} of {s.metrics.get('pairs_judged')} "
+                         f"pairs and agrees with the reference answer on {agreement['accuracy']:.3f} of "
+                         f"{agreement['n']} pairs with one right answer")  # fmt: skip
+        teacher = s.metrics.get("teacher") or {}
+        for name, m in (s.metrics.get("students") or {}).items():
+            if m.get("accuracy_vs_teacher") is not None and m.get("parameters_vs_teacher") is not None:
+                lines.append(f"- **{s.name}/{name}** keeps {m['accuracy_vs_teacher']:.0%} of the teacher's accuracy "
+                             f"({m['accuracy']:.3f} vs {teacher.get('accuracy', 0):.3f}) with "
+                             f"{m['parameters_vs_teacher']:.0%} of its parameters")  # fmt: skip
     return lines
 
 
@@ -271,7 +304,7 @@ def write_report(run_dir: Path) -> Path:
     matplotlib.use("Agg")
     run_dir = Path(run_dir)
     name, stages = collect(run_dir)
-    lines = [f"# {name}", "", table(stages), ""]
+    lines = [f"# {name}", "", *headlines(stages), "", table(stages), ""]
     plots = [plot_curves(stages, curve, run_dir / f"{curve}.png") and curve for curve in CURVES]
     plots.append(plot_accuracy(stages, run_dir / "accuracy.png") and "accuracy")
     lines += [f"![{p}]({p}.png)" for p in plots if p]
