@@ -298,3 +298,29 @@ def test_report_reads_reward_curves_and_data_reports(tmp_path: Path) -> None:
     for plot in ("loss", "reward", "accuracy"):
         assert f"![{plot}]({plot}.png)" in report
         assert (tmp_path / f"{plot}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_report_headlines_say_whether_each_stage_did_its_job() -> None:
+    from posttrain.report import StageSummary, headlines
+
+    def stage(name: str, kind: str, metrics: dict, source: str | None = None) -> StageSummary:
+        return StageSummary(name, kind, "complete", metrics, [], {}, None, source)
+
+    lines = headlines([
+        stage("sft", "sft", {"eval": {"accuracy": 0.41}}),
+        stage("label", "rlaif_label", {"kept": 90, "pairs_judged": 100,
+                                       "agreement_with_answer": {"n": 40, "accuracy": 0.9}}),
+        stage("rm", "reward_model", {"held_out": {"n": 50, "accuracy": 0.8,
+                                                  "right_vs_wrong": {"n": 20, "accuracy": 0.85}}}),
+        stage("grpo", "grpo", {"eval": {"accuracy": 0.535}}, source="sft"),
+        stage("distill", "distill", {"teacher": {"accuracy": 0.5}, "students": {
+            "base": {"accuracy": 0.45, "accuracy_vs_teacher": 0.9, "parameters_vs_teacher": 0.4}}}),
+    ])  # fmt: skip
+    assert lines == [
+        "- **label**: the judge kept 90 of 100 pairs and agrees with the reference answer on 0.900 of 40 "
+        "pairs with one right answer",
+        "- **rm** ranks the chosen answer first on 0.800 of 50 held-out pairs, 0.850 on right-vs-wrong "
+        "pairs (n=20) (chance: 0.5)",
+        "- **grpo** lifted held-out accuracy 0.410 → 0.535 (+12.5 points over sft)",
+        "- **distill/base** keeps 90% of the teacher's accuracy (0.450 vs 0.500) with 40% of its parameters",
+    ]
