@@ -25,6 +25,10 @@ MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 RUNNING = "RUNNING"
 LARGE_FILE = 256 * 1024 * 1024  # past this, a file is fingerprinted by size and mtime, not content
+HASHED_FILE = 64 * 1024 * 1024  # a finished stage's files up to this size are listed with their sha256
+# Left out of a finished stage's file list: the markers, the checkpoints (deleted right after
+# COMPLETE), and what re-evaluating a cached stage rewrites (metrics, eval samples).
+UNLISTED = {COMPLETE, MANIFEST, METRICS, RUNNING, "checkpoints", "eval_samples.jsonl"}
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -99,14 +103,43 @@ def start_stage(stage_dir: Path, fingerprint: str, fresh: bool = False) -> bool:
 
 
 def finish_stage(stage_dir: Path, manifest: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """Write metrics and manifest, then COMPLETE; drop the RUNNING marker and checkpoints."""
-    manifest = {**manifest, "completion_id": uuid.uuid4().hex}
+    """Write metrics and manifest (with the stage's file list), then COMPLETE; drop the RUNNING
+    marker and checkpoints."""
+    manifest = {**manifest, "completion_id": uuid.uuid4().hex, "files": list_files(stage_dir)}
     write_json(stage_dir / METRICS, metrics)
     write_json(stage_dir / MANIFEST, manifest)
     write_json(stage_dir / COMPLETE, {"completion_id": manifest["completion_id"]})
     (stage_dir / RUNNING).unlink(missing_ok=True)
     shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
     return manifest
+
+
+def list_files(stage_dir: Path) -> list[dict[str, Any]]:
+    """Every file of a finished stage but the `UNLISTED` ones: path, size, and the sha256 of
+    files up to HASHED_FILE (larger ones by size only), so `posttrain verify` can tell a run
+    directory that lost or changed a file since its stage finished."""
+    listed = []
+    for path in sorted(stage_dir.rglob("*")):
+        rel = path.relative_to(stage_dir)
+        if rel.parts[0] in UNLISTED or path.name.endswith(".tmp") or not path.is_file():
+            continue
+        size = path.stat().st_size
+        listed.append(
+            {
+                "path": rel.as_posix(),
+                "size": size,
+                "sha256": file_sha256(path) if size <= HASHED_FILE else None,
+            }
+        )
+    return listed
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def package_versions() -> dict[str, str]:

@@ -8,6 +8,7 @@ for the traceback.
     posttrain run recipes/demo.yaml --set stages.sft.train.learning_rate=1e-3 --force sft
     accelerate launch --config_file recipes/accelerate/zero3.yaml -m posttrain run r.yaml
     posttrain report runs/demo                       # rebuild report.md and its plots
+    posttrain verify recipes/demo.yaml               # is the run directory complete and intact?
     posttrain data inspect data.jsonl --columns prompt=question --model PATH
 """
 
@@ -319,6 +320,21 @@ def report(
         raise PosttrainError(f"{run_dir}: no such run directory", fix="pass runs/<name>")
     path = write_report(run_dir)
     console.print(f"[green]✓[/] {path}")
+
+
+@app.command()
+def verify(recipe: Recipe, set_: Set = None, debug: Debug = False) -> None:
+    """Check the recipe's run directory: every stage complete, its listed files intact, its
+    model loadable, every JSONL file (judge caches, samples, traces) uncorrupted. Exit 2 if not."""
+    from posttrain.verify import verify_run
+
+    loaded = _load(recipe, set_)
+    problems = verify_run(loaded)
+    for problem in problems:
+        typer.echo(problem)
+    if problems:
+        raise typer.Exit(2)
+    console.print(f"[green]✓[/] {loaded.run_dir}: {len(loaded.stages)} stages complete and valid")
 
 
 data_app = typer.Typer(help="Look at datasets before training on them.", no_args_is_help=True)

@@ -115,7 +115,53 @@ def last_checkpoint(ctx: StageContext) -> str | None:
             if torn not in complete:
                 shutil.rmtree(torn, ignore_errors=True)
     ctx.barrier()
-    return str(complete[-1]) if complete else None
+    resumable = [p for p in complete if not _at_last_step(p)]
+    return str(resumable[-1]) if resumable else None
+
+
+def _at_last_step(checkpoint: Path) -> bool:
+    """A checkpoint of the final step (a kill after training, before COMPLETE). Resuming from it,
+    transformers trains one step past max_steps when that is inside an epoch, so the run resumes
+    from the checkpoint before it instead and ends where an uninterrupted run does."""
+    state = read_json(checkpoint / "trainer_state.json") or {}
+    return bool(state.get("max_steps")) and state.get("global_step", 0) >= state["max_steps"]
+
+
+def resume_checkpoint(trainer: Any, ctx: StageContext) -> str | None:
+    """`last_checkpoint`, with its weights already loaded into `trainer.model`: pass it to
+    `trainer.train(resume_from_checkpoint=...)`.
+
+    transformers saves checkpoints in the hub layout (an MoE's fused experts split into one tensor
+    per expert) but the Trainer resumes with a plain `load_state_dict`, which skips those keys and
+    silently keeps the experts' starting weights (huggingface/transformers#48805). Loading through
+    `from_pretrained` converts them back; the Trainer's own load then changes nothing."""
+    checkpoint = last_checkpoint(ctx)
+    model = trainer.model
+    if (
+        checkpoint is None
+        or trainer.is_deepspeed_enabled
+        or trainer.is_fsdp_enabled
+        or hasattr(model, "peft_config")
+    ):
+        return checkpoint  # DeepSpeed / FSDP / adapter checkpoints are loaded in their own layout
+    saved = _checkpoint_keys(Path(checkpoint))
+    if saved is not None and not set(model.state_dict()) <= saved:
+        loaded = type(model).from_pretrained(checkpoint, dtype=model.dtype)
+        model.load_state_dict(loaded.state_dict())
+        del loaded
+    return checkpoint
+
+
+def _checkpoint_keys(checkpoint: Path) -> set[str] | None:
+    index = read_json(checkpoint / "model.safetensors.index.json")
+    if index is not None:
+        return set(index.get("weight_map", {}))
+    if not (checkpoint / "model.safetensors").exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
+        return set(f.keys())
 
 
 def save_final_model(trainer: Any, tokenizer: Any, ctx: StageContext, lora: LoraSpec | None) -> Path:

@@ -44,8 +44,8 @@ from posttrain.recipe import DistillStage, MixSpec, PathModel, StudentSpec
 from posttrain.students import parameter_counts, student_source, tokenizer_mismatch
 from posttrain.training import (
     callbacks,
-    last_checkpoint,
     release,
+    resume_checkpoint,
     save_final_model,
     train_metrics,
     trainer_args,
@@ -288,7 +288,7 @@ def on_policy_student(
 
 def fit(trainer: Any, tokenizer: Any, ctx: StageContext, *models: Any) -> dict[str, Any]:
     """Train (from the last checkpoint of an interrupted run), save `model/` atomically, free it all."""
-    trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     save_final_model(trainer, tokenizer, ctx, None)
     metrics = train_metrics(trainer)
     release(trainer, *models)

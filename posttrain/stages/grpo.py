@@ -28,9 +28,9 @@ from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import GRPOStage, PathModel, PresetModel, Recipe, trainer_config_class
 from posttrain.training import (
     callbacks,
-    last_checkpoint,
     lora_config,
     release,
+    resume_checkpoint,
     save_final_model,
     train_metrics,
     trainer_args,
@@ -82,7 +82,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
             peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
             callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard), samples],
         )
-    trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     if ctx.is_main:
         samples.collect()
     save_final_model(trainer, tokenizer, ctx, stage.lora)

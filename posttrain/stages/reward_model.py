@@ -33,9 +33,9 @@ from posttrain.recipe import PathModel, RewardModelStage
 from posttrain.rewards.text import completion_text
 from posttrain.training import (
     callbacks,
-    last_checkpoint,
     lora_config,
     release,
+    resume_checkpoint,
     save_final_model,
     train_metrics,
     trainer_args,
@@ -75,7 +75,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> dict[str, Any]:
             peft_config=lora_config(stage.lora, task_type="SEQ_CLS", model=model),
             callbacks=callbacks(ctx, stage.guard),
         )
-    trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     saved = save_final_model(trainer, tokenizer, ctx, stage.lora)
     metrics = {
         "train": train_metrics(trainer),

@@ -22,9 +22,9 @@ from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import SFTStage
 from posttrain.training import (
     callbacks,
-    last_checkpoint,
     lora_config,
     release,
+    resume_checkpoint,
     save_final_model,
     train_metrics,
     trainer_args,
@@ -65,7 +65,7 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
             peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
             callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard)],
         )
-    trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     save_final_model(trainer, tokenizer, ctx, stage.lora)
     metrics = {
         "train": train_metrics(trainer),
