@@ -180,8 +180,14 @@ def headlines(stages: list[StageSummary]) -> list[str]:
         start = by_name.get(s.source or "")
         before, after = (start.eval.get("accuracy") if start else None), s.eval.get("accuracy")
         if s.kind == "grpo" and before is not None and after is not None:
+            sampled = (start.eval.get("pass_at_1"), s.eval.get("pass_at_1"))
+            pass_at_1 = (
+                f"; pass@1 {sampled[0]:.3f} → {sampled[1]:.3f} ({(sampled[1] - sampled[0]) * 100:+.1f})"
+                if None not in sampled
+                else ""
+            )
             lines.append(f"- **{s.name}** lifted held-out accuracy {before:.3f} → {after:.3f} "
-                         f"({(after - before) * 100:+.1f} points over {start.name})")  # fmt: skip
+                         f"({(after - before) * 100:+.1f} points over {start.name}{pass_at_1})")  # fmt: skip
         held_out = s.metrics.get("held_out") or {}
         if "accuracy" in held_out:
             rvw = held_out.get("right_vs_wrong") or {}
