@@ -36,103 +36,92 @@ class Finding:
         return f"{mark} {self.where}: {self.message}" + (f" (fix: {self.fix})" if self.fix else "")
 
 
+@dataclass(frozen=True)
+class Slot:
+    """What a stage reads and generates: the checks need nothing else of it."""
+
+    model: Any  # whose tokenizer and positions apply (a stage name, a model spec, None = base)
+    data: Any
+    columns: tuple[str, ...] | None  # None: any SFT format (messages, prompt + completion, text)
+    new_tokens: int | None = None  # generated after each prompt (None: a training row, whole)
+    max_length: int | None = None  # the trainer truncates rows to this
+    rewards: tuple[Any, ...] = ()  # rewards (or verifiers) to run on a few rows
+    reward_kind: str = "reward"
+
+
 def preflight(recipe: Recipe) -> list[Finding]:
     """Every finding for every stage in run order, then for the recipe's `eval:`."""
     from posttrain.runner import order_stages
 
+    slots = [(f"stages.{stage.name}", stage_slot(stage)) for stage in order_stages(recipe)]
+    if recipe.eval is not None:
+        slots.append(("eval", Slot(None, recipe.eval.data, ("prompt", "answer"), recipe.eval.max_new_tokens)))
     findings: list[Finding] = []
-    for stage in order_stages(recipe):
-        where = f"stages.{stage.name}"
+    for where, slot in slots:
         try:
-            findings += check_stage(recipe, stage, where)
+            findings += check_slot(recipe, where, slot) if slot else []
         except PosttrainError as e:
             findings.append(Finding(where, e.message, problem=True, fix=e.fix))
-    if recipe.eval is not None:
-        try:
-            findings += check_slot(
-                recipe, "eval", None, recipe.eval.data, ("prompt", "answer"), recipe.eval.max_new_tokens
-            )
-        except PosttrainError as e:
-            findings.append(Finding("eval", e.message, problem=True, fix=e.fix))
     return findings
 
 
-def check_stage(recipe: Recipe, stage: StageBase, where: str) -> list[Finding]:
-    """The checks of one stage kind: which data, which columns, how many tokens it generates."""
-    kind = stage.kind
-    if kind == "sft":
-        return check_slot(recipe, where, stage.model, stage.data, "sft", None, _train(stage, "max_length"))
-    if kind == "grpo":
-        from posttrain.stages.grpo import missing_column
+def stage_slot(stage: StageBase) -> Slot | None:
+    """The slot of each stage kind (None: a kind that reads no data)."""
+    if stage.kind == "sft":
+        return Slot(stage.model, stage.data, None, max_length=_train(stage, "max_length"))
+    if stage.kind == "grpo":
+        from posttrain.stages.grpo import reward_columns
 
-        found, rows = _slot(
-            recipe, where, stage.model, stage.data, None, _train(stage, "max_completion_length")
-        )
-        problem = rows is not None and missing_column(stage, rows.column_names)
-        if problem:
-            return [*found, Finding(where, problem, problem=True, fix="map it with `columns:`")]
-        return found + (run_rewards(where, stage.rewards, rows) if rows is not None else [])
-    if kind == "rlaif_label":
-        return check_slot(recipe, where, stage.policy, stage.data, ("prompt",), stage.sampling.max_new_tokens)
-    if kind == "reward_model":
-        return check_slot(
-            recipe,
-            where,
+        columns = ("prompt", *reward_columns(stage))
+        return Slot(
             stage.model,
             stage.data,
-            ("prompt", "chosen", "rejected"),
-            None,
-            _train(stage, "max_length"),
+            columns,
+            _train(stage, "max_completion_length"),
+            rewards=tuple(stage.rewards),
         )
-    if kind == "distill":
-        found, rows = _slot(
-            recipe, where, stage.teacher, stage.data, ("prompt",), stage.generation.max_new_tokens
+    if stage.kind == "rlaif_label":
+        return Slot(stage.policy, stage.data, ("prompt",), stage.sampling.max_new_tokens)
+    if stage.kind == "reward_model":
+        columns = ("prompt", "chosen", "rejected")
+        return Slot(stage.model, stage.data, columns, max_length=_train(stage, "max_length"))
+    if stage.kind == "distill":
+        return Slot(
+            stage.teacher,
+            stage.data,
+            ("prompt",),
+            stage.generation.max_new_tokens,
+            rewards=tuple(stage.verifiers),
+            reward_kind="verifier",
         )
-        return found + (run_rewards(where, stage.verifiers, rows, "verifier") if rows is not None else [])
-    if kind == "evaluate":
-        return check_slot(recipe, where, stage.model, stage.data, ("prompt", "answer"), stage.max_new_tokens)
-    return []
+    if stage.kind == "evaluate":
+        return Slot(stage.model, stage.data, ("prompt", "answer"), stage.max_new_tokens)
+    return None
 
 
-def check_slot(
-    recipe: Recipe,
-    where: str,
-    model: Any,
-    data: Any,
-    columns: Any,
-    new_tokens: int | None,
-    max_length: int | None = None,
-) -> list[Finding]:
-    return _slot(recipe, where, model, data, columns, new_tokens, max_length)[0]
-
-
-def _slot(
-    recipe: Recipe,
-    where: str,
-    model: Any,
-    data: Any,
-    columns: Any,
-    new_tokens: int | None,
-    max_length: int | None = None,
-) -> tuple[list[Finding], Any]:
-    """Load one data slot and check its columns and lengths; (findings, rows or None when the data
-    comes from a stage that has not run yet)."""
+def check_slot(recipe: Recipe, where: str, slot: Slot) -> list[Finding]:
+    """Load the slot's data (unless a stage still has to write it), then check its columns and
+    lengths and run its rewards on a few rows."""
     from posttrain.data_tools import load_rows, require_columns
 
-    if isinstance(data, str) and data in recipe.stage_names():
-        done = recipe.run_dir / data / "COMPLETE"
-        if not done.exists():
-            return [Finding(where, f"data comes from stage '{data}' (checked when it has run)")], None
+    data = slot.data
+    if (
+        isinstance(data, str)
+        and data in recipe.stage_names()
+        and not (recipe.run_dir / data / "COMPLETE").exists()
+    ):
+        return [Finding(where, f"data comes from stage '{data}' (checked when it has run)")]
     stage_dirs = {name: recipe.run_dir / name for name in recipe.stage_names()}
     rows = load_rows(data, seed=recipe.seed, stage_dirs=stage_dirs)
-    if columns == "sft":
+    if slot.columns is None:
         from posttrain.stages.sft import sft_columns
 
         sft_columns(rows)
-    elif columns:
-        require_columns(rows, columns, where.removeprefix("stages."), f"{where}.data")
+    else:
+        require_columns(rows, slot.columns, where.removeprefix("stages."), f"{where}.data")
     found = [Finding(where, f"{len(rows)} rows; columns {', '.join(rows.column_names)}")]
-    return found + length_findings(recipe, where, model, rows, new_tokens, max_length), rows
+    found += length_findings(recipe, where, slot.model, rows, slot.new_tokens, slot.max_length)
+    return found + run_rewards(where, list(slot.rewards), rows, slot.reward_kind)
 
 
 def length_findings(
@@ -242,6 +231,8 @@ def run_rewards(where: str, specs: list[Any], rows: Any, what: str = "reward") -
     the completion: a reward that raises, or returns the wrong number of scores, fails here."""
     from posttrain.rewards import build_reward
 
+    if not specs:
+        return []
     batch = rows.select(range(min(len(rows), REWARD_ROWS)))
     prompts = list(batch["prompt"])
     answers = batch["answer"] if "answer" in batch.column_names else [""] * len(batch)
