@@ -152,7 +152,7 @@ def validate(recipe: Recipe, set_: Set = None, debug: Debug = False) -> None:
 
     loaded = _load(recipe, set_)
     order = " → ".join(s.name for s in order_stages(loaded))
-    console.print(f"[green]✓[/] {recipe}: {len(loaded.stages)} stages ({order})")
+    console.print(f"[green]✓[/] {recipe}: {len(loaded.stages)} stages ({order})", soft_wrap=True)
 
 
 @app.command()

@@ -130,7 +130,11 @@ def length_findings(
     """Token lengths of a sample of rows against the model's positions and the trainer's max_length."""
     from posttrain.stages.grpo import model_max_positions
 
-    tokenizer = tokenizer_for(recipe, model)
+    try:
+        tokenizer = tokenizer_for(recipe, model)
+    except Exception as e:  # e.g. a config-only folder, or a hub model not cached on this login node
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return [Finding(where, f"length checks skipped: no tokenizer can be loaded here ({reason})")]
     positions = model_max_positions(recipe, model)
     sample = rows.select(range(min(len(rows), SAMPLE_ROWS)))
     lengths = [len(ids) for ids in token_ids(tokenizer, sample, prompt_only=new_tokens is not None)]

@@ -30,12 +30,12 @@ def test_a_sound_recipe_passes_with_one_line_per_fact(write_recipe, cli, tmp_pat
 
 
 def test_a_reward_that_raises_fails_in_seconds(write_recipe, cli, tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(
+    (tmp_path / "preflight_user_rewards.py").write_text(
         "def strict(completions, answer, **kwargs):\n"
         "    return [float(int(a) == int(c)) for a, c in zip(answer, completions)]\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    recipe = write_recipe(PIPELINE.replace("{name: accuracy}", "{name: 'my_rewards:strict'}"))
+    recipe = write_recipe(PIPELINE.replace("{name: accuracy}", "{name: 'preflight_user_rewards:strict'}"))
     code, out, err = cli("plan", recipe)
     text = out + err
     assert code == 2, text
