@@ -59,6 +59,24 @@ def stage_config(recipe: Recipe, ref: Any, _seen: tuple[str, ...] = ()) -> Any |
         return None
 
 
+def model_source(recipe: Recipe, ref: Any) -> PresetModel | PathModel:
+    """Where a model slot's files are, without reading them: a finished stage's own `model/`,
+    else (following stage references to the model they start from) the preset or path at the
+    root; None is the base model."""
+    seen: set[str] = set()
+    while isinstance(ref, str) and ref in recipe.stage_names() and ref not in seen:
+        seen.add(ref)
+        done = recipe.run_dir / ref / "model"
+        if (done / "config.json").exists():
+            return PathModel(path=str(done))
+        upstream = recipe.stage(ref)
+        ref = next(
+            (getattr(upstream, k) for k in ("model", "teacher", "policy") if hasattr(upstream, k)), None
+        )
+    ref = recipe.base_model if ref is None else ref
+    return ref if isinstance(ref, PresetModel | PathModel) else PathModel(path=str(ref))
+
+
 def preset_config(name: str) -> Any:
     """The config `materialize_preset` would build (same vocabulary), without building the model."""
     from transformers import AutoConfig, AutoTokenizer

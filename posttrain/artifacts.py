@@ -69,10 +69,15 @@ def path_fingerprint(path: Path) -> str:
         if stat.st_size > LARGE_FILE:
             h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
             continue
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(chunk)
+        _feed(h, f)
     return h.hexdigest()[:16]
+
+
+def _feed(h: Any, path: Path) -> None:
+    """Stream a file's bytes into hash `h`, a megabyte at a time."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
 
 
 def completed_manifest(stage_dir: Path) -> dict | None:
@@ -136,9 +141,7 @@ def list_files(stage_dir: Path) -> list[dict[str, Any]]:
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    _feed(h, path)
     return h.hexdigest()
 
 

@@ -281,6 +281,8 @@ def stage_workload(recipe: Any, stage: Any, shapes: dict[int, ModelShape]) -> Wo
     model = _shape(recipe, getattr(stage, "model", None), shapes)
     if model is None:
         return "model config not available offline"
+    from posttrain.recipe import trainer_defaults
+
     train = {**trainer_defaults(stage.trainer_config), **getattr(stage, "train", {})}
     lora = getattr(stage, "lora", None)
     frozen = []
@@ -305,29 +307,6 @@ def stage_workload(recipe: Any, stage: Any, shapes: dict[int, ModelShape]) -> Wo
         bf16=train.get("bf16") is not False and not train.get("fp16"),
         generating=batch * steps_per_generation if "num_generations" in train else 0,
     )
-
-
-def trainer_defaults(config_name: str) -> dict[str, Any]:
-    """trl's own defaults for the fields the estimate reads."""
-    from posttrain.recipe import trainer_config_class
-
-    fields = {f.name: f for f in dataclasses.fields(trainer_config_class(config_name))}
-    keys = (
-        "per_device_train_batch_size",
-        "max_length",
-        "max_prompt_length",
-        "max_completion_length",
-        "gradient_checkpointing",
-        "bf16",
-        "fp16",
-        "beta",
-        "num_generations",
-        "steps_per_generation",
-        "gradient_accumulation_steps",
-    )
-    return {
-        k: fields[k].default for k in keys if k in fields and fields[k].default is not dataclasses.MISSING
-    }
 
 
 def _shape(recipe: Any, ref: Any, shapes: dict[int, ModelShape]) -> ModelShape | None:

@@ -11,12 +11,11 @@ completion. Each finding is one line; a problem makes the command exit 2.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from posttrain.errors import PosttrainError
-from posttrain.recipe import PathModel, PresetModel, Recipe, StageBase
+from posttrain.recipe import PresetModel, Recipe, StageBase
 
 SAMPLE_ROWS = 2000  # rows tokenised per data slot for the length checks
 REWARD_ROWS = 4  # rows each reward is run on
@@ -102,13 +101,14 @@ def stage_slot(stage: StageBase) -> Slot | None:
 def check_slot(recipe: Recipe, where: str, slot: Slot) -> list[Finding]:
     """Load the slot's data (unless a stage still has to write it), then check its columns and
     lengths and run its rewards on a few rows."""
+    from posttrain.artifacts import completed_manifest
     from posttrain.data_tools import load_rows, require_columns
 
     data = slot.data
     if (
         isinstance(data, str)
         and data in recipe.stage_names()
-        and not (recipe.run_dir / data / "COMPLETE").exists()
+        and completed_manifest(recipe.run_dir / data) is None
     ):
         return [Finding(where, f"data comes from stage '{data}' (checked when it has run)")]
     stage_dirs = {name: recipe.run_dir / name for name in recipe.stage_names()}
@@ -182,6 +182,7 @@ def token_ids(tokenizer: Any, rows: Any, prompt_only: bool) -> list[list[int]]:
     """Each row as the model sees it: the rendered prompt where the model generates the rest,
     else the chat template over messages, or prompt + completion."""
     from posttrain.generation import render_prompts
+    from posttrain.rewards.text import completion_text
 
     columns = rows.column_names
     if prompt_only and "prompt" in columns:
@@ -192,7 +193,7 @@ def token_ids(tokenizer: Any, rows: Any, prompt_only: bool) -> list[list[int]]:
         texts = render_prompts(tokenizer, list(rows["prompt"]))
         for extra in ("completion", "chosen"):
             if extra in columns:
-                texts = [t + _text(c) for t, c in zip(texts, rows[extra], strict=True)]
+                texts = [t + completion_text(c) for t, c in zip(texts, rows[extra], strict=True)]
                 break
     elif "text" in columns:
         texts = list(rows["text"])
@@ -201,33 +202,17 @@ def token_ids(tokenizer: Any, rows: Any, prompt_only: bool) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, list):  # conversational: a list of messages
-        return "".join(str(m.get("content", "")) for m in value)
-    return str(value)
-
-
 def tokenizer_for(recipe: Recipe, ref: Any) -> Any:
-    """The tokenizer a model slot will use, without loading weights: follow stage references to
-    the model they start from (a finished stage's own folder when it exists)."""
+    """The tokenizer a model slot will use, without loading weights (see `model_source`)."""
+    from posttrain.architecture import model_source
     from posttrain.models import TOKENIZER_DIR, load_tokenizer
 
-    seen: set[str] = set()
-    while isinstance(ref, str) and ref in recipe.stage_names() and ref not in seen:
-        seen.add(ref)
-        done = recipe.run_dir / ref / "model"
-        if (done / "tokenizer_config.json").exists():
-            return load_tokenizer(PathModel(path=str(done)))
-        upstream = recipe.stage(ref)
-        ref = next(
-            (getattr(upstream, k) for k in ("model", "teacher", "policy") if hasattr(upstream, k)), None
-        )
-    ref = recipe.base_model if ref is None else ref
-    if isinstance(ref, PresetModel):  # every preset uses the tokenizer that ships with the package
+    source = model_source(recipe, ref)
+    if isinstance(source, PresetModel):  # every preset uses the tokenizer that ships with the package
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    return load_tokenizer(ref if isinstance(ref, PathModel) else PathModel(path=str(ref)))
+    return load_tokenizer(source)
 
 
 def run_rewards(where: str, specs: list[Any], rows: Any, what: str = "reward") -> list[Finding]:
@@ -285,12 +270,9 @@ def _reference_completion(prompt: Any, answer: Any) -> Any:
 
 def _train(stage: StageBase, key: str) -> int | None:
     """A `train:` key, else the default of the stage's trl config (None when it has no such key)."""
-    from posttrain.recipe import trainer_config_class
+    from posttrain.recipe import trainer_defaults
 
-    if key in stage.train:
-        return stage.train[key]
-    fields = {f.name: f.default for f in dataclasses.fields(trainer_config_class(stage.trainer_config))}
-    return fields.get(key)
+    return {**trainer_defaults(stage.trainer_config), **stage.train}.get(key)
 
 
 def memory_findings(recipe: Recipe) -> list[Finding]:

@@ -1202,6 +1202,12 @@ def trainer_config_class(name: str) -> type:
     return getattr(trl, name)
 
 
+def trainer_defaults(name: str) -> dict[str, Any]:
+    """trl's defaults for the fields of config `name` that have one."""
+    fields = dataclasses.fields(trainer_config_class(name))
+    return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+
+
 def check_trainer_keys(recipe: Recipe) -> None:
     """Trainer blocks' keys (`train:`) must be fields of their trl config, with values of the field's
     type; `lora:` extras must be fields of peft's LoraConfig."""

@@ -16,16 +16,15 @@ the clipped-completion ratio and KL (when beta > 0) go to metrics.json and Tenso
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain import artifacts
-from posttrain.architecture import check_moe
+from posttrain.architecture import check_moe, model_source
 from posttrain.errors import PosttrainError
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
-from posttrain.recipe import GRPOStage, PathModel, PresetModel, Recipe, trainer_config_class
+from posttrain.recipe import GRPOStage, PathModel, PresetModel, Recipe, trainer_defaults
 from posttrain.training import (
     callbacks,
     lora_config,
@@ -153,7 +152,7 @@ def _column_fix(problem: str) -> str:
 
 def check_stage(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
     """Recipe-time checks (no weights, no data loading beyond a peek): batch, columns, lengths."""
-    train = {**_config_defaults(), **GRPO_DEFAULTS, **stage.train}
+    train = {**trainer_defaults("GRPOConfig"), **GRPO_DEFAULTS, **stage.train}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     generation_batch = train["generation_batch_size"] or (
         train["per_device_train_batch_size"]
@@ -181,11 +180,6 @@ def check_stage(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
         )
 
 
-def _config_defaults() -> dict[str, Any]:
-    fields = dataclasses.fields(trainer_config_class("GRPOConfig"))
-    return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
-
-
 def _check_columns(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
     from posttrain.data_tools.peek import peek_columns
 
@@ -195,22 +189,15 @@ def _check_columns(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
         raise recipe.error((*path, "data"), problem, _column_fix(problem))
 
 
-def model_max_positions(recipe: Recipe, ref: Any, seen: frozenset = frozenset()) -> int | None:
+def model_max_positions(recipe: Recipe, ref: Any) -> int | None:
     """The policy's max_position_embeddings from its config alone (preset file, local config.json,
     or by following a stage's own `model:`); None when it cannot be known without the hub."""
-    if ref is None:
-        ref = recipe.base_model
-    if isinstance(ref, PresetModel):
+    source = model_source(recipe, ref)
+    if isinstance(source, PresetModel):
         from posttrain.models import preset_config
 
-        return preset_config(ref.preset).get("max_position_embeddings")
-    if isinstance(ref, str) and ref in recipe.stage_names() and ref not in seen:
-        done = recipe.run_dir / ref / "model" / "config.json"
-        if done.exists():
-            return _config_positions(done)
-        upstream = recipe.stage(ref)
-        return model_max_positions(recipe, getattr(upstream, "model", None), seen | {ref})
-    path = Path(ref.path if isinstance(ref, PathModel) else str(ref)).expanduser() / "config.json"
+        return preset_config(source.preset).get("max_position_embeddings")
+    path = Path(source.path).expanduser() / "config.json"
     return _config_positions(path) if path.exists() else None
 
 
