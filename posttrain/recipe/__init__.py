@@ -1,0 +1,153 @@
+"""The recipe: one YAML file that describes a whole post-training run.
+
+`load_recipe(path, overrides)` reads the YAML (keeping line numbers), applies `--set`
+overrides, validates it with pydantic and checks every `train:` key against the matching
+trl config dataclass, so a typo fails in a second with `file:line: key: message`, not
+after an hour of training. Unknown keys are errors everywhere, with a did-you-mean.
+
+A bare string in a model or data slot (`model: sft`, `data: label`) is another stage's
+name, or else a path / hub id; `references()` lists them so the runner can order stages.
+
+The schema is split by topic: base.py (`Strict`, references, model slots, `tagged_union`),
+data.py (data blocks and row options), training.py (LoRA, MoE, rewards), evaluation.py (eval,
+gates, harness), stages.py (`StageBase`, guard, sft / evaluate / grpo), distill.py, rlaif.py
+(judges, labels, reward model), schema.py (STAGE_KINDS, `Recipe`); source.py reads YAML with
+line numbers, loading.py is `load_recipe`, checks.py the cross-checks. Import from
+`posttrain.recipe`; every public name is re-exported here.
+"""
+
+from posttrain.recipe.base import (
+    DataReference,
+    ModelRef,
+    ModelReference,
+    PathModel,
+    PresetModel,
+    Strict,
+    tagged_union,
+)
+from posttrain.recipe.checks import (
+    blocks,
+    check_data,
+    check_evaluation,
+    check_references,
+    check_trainer_keys,
+    looks_like_path,
+    references,
+    stage_dependencies,
+    trainer_config_class,
+    trainer_defaults,
+)
+from posttrain.recipe.data import (
+    CurriculumSpec,
+    DataSpec,
+    DecontaminateSpec,
+    DedupSpec,
+    FileData,
+    MixSource,
+    MixtureData,
+    RowOptions,
+    SyntheticData,
+    template_fields,
+)
+from posttrain.recipe.distill import (
+    DENSE_SIZE_KEYS,
+    STUDENT_NAME,
+    DistillStage,
+    GenerationSpec,
+    MixSpec,
+    StudentSpec,
+    VerifierSpec,
+)
+from posttrain.recipe.evaluation import EvalOptions, EvalSpec, GateSpec, HarnessSpec, fill_eval_defaults
+from posttrain.recipe.loading import load_recipe
+from posttrain.recipe.rlaif import (
+    ENV_NAME,
+    JUDGE_BACKENDS,
+    HFJudgeSpec,
+    JudgeSpec,
+    Labels,
+    LikelihoodJudgeSpec,
+    OpenAIJudgeSpec,
+    Principles,
+    RewardJudgeSpec,
+    RewardModelStage,
+    RlaifLabelStage,
+    SamplingSpec,
+)
+from posttrain.recipe.schema import STAGE_KINDS, Recipe, Stage
+from posttrain.recipe.source import RecipeLoader, SourceMap, apply_override, parse_value, read_yaml
+from posttrain.recipe.stages import STAGE_NAME, EvaluateStage, GRPOStage, GuardSpec, SFTStage, StageBase
+from posttrain.recipe.training import LoraSpec, LoraTarget, MoESpec, RewardSpec
+
+__all__ = [
+    "DENSE_SIZE_KEYS",
+    "ENV_NAME",
+    "JUDGE_BACKENDS",
+    "STAGE_KINDS",
+    "STAGE_NAME",
+    "STUDENT_NAME",
+    "CurriculumSpec",
+    "DataReference",
+    "DataSpec",
+    "DecontaminateSpec",
+    "DedupSpec",
+    "DistillStage",
+    "EvalOptions",
+    "EvalSpec",
+    "EvaluateStage",
+    "FileData",
+    "GRPOStage",
+    "GateSpec",
+    "GenerationSpec",
+    "GuardSpec",
+    "HFJudgeSpec",
+    "HarnessSpec",
+    "JudgeSpec",
+    "Labels",
+    "LikelihoodJudgeSpec",
+    "LoraSpec",
+    "LoraTarget",
+    "MixSource",
+    "MixSpec",
+    "MixtureData",
+    "MoESpec",
+    "ModelRef",
+    "ModelReference",
+    "OpenAIJudgeSpec",
+    "PathModel",
+    "PresetModel",
+    "Principles",
+    "Recipe",
+    "RecipeLoader",
+    "RewardJudgeSpec",
+    "RewardModelStage",
+    "RewardSpec",
+    "RlaifLabelStage",
+    "RowOptions",
+    "SFTStage",
+    "SamplingSpec",
+    "SourceMap",
+    "Stage",
+    "StageBase",
+    "Strict",
+    "StudentSpec",
+    "SyntheticData",
+    "VerifierSpec",
+    "apply_override",
+    "blocks",
+    "check_data",
+    "check_evaluation",
+    "check_references",
+    "check_trainer_keys",
+    "fill_eval_defaults",
+    "load_recipe",
+    "looks_like_path",
+    "parse_value",
+    "read_yaml",
+    "references",
+    "stage_dependencies",
+    "tagged_union",
+    "template_fields",
+    "trainer_config_class",
+    "trainer_defaults",
+]

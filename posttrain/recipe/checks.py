@@ -1,0 +1,218 @@
+"""Cross-checks that need the whole validated recipe, run by `load_recipe` before any
+weights load: every bare string names a stage or a path (`references`, which also orders the
+stages), every `train:` key is a field of its trl config with a value of the right type,
+local data files have the mapped columns, curricula are not undone by shuffling, and gates and
+harness tasks have an evaluation to read."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from posttrain.errors import did_you_mean
+from posttrain.recipe.base import DataReference, ModelReference
+from posttrain.recipe.data import FileData, RowOptions
+from posttrain.recipe.evaluation import HarnessSpec
+from posttrain.recipe.schema import Recipe
+from posttrain.recipe.stages import EvaluateStage, StageBase
+from posttrain.recipe.training import LoraSpec
+
+
+def references(value: Any, path: tuple = ()) -> Iterator[tuple[tuple, str]]:
+    """Every bare-string reference inside a validated block, with its key path."""
+    if isinstance(value, ModelReference | DataReference):
+        yield path, value
+    elif isinstance(value, BaseModel):
+        for field in type(value).model_fields:
+            yield from references(getattr(value, field), (*path, field))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from references(item, (*path, i))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from references(item, (*path, key))
+
+
+def looks_like_path(value: str) -> bool:
+    """A string that can only be a file or a hub id, never a stage name."""
+    return "/" in value or "\\" in value or Path(value).suffix != "" or Path(value).exists()
+
+
+def stage_dependencies(recipe: Recipe, stage: StageBase) -> list[str]:
+    """The names of the stages this stage reads from, in the order they are referenced."""
+    names = set(recipe.stage_names())
+    deps: list[str] = []
+    for _, value in references(stage):
+        if value in names and value not in deps:
+            deps.append(value)
+    return deps
+
+
+def check_references(recipe: Recipe) -> None:
+    """Every bare string must name a stage, or be a path / hub id; a typo gets a did-you-mean."""
+    names = recipe.stage_names()
+    for i, stage in enumerate(recipe.stages):
+        for path, value in references(stage, ("stages", i)):
+            if value in names or looks_like_path(value):
+                continue
+            hint = did_you_mean(value, names)
+            fix = hint or f"stages are {', '.join(names)}; a hub id or path needs a '/' or {{path: {value}}}"
+            raise recipe.error(path, f"'{value}' is not a stage of this recipe", fix)
+    if recipe.eval is not None:
+        for path, value in references(recipe.eval, ("eval",)):
+            if value in names:
+                raise recipe.error(
+                    path, "evaluation data cannot come from a stage", "use a file or {synthetic: ...}"
+                )
+
+
+def trainer_config_class(name: str) -> type:
+    import trl
+
+    return getattr(trl, name)
+
+
+def trainer_defaults(name: str) -> dict[str, Any]:
+    """trl's defaults for the fields of config `name` that have one."""
+    fields = dataclasses.fields(trainer_config_class(name))
+    return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+
+
+def check_trainer_keys(recipe: Recipe) -> None:
+    """Trainer blocks' keys (`train:`) must be fields of their trl config, with values of the field's
+    type; `lora:` extras must be fields of peft's LoraConfig."""
+    for i, stage in enumerate(recipe.stages):
+        for block, config in stage.trainer_blocks().items():
+            fields = {f.name: f for f in dataclasses.fields(trainer_config_class(config))}
+            for key, value in (getattr(stage, block, None) or {}).items():
+                path = ("stages", i, block, key)
+                if key not in fields:
+                    hint = did_you_mean(key, fields) or f"see trl's {config}"
+                    raise recipe.error(path, f"not a field of trl.{config}", hint)
+                expected = _scalar_types(fields[key].type)
+                if expected and not any(_is_instance(value, t) for t in expected):
+                    names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
+                    raise recipe.error(path, f"expects {names}, got {value!r}")
+        moe = getattr(stage, "moe", None)
+        train = getattr(stage, "train", None)
+        if moe is not None and moe.aux_loss_coef is not None and train and "router_aux_loss_coef" in train:
+            raise recipe.error(
+                ("stages", i, "moe", "aux_loss_coef"),
+                "set both here and as train.router_aux_loss_coef",
+                "keep moe.aux_loss_coef",
+            )
+        lora = getattr(stage, "lora", None)
+        if lora is not None and lora.model_extra:
+            from peft import LoraConfig
+
+            fields = {f.name for f in dataclasses.fields(LoraConfig)}
+            for key in lora.model_extra:
+                if key not in fields:
+                    hint = did_you_mean(key, fields | set(LoraSpec.model_fields)) or "see peft's LoraConfig"
+                    raise recipe.error(("stages", i, "lora", key), "not a LoRA option", hint)
+
+
+def _scalar_types(annotation: Any) -> tuple[type, ...]:
+    """The scalar types a plainly typed dataclass field takes (`float`, `int | None`, ...);
+    empty for anything richer, which trl checks itself."""
+    import types
+    import typing
+
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if all(a in (float, int, bool, type(None)) for a in args):
+        return tuple(args)
+    return ()
+
+
+def _is_instance(value: Any, expected: type) -> bool:
+    if expected is type(None):
+        return value is None
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+# --------------------------------------------------------------------------- data and evaluation
+
+
+def blocks(value: Any, kind: type | tuple[type, ...], path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """Every validated block of type `kind` inside `value`, with its key path."""
+    if isinstance(value, kind):
+        yield path, value
+    if isinstance(value, BaseModel):
+        for field in type(value).model_fields:
+            yield from blocks(getattr(value, field), kind, (*path, field))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from blocks(item, kind, (*path, i))
+
+
+def check_data(recipe: Recipe) -> None:
+    """Local files have the columns the recipe maps; decontamination has something to check
+    against; a curriculum is not undone by the trainer's shuffling."""
+    from posttrain.data_tools.peek import check_file_columns
+
+    specs = list(blocks(recipe.eval, RowOptions, ("eval",)))
+    for i, stage in enumerate(recipe.stages):
+        specs += blocks(stage, RowOptions, ("stages", i))
+    for path, spec in specs:
+        if isinstance(spec, FileData):
+            problem = check_file_columns(spec)
+            if problem:
+                key, message, fix = problem
+                raise recipe.error((*path, key), message, fix)
+        if spec.decontaminate is not None and not spec.decontaminate.against:
+            raise recipe.error(
+                (*path, "decontaminate"),
+                "nothing to decontaminate against",
+                "add a recipe-level `eval:` block, or `against: [...]`",
+            )
+    for i, stage in enumerate(recipe.stages):
+        _check_curriculum(recipe, i, stage)
+
+
+def _check_curriculum(recipe: Recipe, index: int, stage: StageBase) -> None:
+    curricula = [path for path, spec in blocks(stage, RowOptions, ("stages", index)) if spec.curriculum]
+    if not curricula or not stage.trainer_config:
+        return
+    train = getattr(stage, "train", {}) or {}
+    fields = {f.name: f for f in dataclasses.fields(trainer_config_class(stage.trainer_config))}
+    # GRPO-style trainers sample with their own shuffling sampler; the others use transformers'.
+    own_sampler = "shuffle_dataset" in fields and fields["shuffle_dataset"].default is True
+    key, wanted = ("shuffle_dataset", False) if own_sampler else ("train_sampling_strategy", "sequential")
+    if train.get(key) != wanted or (not own_sampler and train.get("shuffle_dataset")):
+        raise recipe.error(
+            (*curricula[0], "curriculum"),
+            "the trainer shuffles rows, which undoes a curriculum",
+            f"set `train: {{{key}: {str(wanted).lower()}}}` on this stage",
+        )
+
+
+def check_evaluation(recipe: Recipe) -> None:
+    """Gates have an evaluation to read, evaluate stages have data, harness tasks exist."""
+    for i, stage in enumerate(recipe.stages):
+        options = stage if isinstance(stage, EvaluateStage) else recipe.eval
+        if isinstance(stage, EvaluateStage) and stage.data is None:
+            raise recipe.error(
+                ("stages", i), "an evaluate stage needs `data:` (or a recipe-level `eval:` block)"
+            )
+        if stage.gate is not None and options is None:
+            raise recipe.error(
+                ("stages", i, "gate"), "a gate needs an evaluation", "add a recipe-level `eval:` block"
+            )
+        if stage.gate is not None and stage.gate.min_pass_at_1 is not None and options.k < 2:
+            raise recipe.error(
+                ("stages", i, "gate", "min_pass_at_1"), "pass@1 needs k > 1 samples", "set eval k: 4 or more"
+            )
+    for path, harness in blocks(recipe, HarnessSpec):
+        from posttrain.harness import check_harness
+
+        problem = check_harness(harness)
+        if problem:
+            raise recipe.error(path, *problem)

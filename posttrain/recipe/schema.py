@@ -1,0 +1,81 @@
+"""The root of the schema: STAGE_KINDS maps each `kind:` to its stage class (append a new
+stage kind here), `Stage` is the union they make, and `Recipe` ties a base model, the stages
+and the recipe-level `eval:` block together, with the source map that gives its errors a
+file and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Discriminator, Field, PrivateAttr, Tag, model_validator
+
+from posttrain.errors import PosttrainError, did_you_mean
+from posttrain.recipe.base import PathModel, PresetModel, Strict, _tag, tagged_union
+from posttrain.recipe.distill import DistillStage
+from posttrain.recipe.evaluation import EvalSpec, fill_eval_defaults
+from posttrain.recipe.rlaif import RewardModelStage, RlaifLabelStage
+from posttrain.recipe.source import SourceMap
+from posttrain.recipe.stages import EvaluateStage, GRPOStage, SFTStage, StageBase
+
+STAGE_KINDS: dict[str, type[StageBase]] = {
+    "sft": SFTStage,
+    "grpo": GRPOStage,
+    "evaluate": EvaluateStage,
+    "rlaif_label": RlaifLabelStage,
+    "reward_model": RewardModelStage,
+    "distill": DistillStage,
+}
+
+
+Stage = tagged_union("kind", STAGE_KINDS, "stage")
+
+
+class Recipe(Strict):
+    """A whole run: a base model, stages that feed each other, and the held-out evaluation."""
+
+    name: str
+    output_dir: str | None = None  # default runs/<name>
+    seed: int = 0
+    base_model: Annotated[
+        Annotated[PresetModel, Tag("preset")] | Annotated[PathModel, Tag("path")], Discriminator(_tag)
+    ]
+    stages: list[Stage] = Field(min_length=1)
+    eval: EvalSpec | None = None
+
+    _source: SourceMap = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_defaults(cls, data: Any) -> Any:
+        return fill_eval_defaults(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Recipe:
+        seen: set[str] = set()
+        for stage in self.stages:
+            if stage.name in seen:
+                raise ValueError(f"two stages are named '{stage.name}'; stage names must be unique")
+            seen.add(stage.name)
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    @property
+    def source(self) -> SourceMap:
+        return self._source or SourceMap("<recipe>", {})
+
+    def stage(self, name: str) -> StageBase:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise PosttrainError(f"no stage named '{name}'", fix=did_you_mean(name, self.stage_names()) or None)
+
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def error(self, path: tuple, message: str, fix: str | None = None) -> PosttrainError:
+        """A PosttrainError that points at `path` (as in the YAML) with its file and line."""
+        return self.source.error(path, message, fix)

@@ -1,0 +1,128 @@
+"""What every stage is (`StageBase`: name, kind, gate, its trl config and the `check` hook
+that runs before any weights load), the guard against NaN losses and dead reward signal, and
+the stage kinds built from the shared blocks alone: `sft`, `evaluate` and `grpo`. Distillation and
+RLAIF stages live in distill.py and rlaif.py; STAGE_KINDS (schema.py) lists them all."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from posttrain.recipe.base import ModelRef, Strict
+from posttrain.recipe.data import DataSpec
+from posttrain.recipe.evaluation import EvalOptions, GateSpec
+from posttrain.recipe.training import LoraSpec, MoESpec, RewardSpec
+
+if TYPE_CHECKING:
+    from posttrain.recipe.schema import Recipe
+
+
+STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+class GuardSpec(Strict):
+    """What to do when training goes wrong; checked at every logging step."""
+
+    nan: Literal["stop", "warn"] = "stop"  # the loss or gradient norm became NaN or inf
+    constant_reward_steps: int | None = Field(None, gt=0)  # RL: logged steps in a row where every
+    constant_reward: Literal["stop", "warn"] = "warn"  # group scored alike (no learning signal)
+
+
+class StageBase(Strict):
+    name: str
+    kind: str
+    gate: GateSpec | None = None  # e.g. {min_accuracy: 0.6}; not part of the stage's fingerprint
+    # The trl config dataclass whose fields the `train:` block may set (None: no trainer).
+    trainer_config: ClassVar[str | None] = None
+    # Whether `<stage>/model/` is a generative model the recipe's `eval:` can run (a reward model is not).
+    generative: ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _name(self) -> StageBase:
+        if not STAGE_NAME.match(self.name):
+            raise ValueError(
+                f"stage name '{self.name}' must start with a letter and use only letters, digits, _ and -"
+            )
+        return self
+
+    def trainer_blocks(self) -> dict[str, str]:
+        """Each block of trl config keys in this stage and the config class it feeds."""
+        return {"train": self.trainer_config} if self.trainer_config else {}
+
+    def check(self, recipe: Recipe, path: tuple) -> None:
+        """Checks that need the whole recipe (other stages, the base model), run before any
+        weights load; raise `recipe.error(path + (key,), ...)`. Nothing by default."""
+
+
+class SFTStage(StageBase):
+    """Supervised fine-tuning with trl's SFTTrainer, full or LoRA.
+
+    Data rows hold `messages` (a conversation), `prompt` + `completion`, or `text`. The loss
+    covers the assistant turns only, unless `train.assistant_only_loss: false`."""
+
+    kind: Literal["sft"]
+    model: ModelRef | None = None  # a stage name, {path: ...} or {preset: ...}; absent = base_model
+    data: DataSpec
+    lora: LoraSpec | None = None
+    moe: MoESpec = MoESpec()  # router train/freeze, aux loss, bias balancing (MoE models)
+    guard: GuardSpec = GuardSpec()  # NaN/inf loss: stop (default) or warn
+    train: dict[str, Any] = {}  # keys of trl's SFTConfig
+    trainer_config: ClassVar[str | None] = "SFTConfig"
+
+    def check(self, recipe: Recipe, path: tuple) -> None:
+        from posttrain.architecture import check_moe
+
+        check_moe(self, recipe, path)
+
+
+class EvaluateStage(EvalOptions, StageBase):
+    """Evaluate a model (a stage's, the base model, or any path) on a held-out set, and optionally
+    on lm-eval benchmark suites. Writes metrics.json (`eval`) and eval_samples.jsonl, no model."""
+
+    kind: Literal["evaluate"]
+    model: ModelRef | None = None  # absent = base_model
+    data: DataSpec | None = None  # absent = the recipe's eval.data (unset options also come from eval:)
+
+
+# --------------------------------------------------------------------------- grpo
+
+
+class GRPOStage(StageBase):
+    """GRPO with verifiable rewards (DeepSeek-R1) through trl's GRPOTrainer, full or LoRA.
+
+    Data rows hold `prompt` plus the columns the rewards read (`answer` for `accuracy`). The
+    rewards' weights become GRPOConfig.reward_weights. Checked before any weights load: the
+    generation batch divides into groups of `num_generations`, the rewards' columns exist in
+    the data, `max_completion_length` fits the model (posttrain/stages/grpo.py)."""
+
+    kind: Literal["grpo"]
+    model: ModelRef | None = (
+        None  # the policy: a stage name, {path: ...} or {preset: ...}; absent = base_model
+    )
+    data: DataSpec
+    rewards: list[RewardSpec] = Field(min_length=1)
+    system_prompt: str | None = None  # sent before every prompt (a plain-text prompt becomes a user turn)
+    lora: LoraSpec | None = None
+    moe: MoESpec = MoESpec()  # routers frozen and no aux loss unless set here (MoE models)
+    guard: GuardSpec = GuardSpec(constant_reward_steps=10)  # NaN/inf loss; 10 logged steps without signal
+    train: dict[str, Any] = {}  # keys of trl's GRPOConfig
+    trainer_config: ClassVar[str | None] = "GRPOConfig"
+
+    @model_validator(mode="after")
+    def _rewards(self) -> GRPOStage:
+        if "reward_weights" in self.train:
+            raise ValueError("set `weight:` on each reward instead of train.reward_weights")
+        from posttrain.rewards import reward_label
+
+        labels = [reward_label(r) for r in self.rewards]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"two rewards are called '{twice[0]}'; give one a `label:`")
+        return self
+
+    def check(self, recipe: Recipe, path: tuple) -> None:
+        from posttrain.stages.grpo import check_stage
+
+        check_stage(self, recipe, path)
