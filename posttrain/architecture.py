@@ -48,8 +48,7 @@ def stage_config(recipe: Recipe, ref: Any, _seen: tuple[str, ...] = ()) -> Any |
     if isinstance(ref, PresetModel):
         return preset_config(ref.preset)
     if isinstance(ref, str) and ref in recipe.stage_names() and ref not in _seen:
-        stage = recipe.stage(ref)
-        return stage_config(recipe, getattr(stage, "model", None), (*_seen, ref))
+        return stage_config(recipe, starts_from(recipe.stage(ref)), (*_seen, ref))
     source = ref if isinstance(ref, PathModel) else PathModel(path=str(ref))
     try:
         return AutoConfig.from_pretrained(
@@ -57,6 +56,12 @@ def stage_config(recipe: Recipe, ref: Any, _seen: tuple[str, ...] = ()) -> Any |
         )
     except (OSError, ValueError):  # not local and not in the hub cache (offline), or not a model
         return None
+
+
+def starts_from(stage: Any) -> Any:
+    """The model slot a stage's model comes from: its `model`, a distill `teacher`, a labelling
+    `policy`; None is the base model."""
+    return next((getattr(stage, k) for k in ("model", "teacher", "policy") if hasattr(stage, k)), None)
 
 
 def model_source(recipe: Recipe, ref: Any) -> PresetModel | PathModel:
@@ -69,10 +74,7 @@ def model_source(recipe: Recipe, ref: Any) -> PresetModel | PathModel:
         done = recipe.run_dir / ref / "model"
         if (done / "config.json").exists():
             return PathModel(path=str(done))
-        upstream = recipe.stage(ref)
-        ref = next(
-            (getattr(upstream, k) for k in ("model", "teacher", "policy") if hasattr(upstream, k)), None
-        )
+        ref = starts_from(recipe.stage(ref))
     ref = recipe.base_model if ref is None else ref
     return ref if isinstance(ref, PresetModel | PathModel) else PathModel(path=str(ref))
 

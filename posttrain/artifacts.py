@@ -108,15 +108,21 @@ def start_stage(stage_dir: Path, fingerprint: str, fresh: bool = False) -> bool:
 
 
 def finish_stage(stage_dir: Path, manifest: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """Write metrics and manifest (with the stage's file list), then COMPLETE; drop the RUNNING
-    marker and checkpoints."""
+    """Write metrics and manifest (with the stage's file list), then COMPLETE, then drop the
+    leftovers."""
     manifest = {**manifest, "completion_id": uuid.uuid4().hex, "files": list_files(stage_dir)}
     write_json(stage_dir / METRICS, metrics)
     write_json(stage_dir / MANIFEST, manifest)
     write_json(stage_dir / COMPLETE, {"completion_id": manifest["completion_id"]})
+    drop_leftovers(stage_dir)
+    return manifest
+
+
+def drop_leftovers(stage_dir: Path) -> None:
+    """Remove what only an unfinished stage needs. Also called on cached stages: a kill right
+    after COMPLETE leaves the RUNNING marker and checkpoints behind."""
     (stage_dir / RUNNING).unlink(missing_ok=True)
     shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
-    return manifest
 
 
 def list_files(stage_dir: Path) -> list[dict[str, Any]]:

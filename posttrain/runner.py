@@ -260,6 +260,7 @@ def _main_only(report: Reporter) -> Reporter:
 def _cached_metrics(
     recipe: Recipe, stage: StageBase, stage_dir: Path, finished: dict, report: Reporter
 ) -> dict:
+    artifacts.drop_leftovers(stage_dir)
     metrics = artifacts.read_json(stage_dir / artifacts.METRICS) or {}
     return _refresh_eval(recipe, stage, stage_dir, finished, metrics, report)
 

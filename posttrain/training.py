@@ -7,7 +7,9 @@ settings into trl and the trained weights into the run directory.
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,7 +136,8 @@ def resume_checkpoint(trainer: Any, ctx: StageContext) -> str | None:
     transformers saves checkpoints in the hub layout (an MoE's fused experts split into one tensor
     per expert) but the Trainer resumes with a plain `load_state_dict`, which skips those keys and
     silently keeps the experts' starting weights (huggingface/transformers#48805). Loading through
-    `from_pretrained` converts them back; the Trainer's own load then changes nothing."""
+    `from_pretrained` converts them back; the Trainer's own load then changes nothing, and its
+    warning about exactly those keys is dropped."""
     checkpoint = last_checkpoint(ctx)
     model = trainer.model
     if (
@@ -149,7 +152,17 @@ def resume_checkpoint(trainer: Any, ctx: StageContext) -> str | None:
         loaded = type(model).from_pretrained(checkpoint, dtype=model.dtype)
         model.load_state_dict(loaded.state_dict())
         del loaded
+        expected = set(model.state_dict()) ^ saved
+        logging.getLogger("transformers.trainer").addFilter(lambda r: not _names_only(r, expected))
     return checkpoint
+
+
+def _names_only(record: logging.LogRecord, keys: set[str]) -> bool:
+    """A Trainer "missing/unexpected keys in the checkpoint" warning that lists only `keys`."""
+    message = record.getMessage()
+    if not message.startswith(("There were missing keys", "There were unexpected keys")):
+        return False
+    return set(re.findall(r"'([^']+)'", message)) <= keys
 
 
 def _checkpoint_keys(checkpoint: Path) -> set[str] | None:

@@ -37,10 +37,14 @@ def test_second_run_is_cached_and_changes_rerun_only_what_they_touch(write_recip
     assert code == 0, err
     first = {s: completion_id(runs, s) for s in "ab"}
     assert json.loads((runs / "b" / "metrics.json").read_text())["eval"]["n"] == 8
+    # What a kill between COMPLETE and the cleanup after it leaves behind.
+    (runs / "a" / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    (runs / "a" / "RUNNING").write_text("{}")
 
     code, _, err = cli("run", recipe)
     assert code == 0 and err.count("cached") >= 2, err
     assert {s: completion_id(runs, s) for s in "ab"} == first
+    assert not (runs / "a" / "checkpoints").exists() and not (runs / "a" / "RUNNING").exists()
 
     # A change to b alone re-runs b, not a.
     code, _, err = cli("run", recipe, "--set", "stages.b.train.learning_rate=1e-3")
