@@ -225,7 +225,7 @@ def run(
         status, fp, manifest = on_main(decide, recipe, stage, finished, force)
         if manifest is not None:
             finished[stage.name] = manifest
-            results[stage.name] = on_main(_cached_metrics, recipe, stage, stage_dir, finished, report)
+            results[stage.name] = on_main(_reuse_cached, recipe, stage, stage_dir, finished, report)
             report(stage.name, "cached", {"dir": str(stage_dir)})
             _after_stage(recipe, stage, results[stage.name])
             continue
@@ -257,9 +257,11 @@ def _main_only(report: Reporter) -> Reporter:
     return report if state().is_main_process else (lambda name, event, details: None)
 
 
-def _cached_metrics(
+def _reuse_cached(
     recipe: Recipe, stage: StageBase, stage_dir: Path, finished: dict, report: Reporter
 ) -> dict:
+    """A finished stage's metrics (re-evaluated when the eval block changed), after dropping what
+    a kill right after its COMPLETE left behind."""
     artifacts.drop_leftovers(stage_dir)
     metrics = artifacts.read_json(stage_dir / artifacts.METRICS) or {}
     return _refresh_eval(recipe, stage, stage_dir, finished, metrics, report)

@@ -148,21 +148,36 @@ def resume_checkpoint(trainer: Any, ctx: StageContext) -> str | None:
     ):
         return checkpoint  # DeepSpeed / FSDP / adapter checkpoints are loaded in their own layout
     saved = _checkpoint_keys(Path(checkpoint))
-    if saved is not None and not set(model.state_dict()) <= saved:
+    keys = set(model.state_dict())
+    if saved is not None and not keys <= saved:
         loaded = type(model).from_pretrained(checkpoint, dtype=model.dtype)
         model.load_state_dict(loaded.state_dict())
         del loaded
-        expected = set(model.state_dict()) ^ saved
-        logging.getLogger("transformers.trainer").addFilter(lambda r: not _names_only(r, expected))
+        _LOADED_KEYS.keys |= keys ^ saved
+        logging.getLogger("transformers.trainer").addFilter(_LOADED_KEYS)  # once: same object
     return checkpoint
 
 
-def _names_only(record: logging.LogRecord, keys: set[str]) -> bool:
-    """A Trainer "missing/unexpected keys in the checkpoint" warning that lists only `keys`."""
-    message = record.getMessage()
-    if not message.startswith(("There were missing keys", "There were unexpected keys")):
+class _LoadedKeyWarnings(logging.Filter):
+    """Drops a Trainer "missing/unexpected keys in the checkpoint" warning that lists only keys
+    `resume_checkpoint` already loaded; each key is excused once, so a later load still warns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(("There were missing keys", "There were unexpected keys")):
+            return True
+        listed = set(re.findall(r"'([^']+)'", message))
+        if not listed or not listed <= self.keys:
+            return True
+        self.keys -= listed
         return False
-    return set(re.findall(r"'([^']+)'", message)) <= keys
+
+
+_LOADED_KEYS = _LoadedKeyWarnings()
 
 
 def _checkpoint_keys(checkpoint: Path) -> set[str] | None:

@@ -140,3 +140,32 @@ def test_leftovers_of_another_config_are_discarded(write_recipe, cli, tmp_path):
     assert code == 0 and "resuming" not in err, err
     assert json.loads((stage / "metrics.json").read_text())["train"]["steps"] == 3
     assert not (stage / "checkpoints").exists()
+
+
+def test_resume_excuses_only_the_expert_keys_it_loaded_and_only_once():
+    import logging
+
+    from posttrain.training import _LoadedKeyWarnings
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("transformers.trainer", logging.WARNING, __file__, 0, message, None, None)
+
+    excuse = _LoadedKeyWarnings()
+    excuse.keys |= {"experts.gate_up_proj", "experts.0.up_proj.weight"}
+    assert (
+        excuse.filter(record("There were missing keys in the checkpoint model loaded: ['other.weight']."))
+        is True
+    )
+    assert (
+        excuse.filter(
+            record("There were missing keys in the checkpoint model loaded: ['experts.gate_up_proj'].")
+        )
+        is False
+    )
+    assert (
+        excuse.filter(
+            record("There were missing keys in the checkpoint model loaded: ['experts.gate_up_proj'].")
+        )
+        is True
+    )
+    assert excuse.filter(record("Something else about 'experts.0.up_proj.weight'")) is True
