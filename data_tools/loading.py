@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from posttrain import artifacts
 from posttrain.data_tools.chat import add_system, apply_template, as_conversation
 from posttrain.data_tools.curriculum import apply_curriculum
 from posttrain.data_tools.hygiene import DataReport, decontaminate, deduplicate
@@ -40,7 +41,7 @@ def load_rows(
     report = DataReport() if report is None else report
     if isinstance(spec, DataReference | str):
         if spec in stage_dirs:
-            return _stage_rows(str(spec), stage_dirs[spec] / "data")
+            return _stage_rows(str(spec), stage_dirs[spec] / artifacts.DATA)
         spec = FileData(path=str(spec))
     label = describe(spec)
 

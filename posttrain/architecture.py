@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from posttrain import artifacts
 from posttrain.recipe import PathModel, PresetModel, Recipe
 
 
@@ -71,8 +72,8 @@ def model_source(recipe: Recipe, ref: Any) -> PresetModel | PathModel:
     seen: set[str] = set()
     while isinstance(ref, str) and ref in recipe.stage_names() and ref not in seen:
         seen.add(ref)
-        done = recipe.run_dir / ref / "model"
-        if (done / "config.json").exists():
+        done = recipe.run_dir / ref / artifacts.MODEL
+        if (done / artifacts.MODEL_CONFIG).exists():
             return PathModel(path=str(done))
         ref = starts_from(recipe.stage(ref))
     ref = recipe.base_model if ref is None else ref

@@ -23,15 +23,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from posttrain import artifacts
 from posttrain.data_tools import extract_answer, require_columns
 from posttrain.errors import PosttrainError
 from posttrain.recipe import EvalSpec, PathModel
 
 if TYPE_CHECKING:
+    from posttrain.context import StageContext
     from posttrain.recipe import Recipe, StageBase
-    from posttrain.runner import StageContext
-
-SAMPLES_FILE = "eval_samples.jsonl"
 
 
 def score(completions: list[str], answers: list[str]) -> tuple[list[bool], list[bool]]:
@@ -79,7 +78,7 @@ def evaluate_model(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict
         result |= sample_metrics(sampled, sampled_correct) | {"k": spec.k, "temperature": spec.temperature}
     if ctx.is_main:
         samples = zip(rows["prompt"], completions, answers, correct, sampled, sampled_correct, strict=True)
-        write_samples(ctx.out_dir / SAMPLES_FILE, samples)
+        write_samples(ctx.out_dir / artifacts.EVAL_SAMPLES, samples)
     if spec.harness is not None:
         from posttrain.harness import run_harness
 

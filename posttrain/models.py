@@ -14,6 +14,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from posttrain import artifacts
 from posttrain.errors import PosttrainError, did_you_mean, one_of
 from posttrain.recipe import PathModel
 
@@ -37,7 +38,7 @@ def materialize_preset(name: str, seed: int, dest: Path) -> Path:
     """Build preset `name` with weights drawn from `seed` and save it (with tokenizer) at `dest`.
 
     Written to a temporary folder and renamed, so a crash never leaves half a model behind."""
-    if (dest / "config.json").exists():
+    if (dest / artifacts.MODEL_CONFIG).exists():
         return dest
     from transformers import AutoConfig, AutoTokenizer
 
@@ -90,7 +91,11 @@ def _from_pretrained_kwargs(source: PathModel) -> dict[str, Any]:
 def _check_exists(source: PathModel) -> None:
     path = Path(source.path)
     looks_local = source.path.startswith((".", "/", "~")) or path.exists() or source.path.count("/") > 1
-    if looks_local and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+    if (
+        looks_local
+        and not (path / artifacts.MODEL_CONFIG).exists()
+        and not (path / "adapter_config.json").exists()
+    ):
         raise PosttrainError(
             f"no model at '{source.path}' (no config.json)", fix="check the path, or finish that stage"
         )

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
+from posttrain import artifacts
 from posttrain.errors import PosttrainError
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from posttrain.recipe import LoraSpec, MoESpec
 
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
-HEATMAP = "moe_expert_load.png"
 
 
 # --------------------------------------------------------------------------- finding the pieces
@@ -105,7 +105,7 @@ class MoESetup:
             return {}
         summary = self.metrics.summary()
         if out_dir is not None and summary:
-            plot_expert_load(expert_shares(summary), Path(out_dir) / HEATMAP)
+            plot_expert_load(expert_shares(summary), Path(out_dir) / artifacts.MOE_HEATMAP)
         return summary
 
 

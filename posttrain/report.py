@@ -15,9 +15,7 @@ from typing import Any
 
 from posttrain import artifacts
 
-REPORT = "report.md"
 CURVES = {"loss": "train/loss", "reward": "train/reward"}
-MOE_HEATMAP = "moe_expert_load.png"  # posttrain.moe.HEATMAP, not imported here: it loads transformers
 EVAL_COLUMNS = (
     ("accuracy", "accuracy"),
     ("pass@1", "pass_at_1"),
@@ -63,7 +61,7 @@ def collect(run_dir: Path) -> tuple[str, list[StageSummary]]:
     """The run's name and a summary of each stage, in the order of the resolved recipe."""
     import yaml
 
-    resolved_file = run_dir / "recipe.resolved.yaml"
+    resolved_file = run_dir / artifacts.RESOLVED_RECIPE
     resolved = yaml.safe_load(resolved_file.read_text()) if resolved_file.exists() else {}
     stages = resolved.get("stages") or [
         {"name": d.name, "kind": (artifacts.read_json(d / artifacts.MANIFEST) or {}).get("kind", "?")}
@@ -82,8 +80,8 @@ def collect(run_dir: Path) -> tuple[str, list[StageSummary]]:
                 kind=stage.get("kind", "?"),
                 status=status,
                 metrics=(artifacts.read_json(folder / artifacts.METRICS) or {}) if done else {},
-                data=(artifacts.read_json(folder / "data_report.json") or {}).get("steps", []),
-                curves=read_curves(folder / "logs"),
+                data=(artifacts.read_json(folder / artifacts.DATA_REPORT) or {}).get("steps", []),
+                curves=read_curves(folder / artifacts.LOGS),
                 gate={k: v for k, v in gate.items() if v is not None} if gate else None,
                 source=next((stage[k] for k in ("model", "teacher") if isinstance(stage.get(k), str)), None),
             )
@@ -244,8 +242,8 @@ def moe_section(run_dir: Path, stages: list[StageSummary]) -> list[str]:
             f"- **{s.name}**: load CV {_num(m['moe/load_cv'])}{trend}, max load {_num(m.get('moe/max_load'))}, "
             f"router entropy {_num(m.get('moe/router_entropy'))}, dead experts {m.get('moe/dead_experts', 0)}"
         )
-        if (run_dir / s.name / MOE_HEATMAP).exists():
-            lines.append(f"\n  ![{s.name} expert load]({s.name}/{MOE_HEATMAP})")
+        if (run_dir / s.name / artifacts.MOE_HEATMAP).exists():
+            lines.append(f"\n  ![{s.name} expert load]({s.name}/{artifacts.MOE_HEATMAP})")
     return ["", "## Mixture of experts", "", *lines] if lines else []
 
 
@@ -319,6 +317,6 @@ def write_report(run_dir: Path) -> Path:
     if more:
         lines += ["", "## Details", "", *more]
     lines += moe_section(run_dir, stages)
-    path = run_dir / REPORT
+    path = run_dir / artifacts.REPORT
     artifacts.write_atomic(path, "\n".join(lines).rstrip() + "\n")
     return path

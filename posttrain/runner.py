@@ -15,72 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import artifacts
+from posttrain.context import StageContext
 from posttrain.errors import PosttrainError
 from posttrain.recipe import (
     FileData,
     PathModel,
-    PresetModel,
     Recipe,
     StageBase,
     references,
     stage_dependencies,
 )
-
-# --------------------------------------------------------------------------- context
-
-
-@dataclasses.dataclass(frozen=True)
-class StageContext:
-    """What a stage sees of the run: where to write, what it may read, and the seed."""
-
-    stage: str
-    out_dir: Path
-    run_dir: Path
-    seed: int
-    base_model: PresetModel | PathModel
-    stage_dirs: Mapping[str, Path]
-    resume: bool = False
-    eval: Any = None
-
-    def model(self, ref: Any) -> PathModel:
-        """A model slot resolved to a path: a stage's `model/`, a materialised preset, or as given."""
-        if ref is None:
-            ref = self.base_model
-        if isinstance(ref, PresetModel):
-            from posttrain.distributed import on_main, unsharded_loading
-            from posttrain.models import materialize_preset
-
-            dest = self.run_dir / "presets" / f"{ref.preset}-seed{self.seed}"
-            with unsharded_loading():
-                on_main(materialize_preset, ref.preset, self.seed, dest)
-            return PathModel(path=str(dest))
-        if isinstance(ref, PathModel):
-            return ref
-        if ref in self.stage_dirs:
-            return PathModel(path=str(self.stage_dirs[ref] / "model"))
-        return PathModel(path=str(ref))
-
-    def data(self, spec: Any) -> Any:
-        """Rows of a data slot; what dedup / decontamination removed goes to data_report.json."""
-        from posttrain.data_tools import DataReport, load_rows
-
-        report = DataReport()
-        rows = load_rows(spec, seed=self.seed, stage_dirs=self.stage_dirs, report=report)
-        if self.is_main:
-            report.save(self.out_dir / "data_report.json")
-        return rows
-
-    @property
-    def is_main(self) -> bool:
-        from posttrain.distributed import state
-
-        return state().is_main_process
-
-    def barrier(self) -> None:
-        from posttrain.distributed import state
-
-        state().wait_for_everyone()
-
 
 # --------------------------------------------------------------------------- plan
 
@@ -309,11 +253,17 @@ def _eval_hash(recipe: Recipe) -> str | None:
 
 def _with_eval(recipe: Recipe, stage_dir: Path, ctx: StageContext, metrics: dict) -> dict:
     """Evaluate the stage's model on the recipe's held-out data, when both exist."""
-    if recipe.eval is None or not (stage_dir / "model").is_dir() or not recipe.stage(ctx.stage).generative:
+    if (
+        recipe.eval is None
+        or not (stage_dir / artifacts.MODEL).is_dir()
+        or not recipe.stage(ctx.stage).generative
+    ):
         return metrics
     from posttrain.evaluation import evaluate_whole
 
-    result = evaluate_whole(PathModel(path=str(stage_dir / "model")), recipe.eval, ctx)  # main process only
+    result = evaluate_whole(
+        PathModel(path=str(stage_dir / artifacts.MODEL)), recipe.eval, ctx
+    )  # main process only
     return {**metrics, "eval": result}
 
 
@@ -322,7 +272,7 @@ def _refresh_eval(
 ) -> dict:
     """A cached stage whose recipe `eval:` changed is re-evaluated, not re-trained."""
     manifest = finished[stage.name]
-    if manifest.get("eval_hash") == _eval_hash(recipe) or not (stage_dir / "model").is_dir():
+    if manifest.get("eval_hash") == _eval_hash(recipe) or not (stage_dir / artifacts.MODEL).is_dir():
         return metrics
     report(stage.name, "re-evaluate", {})
     ctx = _context(recipe, stage, stage_dir, finished, False)
@@ -361,7 +311,7 @@ def _write_resolved(recipe: Recipe) -> None:
     text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     try:
         recipe.run_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.write_atomic(recipe.run_dir / "recipe.resolved.yaml", text)
+        artifacts.write_atomic(recipe.run_dir / artifacts.RESOLVED_RECIPE, text)
     except OSError as e:
         raise recipe.error(
             ("output_dir",),

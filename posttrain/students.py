@@ -32,11 +32,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from posttrain import artifacts
 from posttrain.errors import PosttrainError
 from posttrain.recipe import DENSE_SIZE_KEYS, PathModel, StudentSpec
 
 if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+    from posttrain.context import StageContext
 
 DENSE_ARCHITECTURES = ("llama", "qwen2")
 # Config fields copied from the teacher as they are: numerics and special tokens the student must share.
@@ -145,8 +146,8 @@ def student_source(spec: StudentSpec, ctx: StageContext) -> PathModel:
         from posttrain.recipe import PresetModel
 
         return ctx.model(PresetModel(preset=spec.preset))
-    dest = ctx.out_dir / spec.name / "init"
-    if not (dest / "config.json").exists() and ctx.is_main:
+    dest = ctx.out_dir / spec.name / artifacts.STUDENT_INIT
+    if not (dest / artifacts.MODEL_CONFIG).exists() and ctx.is_main:
         build_dense_student(ctx.model(spec.dense_from), spec, ctx.seed, dest)
     ctx.barrier()
     return PathModel(path=str(dest))

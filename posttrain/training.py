@@ -14,19 +14,14 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from posttrain import artifacts
 from posttrain.artifacts import read_json
+from posttrain.distributed import has_accelerator
 from posttrain.errors import PosttrainError
 from posttrain.recipe import GuardSpec, LoraSpec, trainer_config_class
 
 if TYPE_CHECKING:
-    from posttrain.runner import StageContext
-
-
-def has_accelerator() -> bool:
-    import torch
-
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+    from posttrain.context import StageContext
 
 
 def trainer_args(config: str, train: dict[str, Any], ctx: StageContext, **defaults: Any) -> Any:
@@ -40,7 +35,7 @@ def trainer_args(config: str, train: dict[str, Any], ctx: StageContext, **defaul
     # DeepSpeed checkpoint instead of a model); the launch's own config still wins.
     os.environ.setdefault("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true")
     kwargs: dict[str, Any] = {
-        "output_dir": str(ctx.out_dir / "checkpoints"),
+        "output_dir": str(ctx.out_dir / artifacts.CHECKPOINTS),
         "seed": ctx.seed,
         "save_total_limit": 2,
         "report_to": "none",
@@ -73,7 +68,7 @@ def callbacks(ctx: StageContext, guard: GuardSpec | None = None) -> list[Any]:
     guard = guard or GuardSpec()
     found: list[Any] = [GracefulStop(), TrainingGuard(ctx.stage, **guard.model_dump())]
     if ctx.is_main:
-        found.append(TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out_dir / "logs"))))
+        found.append(TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out_dir / artifacts.LOGS))))
     return found
 
 
@@ -104,7 +99,7 @@ def last_checkpoint(ctx: StageContext) -> str | None:
 
     The Trainer writes a checkpoint folder file by file, trainer_state.json last; a folder a
     kill cut short is deleted here rather than resumed from (transformers would pick it)."""
-    folder = ctx.out_dir / "checkpoints"
+    folder = ctx.out_dir / artifacts.CHECKPOINTS
     if not ctx.resume or not folder.is_dir():
         return None
     found = sorted(
@@ -197,8 +192,8 @@ def save_final_model(trainer: Any, tokenizer: Any, ctx: StageContext, lora: Lora
 
     `trainer.save_model` gathers sharded (ZeRO-3) weights; merging reloads the saved adapter
     on the main process, so it works the same however training was distributed."""
-    dest = ctx.out_dir / "model"
-    partial = ctx.out_dir / "model.partial"
+    dest = ctx.out_dir / artifacts.MODEL
+    partial = ctx.out_dir / artifacts.MODEL_PARTIAL
     if ctx.is_main:
         shutil.rmtree(partial, ignore_errors=True)
     trainer.save_model(str(partial))

@@ -16,7 +16,7 @@ recipe loads, before any model does.
 The interface other code uses (small on purpose):
 
     spec = RewardSpec(name="accuracy")            # posttrain.recipe.RewardSpec, or a dict
-    reward = build_reward(spec, ctx)              # ctx.model(ref) resolves `model:` (runner.StageContext)
+    reward = build_reward(spec, ctx)              # ctx.model(ref) resolves `model:` (posttrain.context.StageContext)
     scores = reward(prompts=..., completions=..., answer=[...])
     reward_columns(spec)                          # ("answer",): the dataset columns it reads
     reward.stats.as_dict()                        # samples, none, errors, timeouts, samples_per_s

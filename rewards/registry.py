@@ -29,7 +29,7 @@ MODEL_PARAMETER = "model"
 
 
 class ModelResolver(Protocol):
-    """What a reward needs from its caller: a model slot resolved to a path (`runner.StageContext`)."""
+    """What a reward needs from its caller: a model slot resolved to a path (`posttrain.context.StageContext`)."""
 
     def model(self, ref: Any) -> Any: ...
 

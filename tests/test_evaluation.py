@@ -228,7 +228,8 @@ def test_harness_runs_a_local_task_on_the_tiny_model(tiny_dense: Path, tmp_path:
     pytest.importorskip("lm_eval")
     from types import SimpleNamespace
 
-    from posttrain.harness import RESULTS_FILE, run_harness
+    from posttrain.artifacts import HARNESS_RESULTS
+    from posttrain.harness import run_harness
     from posttrain.recipe import HarnessSpec, PathModel
 
     (tmp_path / "arith.jsonl").write_text(
@@ -255,7 +256,7 @@ def test_harness_runs_a_local_task_on_the_tiny_model(tiny_dense: Path, tmp_path:
     results = run_harness(PathModel(path=str(tiny_dense)), spec, ctx)
     assert set(results) == {"tiny_arith"}
     assert 0.0 <= results["tiny_arith"]["exact_match,none"] <= 1.0
-    assert json.loads((tmp_path / RESULTS_FILE).read_text())["results"]["tiny_arith"]
+    assert json.loads((tmp_path / HARNESS_RESULTS).read_text())["results"]["tiny_arith"]
 
 
 def test_report_reads_reward_curves_and_data_reports(tmp_path: Path) -> None:

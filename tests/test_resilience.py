@@ -193,9 +193,9 @@ def test_resume_restores_moe_experts_and_skips_a_final_step_checkpoint(tmp_path,
 
     import torch
 
+    from posttrain.context import StageContext
     from posttrain.models import load_causal_lm
     from posttrain.recipe import PathModel, PresetModel
-    from posttrain.runner import StageContext
     from posttrain.training import resume_checkpoint
 
     trained = load_causal_lm(PathModel(path=str(tiny_moe)))

@@ -380,8 +380,8 @@ def test_openai_judge_limits_concurrency(serve):
 
 
 def stage_context(tmp_path: Path):
+    from posttrain.context import StageContext
     from posttrain.recipe import PresetModel
-    from posttrain.runner import StageContext
 
     return StageContext(
         stage="label", out_dir=tmp_path / "label", run_dir=tmp_path, seed=0,

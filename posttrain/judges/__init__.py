@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from posttrain import artifacts
 
 if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+    from posttrain.context import StageContext
 
 BACKENDS = {
     "hf": "posttrain.judges.hf",

@@ -16,7 +16,7 @@ from posttrain.judges.prompt import RATIONALE, VERDICT, pairwise_prompt, render_
 from posttrain.recipe import HFJudgeSpec
 
 if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+    from posttrain.context import StageContext
 
 
 def build(spec: HFJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:

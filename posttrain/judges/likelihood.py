@@ -16,7 +16,7 @@ from posttrain.judges import Judge, load_local_model, release_model
 from posttrain.recipe import LikelihoodJudgeSpec
 
 if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+    from posttrain.context import StageContext
 
 
 def build(spec: LikelihoodJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:

@@ -28,7 +28,7 @@ from posttrain.judges.prompt import VERDICT, pairwise_prompt, parse_verdict, ren
 from posttrain.recipe import OpenAIJudgeSpec
 
 if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+    from posttrain.context import StageContext
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 MAX_BACKOFF_S = 60.0

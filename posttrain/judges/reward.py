@@ -17,7 +17,7 @@ from posttrain.judges import Judge
 from posttrain.recipe import RewardJudgeSpec
 
 if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+    from posttrain.context import StageContext
 
 
 def build(spec: RewardJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:

@@ -52,8 +52,8 @@ from posttrain.training import (
 )
 
 if TYPE_CHECKING:
+    from posttrain.context import StageContext
     from posttrain.recipe import Recipe
-    from posttrain.runner import StageContext
     from posttrain.traces import Verifier
 
 
@@ -68,7 +68,7 @@ def run(stage: DistillStage, ctx: StageContext) -> dict[str, Any]:
     sources = {spec.name: student_source(spec, ctx) for spec in stage.students}
     if stage.mode != "traces":
         check_tokenizers(teacher, sources)
-    metrics: dict[str, Any] = {"mode": stage.mode, "teacher": describe(teacher, _sub(ctx, "teacher"))}
+    metrics: dict[str, Any] = {"mode": stage.mode, "teacher": describe(teacher, _sub(ctx, artifacts.TEACHER))}
     traces = None
     if stage.mode != "logits":
         traces, metrics["traces"] = make_traces(stage, ctx, teacher, rows, verifiers)
@@ -133,7 +133,7 @@ def make_traces(
     from posttrain.data_tools.mixture import concatenate
     from posttrain.traces import kept_rows, sample_traces, trace_stats
 
-    samples, traces = ctx.out_dir / "samples.jsonl", ctx.out_dir / "data" / "traces.jsonl"
+    samples, traces = ctx.out_dir / artifacts.SAMPLES, ctx.out_dir / artifacts.TRACES
     speed: dict[str, Any] = {}
     if ctx.is_main:
         speed = sample_traces(
@@ -222,7 +222,7 @@ def distill_student(
     trained: dict[str, Any] = {}
     for i, phase in enumerate(phases):
         pctx = sctx if i == len(phases) - 1 else _sub(sctx, phase)
-        marker = pctx.out_dir / f"train_{phase}.json"
+        marker = pctx.out_dir / artifacts.PHASE_MARKER.format(phase=phase)
         if artifacts.read_json(marker) is None:
             if phase == "sft":
                 result = sft_student(source, traces, stage, pctx)
@@ -230,9 +230,9 @@ def distill_student(
                 train = stage.logits_train if stage.mode == "traces+logits" else stage.train
                 result = on_policy_student(source, teacher, prompts, train, stage, pctx)
             artifacts.write_json(marker, result)
-            shutil.rmtree(pctx.out_dir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(pctx.out_dir / artifacts.CHECKPOINTS, ignore_errors=True)
         trained[phase] = artifacts.read_json(marker)
-        source = PathModel(path=str(pctx.out_dir / "model"))
+        source = PathModel(path=str(pctx.out_dir / artifacts.MODEL))
     metrics = {"init": _init_of(spec), **describe(source, sctx), "train": trained}
     artifacts.write_json(sctx.out_dir / artifacts.METRICS, metrics)
     for phase in phases[:-1]:  # an earlier phase's model was only a resume point
@@ -310,7 +310,7 @@ def describe(source: PathModel, ctx: StageContext) -> dict[str, Any]:
     """Parameters, held-out accuracy and greedy generation tokens/s of one model (cached in its folder)."""
     from posttrain.evaluation import evaluate_model
 
-    saved = artifacts.read_json(ctx.out_dir / "description.json")
+    saved = artifacts.read_json(ctx.out_dir / artifacts.DESCRIPTION)
     if saved is not None:
         return saved
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
@@ -321,7 +321,7 @@ def describe(source: PathModel, ctx: StageContext) -> dict[str, Any]:
     if ctx.eval is not None:
         result = evaluate_model(source, ctx.eval, ctx)
         about.update(accuracy=result["accuracy"], tokens_per_s=result["tokens_per_s"], eval=result)
-    artifacts.write_json(ctx.out_dir / "description.json", about)
+    artifacts.write_json(ctx.out_dir / artifacts.DESCRIPTION, about)
     return about
 
 

@@ -22,7 +22,7 @@ from posttrain.evaluation import evaluate_whole
 from posttrain.recipe import EvalOptions, EvalSpec, EvaluateStage
 
 if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+    from posttrain.context import StageContext
 
 
 def run(stage: EvaluateStage, ctx: StageContext) -> dict[str, Any]:

@@ -36,10 +36,11 @@ from posttrain.training import (
 )
 
 if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+    from posttrain.context import StageContext
 
 # What posttrain sets unless the recipe does: log often enough to see RL move, and let trl
 # write each logged step's completions (read back into samples.jsonl) without printing them.
+TRL_COMPLETIONS = "completions"  # where trl writes each logged step's completions (parquet)
 GRPO_DEFAULTS = {"logging_steps": 5, "log_completions": True, "num_completions_to_print": 0}
 RL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/clipped_ratio",
               "completions/mean_length", "kl", "entropy")  # fmt: skip
@@ -68,7 +69,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
     )
     check_lengths(dataset, tokenizer, source, args.max_completion_length, ctx.stage)
     rewards = [build_reward(spec, ctx) for spec in stage.rewards]
-    samples = SamplesLog(ctx.out_dir / "samples.jsonl", Path(args.output_dir) / "completions")
+    samples = SamplesLog(ctx.out_dir / artifacts.SAMPLES, Path(args.output_dir) / TRL_COMPLETIONS)
     model = load_causal_lm(source)
     experts = moe.prepare(model, stage.moe, lora=stage.lora, default_router="freeze")
     with literal_targets(stage.lora is not None and stage.lora.targets is not None):
@@ -197,7 +198,7 @@ def model_max_positions(recipe: Recipe, ref: Any) -> int | None:
         from posttrain.models import preset_config
 
         return preset_config(source.preset).get("max_position_embeddings")
-    path = Path(source.path).expanduser() / "config.json"
+    path = Path(source.path).expanduser() / artifacts.MODEL_CONFIG
     return _config_positions(path) if path.exists() else None
 
 
@@ -212,7 +213,7 @@ def check_lengths(
     dataset: Any, tokenizer: Any, source: PathModel, max_completion: int | None, stage: str
 ) -> None:
     """The longest prompt plus max_completion_length must fit the model's positions."""
-    positions = _config_positions(Path(source.path) / "config.json")
+    positions = _config_positions(Path(source.path) / artifacts.MODEL_CONFIG)
     if positions is None or max_completion is None:
         return
     from posttrain.generation import render_prompts

@@ -42,7 +42,7 @@ from posttrain.training import (
 )
 
 if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+    from posttrain.context import StageContext
 
 MAX_LABEL_P = 0.95  # soft labels above this give the same margin (logit(0.95) = 2.94)
 BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)

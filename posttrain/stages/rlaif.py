@@ -45,19 +45,15 @@ from posttrain.judges.labels import (
 from posttrain.recipe import OpenAIJudgeSpec, PresetModel, RewardJudgeSpec, RlaifLabelStage
 
 if TYPE_CHECKING:
-    from posttrain.runner import StageContext
-
-PREFERENCES = "data/preferences.jsonl"
-CANDIDATES = "candidates.jsonl"
-SUMMARY = "label_metrics.json"
+    from posttrain.context import StageContext
 
 
 def run(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
     stage = presets_resolved(stage, ctx)
     if ctx.is_main:
-        artifacts.write_json(ctx.out_dir / SUMMARY, label(stage, ctx))
+        artifacts.write_json(ctx.out_dir / artifacts.LABEL_METRICS, label(stage, ctx))
     ctx.barrier()
-    return artifacts.read_json(ctx.out_dir / SUMMARY)
+    return artifacts.read_json(ctx.out_dir / artifacts.LABEL_METRICS)
 
 
 def presets_resolved(stage: RlaifLabelStage, ctx: StageContext) -> RlaifLabelStage:
@@ -86,7 +82,7 @@ def label(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
     answers, sampling = candidates(stage, ctx, rows)
 
     judge = build_judge(stage.judge, ctx)
-    cache = JudgeCache(ctx.run_dir / "cache" / "judges" / f"{judge.id}.jsonl")
+    cache = JudgeCache(ctx.run_dir / artifacts.CACHE / artifacts.JUDGE_CACHE / f"{judge.id}.jsonl")
     pairs = candidate_pairs(answers, stage.max_pairs_per_prompt, ctx.seed)
     judged = judge_pairs(judge, cache, prompts, answers, pairs, judge_columns(rows, judge.columns))
     judge.close()
@@ -103,7 +99,7 @@ def label(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
             )
             records.append(record if reference is None else {**record, "answer": str(reference[j.pair.row])})
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    artifacts.write_atomic(ctx.out_dir / PREFERENCES, text)
+    artifacts.write_atomic(ctx.out_dir / artifacts.PREFERENCES, text)
 
     metrics = {
         "prompts": len(prompts),
@@ -141,7 +137,7 @@ def candidates(stage: RlaifLabelStage, ctx: StageContext, rows: Any) -> tuple[li
     judges the same ones), or taken from the data."""
     if stage.policy is None:
         return given_answers(rows), {"source": "data"}
-    path = ctx.out_dir / CANDIDATES
+    path = ctx.out_dir / artifacts.CANDIDATES
     if ctx.resume and path.exists():
         saved = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         if len(saved) == len(rows):

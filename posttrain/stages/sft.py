@@ -31,7 +31,7 @@ from posttrain.training import (
 )
 
 if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+    from posttrain.context import StageContext
 
 SFT_FORMATS = (["messages"], ["prompt", "completion"], ["text"])
 
