@@ -51,9 +51,9 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
 def _load(recipe: Path, overrides: list[str] | None):  # -> Recipe
-    from posttrain.recipe import load_recipe
+    from posttrain.loading import load
 
-    return load_recipe(shipped_recipe(recipe), overrides or [])
+    return load(shipped_recipe(recipe), overrides or [])
 
 
 def shipped_recipe(path: Path) -> Path:
@@ -229,10 +229,11 @@ def _print_preflight(recipe, with_memory: bool) -> None:
 
 
 def _memory_plan(recipe, gpus_per_node: int, nodes: int, gpu_memory: str) -> dict:
-    from posttrain.memory import Cluster, parse_size, plan_recipe
+    from posttrain.memory import Cluster, parse_size
+    from posttrain.preflight import memory_plan
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs come from disk or the hub cache, never the network
-    return plan_recipe(recipe, Cluster(gpus_per_node, nodes, parse_size(gpu_memory)))
+    return memory_plan(recipe, Cluster(gpus_per_node, nodes, parse_size(gpu_memory)))
 
 
 def _print_memory(memory: dict) -> None:

@@ -26,7 +26,8 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.json"))
 
 
-def preset_config(name: str) -> dict[str, Any]:
+def preset_spec(name: str) -> dict[str, Any]:
+    """The JSON spec of a tiny preset (`recipes/models/<name>.json`): config keys without the vocabulary."""
     path = PRESETS / f"{name}.json"
     if not path.exists():
         names = preset_names()
@@ -42,7 +43,7 @@ def materialize_preset(name: str, seed: int, dest: Path) -> Path:
         return dest
     from transformers import AutoConfig, AutoTokenizer
 
-    spec = preset_config(name)
+    spec = preset_spec(name)
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     config = AutoConfig.for_model(
         **spec,

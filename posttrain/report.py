@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import artifacts
+from posttrain.recipe import STAGE_KINDS
+from posttrain.stages import stage_module
 
 CURVES = {"loss": "train/loss", "reward": "train/reward"}
 EVAL_COLUMNS = (
@@ -83,10 +85,17 @@ def collect(run_dir: Path) -> tuple[str, list[StageSummary]]:
                 data=(artifacts.read_json(folder / artifacts.DATA_REPORT) or {}).get("steps", []),
                 curves=read_curves(folder / artifacts.LOGS),
                 gate={k: v for k, v in gate.items() if v is not None} if gate else None,
-                source=next((stage[k] for k in ("model", "teacher") if isinstance(stage.get(k), str)), None),
+                source=_source(stage),
             )
         )
     return resolved.get("name") or run_dir.name, summaries
+
+
+def _source(stage: dict[str, Any]) -> str | None:
+    """The stage whose model a (resolved) stage starts from, when it names one."""
+    schema = STAGE_KINDS.get(stage.get("kind"))
+    start = stage.get(schema.start_field) if schema is not None and schema.start_field else None
+    return start if isinstance(start, str) else None
 
 
 # --------------------------------------------------------------------------- table
@@ -171,38 +180,15 @@ def details(stages: list[StageSummary]) -> list[str]:
 
 def headlines(stages: list[StageSummary]) -> list[str]:
     """One sentence per stage that says whether it did its job, the way a reader asks it: did RL
-    beat its starting point, does the reward model rank right above wrong, did a student keep up."""
+    beat its starting point, does the reward model rank right above wrong, did a student keep up.
+    Each kind's module writes its own (`headline`; None: the table row says it all)."""
     by_name = {s.name: s for s in stages}
     lines = []
     for s in stages:
-        start = by_name.get(s.source or "")
-        before, after = (start.eval.get("accuracy") if start else None), s.eval.get("accuracy")
-        if s.kind == "grpo" and before is not None and after is not None:
-            sampled = (start.eval.get("pass_at_1"), s.eval.get("pass_at_1"))
-            pass_at_1 = (
-                f"; pass@1 {sampled[0]:.3f} → {sampled[1]:.3f} ({(sampled[1] - sampled[0]) * 100:+.1f})"
-                if None not in sampled
-                else ""
-            )
-            lines.append(f"- **{s.name}** lifted held-out accuracy {before:.3f} → {after:.3f} "
-                         f"({(after - before) * 100:+.1f} points over {start.name}{pass_at_1})")  # fmt: skip
-        held_out = s.metrics.get("held_out") or {}
-        if "accuracy" in held_out:
-            rvw = held_out.get("right_vs_wrong") or {}
-            extra = f", {rvw['accuracy']:.3f} on right-vs-wrong pairs (n={rvw['n']})" if rvw.get("n") else ""
-            lines.append(f"- **{s.name}** ranks the chosen answer first on {held_out['accuracy']:.3f} of "
-                         f"{held_out['n']} held-out pairs{extra} (chance: 0.5)")  # fmt: skip
-        agreement = s.metrics.get("agreement_with_answer") or {}
-        if agreement.get("n"):
-            lines.append(f"- **{s.name}**: the judge kept {s.metrics.get('kept')} of {s.metrics.get('pairs_judged')} "
-                         f"pairs and agrees with the reference answer on {agreement['accuracy']:.3f} of "
-                         f"{agreement['n']} pairs with one right answer")  # fmt: skip
-        teacher = s.metrics.get("teacher") or {}
-        for name, m in (s.metrics.get("students") or {}).items():
-            if m.get("accuracy_vs_teacher") is not None and m.get("parameters_vs_teacher") is not None:
-                lines.append(f"- **{s.name}/{name}** keeps {m['accuracy_vs_teacher']:.0%} of the teacher's accuracy "
-                             f"({m['accuracy']:.3f} vs {teacher.get('accuracy', 0):.3f}) with "
-                             f"{m['parameters_vs_teacher']:.0%} of its parameters")  # fmt: skip
+        headline = stage_module(s.kind).headline if s.kind in STAGE_KINDS else None
+        if headline is not None:
+            start = by_name.get(s.source or "")
+            lines += headline(s.name, s.metrics, (start.name, start.metrics) if start else None)
     return lines
 
 

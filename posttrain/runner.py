@@ -16,7 +16,9 @@ from typing import Any
 
 from posttrain import artifacts
 from posttrain.context import StageContext
+from posttrain.distributed import launch_info, on_main, state
 from posttrain.errors import PosttrainError
+from posttrain.evaluation import check_gate, evaluate_whole
 from posttrain.recipe import (
     FileData,
     PathModel,
@@ -25,6 +27,8 @@ from posttrain.recipe import (
     references,
     stage_dependencies,
 )
+from posttrain.report import write_report
+from posttrain.stages import stage_module
 
 # --------------------------------------------------------------------------- plan
 
@@ -61,8 +65,9 @@ def order_stages(recipe: Recipe) -> list[StageBase]:
     return ordered
 
 
-def stage_config(recipe: Recipe, stage: StageBase) -> dict[str, Any]:
-    """Everything about a stage's own config that changes its result."""
+def fingerprint_config(recipe: Recipe, stage: StageBase) -> dict[str, Any]:
+    """Everything about a stage's own config that changes its result: its part of the fingerprint
+    (the rest is what it reads from upstream stages)."""
     files = {}
     for _, value in references(stage):
         if value not in recipe.stage_names() and Path(value).exists():
@@ -90,10 +95,10 @@ def _file_data(value: Any) -> list[FileData]:
 
 def fingerprint(recipe: Recipe, stage: StageBase, upstream: Mapping[str, dict]) -> str:
     inputs = {name: upstream[name]["completion_id"] for name in stage_dependencies(recipe, stage)}
-    return artifacts.canonical_hash({"config": stage_config(recipe, stage), "inputs": inputs})
+    return artifacts.canonical_hash({"config": fingerprint_config(recipe, stage), "inputs": inputs})
 
 
-def decide(
+def stage_status(
     recipe: Recipe, stage: StageBase, finished: Mapping[str, dict], force: tuple[str, ...]
 ) -> tuple[str, str, dict | None]:
     """("cached", fp, manifest) for a finished stage of this fingerprint, else ("resume" | "run", fp, None)."""
@@ -119,7 +124,7 @@ def make_plan(recipe: Recipe, force: tuple[str, ...] = ()) -> list[PlannedStage]
         if any(d not in finished for d in deps):
             plan.append(PlannedStage(stage, deps, "waits", None))
             continue
-        status, fp, manifest = decide(recipe, stage, finished, force)
+        status, fp, manifest = stage_status(recipe, stage, finished, force)
         if manifest is not None:
             finished[stage.name] = manifest
         plan.append(PlannedStage(stage, deps, status, fp))
@@ -144,9 +149,6 @@ def run(
     process alone decides what is cached, writes the run directory and evaluates, and every
     decision reaches the other ranks through `on_main` (which doubles as the barrier after
     each stage)."""
-    from posttrain.distributed import on_main
-    from posttrain.stages import get_runner
-
     report = _main_only(report or (lambda name, event, details: None))
     for name in (*force, *([only] if only else [])):
         recipe.stage(name)
@@ -166,7 +168,7 @@ def run(
             if manifest is not None:
                 finished[stage.name] = manifest
             continue
-        status, fp, manifest = on_main(decide, recipe, stage, finished, force)
+        status, fp, manifest = on_main(stage_status, recipe, stage, finished, force)
         if manifest is not None:
             finished[stage.name] = manifest
             results[stage.name] = on_main(_reuse_cached, recipe, stage, stage_dir, finished, report)
@@ -178,7 +180,7 @@ def run(
         report(stage.name, "resume" if resume else "start", {"kind": stage.kind, "dir": str(stage_dir)})
         started = time.time()
         try:
-            metrics = get_runner(stage.kind)(stage, ctx)
+            metrics = stage_module(stage).run(stage, ctx)
             metrics = on_main(_with_eval, recipe, stage_dir, ctx, metrics)
         except PosttrainError as e:
             e.key = e.key or f"stages.{stage.name}"
@@ -196,8 +198,6 @@ def run(
 
 def _main_only(report: Reporter) -> Reporter:
     """Progress is printed once, by the main process."""
-    from posttrain.distributed import state
-
     return report if state().is_main_process else (lambda name, event, details: None)
 
 
@@ -215,10 +215,6 @@ def _after_stage(recipe: Recipe, stage: StageBase, metrics: dict) -> None:
     """Rewrite the run report (main process), then stop here if the stage misses its gate.
 
     Every rank checks the gate on the same metrics (broadcast by `on_main`), so all stop together."""
-    from posttrain.distributed import on_main
-    from posttrain.evaluation import check_gate
-    from posttrain.report import write_report
-
     on_main(write_report, recipe.run_dir)
     check_gate(recipe, stage, metrics)
 
@@ -259,8 +255,6 @@ def _with_eval(recipe: Recipe, stage_dir: Path, ctx: StageContext, metrics: dict
         or not recipe.stage(ctx.stage).generative
     ):
         return metrics
-    from posttrain.evaluation import evaluate_whole
-
     result = evaluate_whole(
         PathModel(path=str(stage_dir / artifacts.MODEL)), recipe.eval, ctx
     )  # main process only
@@ -284,14 +278,12 @@ def _refresh_eval(
 
 
 def _manifest(recipe: Recipe, stage: StageBase, fp: str, finished: dict, wall: float) -> dict[str, Any]:
-    from posttrain.distributed import launch_info
-
     deps = stage_dependencies(recipe, stage)
     return {
         "stage": stage.name,
         "kind": stage.kind,
         "fingerprint": fp,
-        "config_hash": artifacts.canonical_hash(stage_config(recipe, stage)),
+        "config_hash": artifacts.canonical_hash(fingerprint_config(recipe, stage)),
         "config": stage.model_dump(mode="json"),
         "inputs": {
             d: {"path": str(recipe.run_dir / d), "completion_id": finished[d]["completion_id"]} for d in deps

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain import artifacts
+from posttrain.architecture import text_config
 from posttrain.errors import PosttrainError
-from posttrain.recipe import DENSE_SIZE_KEYS, PathModel, StudentSpec
+from posttrain.recipe import DENSE_SIZE_KEYS, PathModel, StudentSpec, check_dense_sizes
 
 if TYPE_CHECKING:
     from posttrain.context import StageContext
@@ -65,7 +66,7 @@ def dense_config(teacher: Any, architecture: str = "llama", **overrides: int | N
         raise PosttrainError(
             f"unknown dense architecture '{architecture}'", fix=f"use one of {', '.join(DENSE_ARCHITECTURES)}"
         )
-    text = teacher.get_text_config() if hasattr(teacher, "get_text_config") else teacher
+    text = text_config(teacher)
     sizes = _dense_sizes(text, {k: v for k, v in overrides.items() if v is not None})
     copied = {k: getattr(text, k) for k in COPIED_KEYS if getattr(text, k, None) is not None}
     return AutoConfig.for_model(
@@ -99,25 +100,6 @@ def _dense_sizes(teacher: Any, overrides: dict[str, int]) -> dict[str, int]:
     }
     check_dense_sizes(sizes)
     return sizes
-
-
-def check_dense_sizes(sizes: dict[str, int | None]) -> None:
-    """The shape rules of a dense attention block; called at recipe load and at build time."""
-    hidden, heads, kv_heads = (
-        sizes.get("hidden_size"),
-        sizes.get("num_attention_heads"),
-        sizes.get("num_key_value_heads"),
-    )
-    if hidden and heads and (hidden % heads or (hidden // heads) % 2):
-        raise PosttrainError(
-            f"hidden_size {hidden} must split into {heads} heads of an even size (rotary embeddings)",
-            fix="choose hidden_size a multiple of 2 × num_attention_heads",
-        )
-    if heads and kv_heads and heads % kv_heads:
-        raise PosttrainError(
-            f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}",
-            fix="num_key_value_heads must divide num_attention_heads",
-        )
 
 
 def _multiple_of(value: float, step: int) -> int:
@@ -197,8 +179,8 @@ def tokenizer_mismatch(teacher: PathModel, student: PathModel) -> str | None:
     for attribute in ("eos_token_id", "bos_token_id"):
         if getattr(t_tok, attribute) != getattr(s_tok, attribute):
             return f"{attribute} differs ({getattr(t_tok, attribute)} vs {getattr(s_tok, attribute)})"
-    t_size = load_config(teacher).get_text_config().vocab_size
-    s_size = load_config(student).get_text_config().vocab_size
+    t_size = text_config(load_config(teacher)).vocab_size
+    s_size = text_config(load_config(student)).vocab_size
     if t_size != s_size:
         return f"their output layers differ in width (vocab_size {t_size} vs {s_size})"
     return None

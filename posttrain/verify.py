@@ -87,8 +87,8 @@ def listed_file_problems(stage_dir: Path, files: list[dict[str, Any]]) -> list[s
 def model_folders(stage_dir: Path, stage: StageBase | None) -> list[str]:
     """The model folders a stage must have (trainer stages: model/; distill: <student>/model/),
     and any other model/ it wrote."""
-    expected = [artifacts.MODEL] if stage is not None and stage.trainer_config else []
-    expected += [f"{s.name}/{artifacts.MODEL}" for s in getattr(stage, "students", [])]
+    owners = stage.saved_models() if stage is not None else []
+    expected = [f"{owner}/{artifacts.MODEL}" if owner else artifacts.MODEL for owner in owners]
     found = [
         p.relative_to(stage_dir).as_posix()
         for p in stage_dir.rglob(artifacts.MODEL)

@@ -92,8 +92,7 @@ def _spec(spec: Any) -> Any:
 def reward_label(spec: Any) -> str:
     """The name a reward goes by in metrics and samples: `label`, else its name (an import path's
     function name)."""
-    spec = _spec(spec)
-    return spec.label or spec.name.rpartition(":")[2]
+    return _spec(spec).display_name
 
 
 def reward_columns(spec: Any) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from posttrain.errors import PosttrainError
 from posttrain.recipe import PathModel
+from posttrain.rewards.registry import check_spec
 
 BATCH = 256
 
@@ -66,10 +67,15 @@ def parse_reward(text: str) -> Any:
         except yaml.YAMLError as e:
             raise PosttrainError(f"--reward {text}: invalid YAML ({e})") from None
     try:
-        return RewardSpec.model_validate(value if isinstance(value, dict) else {"name": value})
+        spec = RewardSpec.model_validate(value if isinstance(value, dict) else {"name": value})
     except ValidationError as e:
         message = e.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
         raise PosttrainError(f"--reward {text}: {message}") from None
+    try:
+        check_spec(spec.name, spec.options, spec.model is not None)
+    except ValueError as e:
+        raise PosttrainError(f"--reward {text}: {e}") from None
+    return spec
 
 
 def score_rows(

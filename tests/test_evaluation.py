@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from posttrain import loading
 from posttrain.evaluation import majority_index, sample_metrics, score
-from posttrain.recipe import load_recipe
 
 TINY_EVAL = """
 eval:
@@ -66,7 +66,7 @@ def test_evaluate_stage_takes_eval_defaults_and_decontamination_resolves(write_r
             data: {synthetic: arithmetic, n: 10, decontaminate: true}
         """)
     )
-    recipe = load_recipe(path)
+    recipe = loading.load(path)
     base, sft = recipe.stages
     assert base.data.split == "test" and base.max_new_tokens == 12 and base.k == 4
     assert [spec.split for spec in sft.data.decontaminate.against] == ["test"]
@@ -219,7 +219,7 @@ def test_gate_stops_the_pipeline_then_eval_and_report_after_training(
 
 @pytest.mark.parametrize("name", ["demo.yaml", "gsm8k.yaml"])
 def test_shipped_recipes_validate(name: str) -> None:
-    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / name)
+    recipe = loading.load(Path(__file__).parents[1] / "recipes" / name)
     assert recipe.eval is not None
 
 

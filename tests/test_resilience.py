@@ -14,8 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from posttrain import artifacts
-from posttrain.recipe import load_recipe
+from posttrain import artifacts, loading
 from posttrain.verify import NOT_DONE, verify_run, verify_stage
 
 # Every stage kind of the demo, each a few steps with checkpoints every 2 steps, so that kills
@@ -102,7 +101,7 @@ def problems_beyond_unfinished(recipe) -> list[str]:
 
 def test_pipeline_killed_at_random_moments_resumes_to_a_valid_run(write_recipe, cli, tmp_path):
     path = write_recipe(RECIPE)
-    recipe = load_recipe(path)
+    recipe = loading.load(path)
     runs, log = recipe.run_dir, tmp_path / "runs.log"
     rng = random.Random(8)
     interrupted = []

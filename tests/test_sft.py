@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from posttrain.recipe import load_recipe
+from posttrain import loading
 from posttrain.runner import run
 
 TRAIN = (
@@ -53,7 +53,7 @@ stages:
     lora: {{r: 4, target_modules: [o_proj], merge: false}}
     train: {{max_steps: 2, per_device_train_batch_size: 16, gradient_checkpointing: false, save_strategy: 'no'}}
 """)
-    recipe = load_recipe(path)
+    recipe = loading.load(path)
     return recipe, run(recipe)
 
 

@@ -34,14 +34,21 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from posttrain import artifacts
+from posttrain.context import StageContext
 from posttrain.data_tools import require_columns
+from posttrain.data_tools.mixture import concatenate
+from posttrain.data_tools.peek import peek_columns
 from posttrain.errors import PosttrainError
+from posttrain.evaluation import evaluate_model
 from posttrain.models import load_causal_lm, load_tokenizer
-from posttrain.recipe import DistillStage, MixSpec, PathModel, StudentSpec
+from posttrain.recipe import DistillStage, MixSpec, PathModel, Recipe, StudentSpec
+from posttrain.rewards import build_reward, reward_columns, reward_label
+from posttrain.stages import Slot
 from posttrain.students import parameter_counts, student_source, tokenizer_mismatch
+from posttrain.traces import Verifier, kept_rows, sample_traces, trace_stats
 from posttrain.training import (
     callbacks,
     release,
@@ -51,10 +58,8 @@ from posttrain.training import (
     trainer_args,
 )
 
-if TYPE_CHECKING:
-    from posttrain.context import StageContext
-    from posttrain.recipe import Recipe
-    from posttrain.traces import Verifier
+# Folders of the stage itself, so no student may take their name (each student has <stage>/<name>/).
+RESERVED = (artifacts.DATA, artifacts.TEACHER, artifacts.CHECKPOINTS, artifacts.LOGS)
 
 
 def run(stage: DistillStage, ctx: StageContext) -> dict[str, Any]:
@@ -81,12 +86,13 @@ def run(stage: DistillStage, ctx: StageContext) -> dict[str, Any]:
     return compare(metrics)
 
 
-def check_stage(stage: DistillStage, recipe: Recipe, path: tuple) -> None:
-    """Recipe-time checks (data peeked, no weights): the prompts carry the columns the verifiers
-    read, and `mix:` data is SFT data. Unknown columns are checked again when the stage starts."""
-    from posttrain.data_tools.peek import peek_columns
-    from posttrain.rewards import reward_columns
-
+def check(stage: DistillStage, recipe: Recipe, path: tuple) -> None:
+    """Recipe-time checks (data peeked, no weights): no student takes the name of one of the
+    stage's own folders, the prompts carry the columns the verifiers read, and `mix:` data is SFT
+    data. Unknown columns are checked again when the stage starts."""
+    for student in stage.students:
+        if student.name in RESERVED:
+            raise recipe.error(path, f"student name '{student.name}' is reserved (a folder of the stage)")
     columns = peek_columns(stage.data)
     needed = ["prompt", *(c for spec in stage.verifiers for c in reward_columns(spec))]
     missing = [c for c in needed if columns is not None and c not in columns]
@@ -103,6 +109,33 @@ def check_stage(stage: DistillStage, recipe: Recipe, path: tuple) -> None:
             f"mix data needs 'messages' or 'prompt' + 'completion' (it has: {', '.join(mixed)})",
             "map them with `columns:`",
         )
+
+
+def slot(stage: DistillStage) -> Slot:
+    """Preflight: prompts for the teacher, which writes max_new_tokens each; verifiers run on a few rows."""
+    return Slot(
+        stage.teacher,
+        stage.data,
+        ("prompt",),
+        stage.generation.max_new_tokens,
+        rewards=tuple(stage.verifiers),
+        reward_kind="verifier",
+    )
+
+
+workload = None  # not estimated yet (students and a frozen teacher): the memory plan says "no trainer"
+
+
+def headline(name: str, metrics: dict[str, Any], start: tuple[str, dict[str, Any]] | None) -> list[str]:
+    """Did each student keep up with the teacher, for its share of the teacher's size?"""
+    teacher = metrics.get("teacher") or {}
+    lines = []
+    for student, m in (metrics.get("students") or {}).items():
+        if m.get("accuracy_vs_teacher") is not None and m.get("parameters_vs_teacher") is not None:
+            lines.append(f"- **{name}/{student}** keeps {m['accuracy_vs_teacher']:.0%} of the teacher's accuracy "
+                         f"({m['accuracy']:.3f} vs {teacher.get('accuracy', 0):.3f}) with "
+                         f"{m['parameters_vs_teacher']:.0%} of its parameters")  # fmt: skip
+    return lines
 
 
 def _sub(ctx: StageContext, *parts: str) -> StageContext:
@@ -129,9 +162,6 @@ def make_traces(
 ) -> tuple[Any, dict]:
     """Sample and verify teacher traces (resumably), write `data/traces.jsonl`, add the `mix:` rows."""
     from datasets import Dataset
-
-    from posttrain.data_tools.mixture import concatenate
-    from posttrain.traces import kept_rows, sample_traces, trace_stats
 
     samples, traces = ctx.out_dir / artifacts.SAMPLES, ctx.out_dir / artifacts.TRACES
     speed: dict[str, Any] = {}
@@ -168,9 +198,6 @@ def make_traces(
 def build_verifiers(stage: DistillStage, ctx: StageContext, rows: Any) -> list[Verifier]:
     """The stage's `verifiers:` as rewards from the registry (posttrain.rewards), each with the
     score a trace needs from it; the prompts must carry the columns they read (e.g. `answer`)."""
-    from posttrain.rewards import build_reward, reward_columns, reward_label
-    from posttrain.traces import Verifier
-
     verifiers = []
     for spec in stage.verifiers:
         require_columns(rows, reward_columns(spec), f"verifier '{spec.name}'", f"stages.{stage.name}.data")
@@ -308,8 +335,6 @@ def _init_of(spec: StudentSpec) -> str:
 
 def describe(source: PathModel, ctx: StageContext) -> dict[str, Any]:
     """Parameters, held-out accuracy and greedy generation tokens/s of one model (cached in its folder)."""
-    from posttrain.evaluation import evaluate_model
-
     saved = artifacts.read_json(ctx.out_dir / artifacts.DESCRIPTION)
     if saved is not None:
         return saved

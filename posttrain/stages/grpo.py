@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from posttrain import artifacts
-from posttrain.architecture import check_moe, model_source
+from posttrain.architecture import check_moe, config_positions, model_max_positions
+from posttrain.context import StageContext
+from posttrain.data_tools.peek import peek_columns
 from posttrain.errors import PosttrainError
+from posttrain.generation import render_prompts
+from posttrain.lora_targets import literal_targets
+from posttrain.memory import Workload, trainer_workload
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
-from posttrain.recipe import GRPOStage, PathModel, PresetModel, Recipe, trainer_defaults
+from posttrain.recipe import GRPOStage, PathModel, Recipe, trainer_settings
+from posttrain.rewards import build_reward, reward_columns, reward_label
+from posttrain.stages import Slot
 from posttrain.training import (
     callbacks,
     lora_config,
@@ -35,12 +42,9 @@ from posttrain.training import (
     trainer_args,
 )
 
-if TYPE_CHECKING:
-    from posttrain.context import StageContext
-
+TRL_COMPLETIONS = "completions"  # trl's folder (under checkpoints/) for each logged step's completions
 # What posttrain sets unless the recipe does: log often enough to see RL move, and let trl
 # write each logged step's completions (read back into samples.jsonl) without printing them.
-TRL_COMPLETIONS = "completions"  # where trl writes each logged step's completions (parquet)
 GRPO_DEFAULTS = {"logging_steps": 5, "log_completions": True, "num_completions_to_print": 0}
 RL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/clipped_ratio",
               "completions/mean_length", "kl", "entropy")  # fmt: skip
@@ -50,10 +54,8 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
     from transformers import set_seed
     from trl import GRPOTrainer
 
-    from posttrain import moe
-    from posttrain.lora_targets import literal_targets
-    from posttrain.rewards import build_reward, reward_label
-    from posttrain.samples import SamplesLog
+    from posttrain import moe  # loads transformers (its callbacks subclass TrainerCallback)
+    from posttrain.samples import SamplesLog  # loads transformers (a TrainerCallback)
 
     set_seed(ctx.seed)
     dataset = with_system_prompt(grpo_columns(ctx.data(stage.data), stage), stage.system_prompt)
@@ -105,7 +107,7 @@ def grpo_columns(dataset: Any, stage: GRPOStage) -> Any:
     problem = missing_column(stage, dataset.column_names)
     if problem:
         raise PosttrainError(problem, key=f"stages.{stage.name}.data", fix=_column_fix(problem))
-    return dataset.select_columns(["prompt", *reward_columns(stage)])
+    return dataset.select_columns(["prompt", *reward_data_columns(stage)])
 
 
 def with_system_prompt(dataset: Any, system_prompt: str | None) -> Any:
@@ -123,19 +125,15 @@ def with_system_prompt(dataset: Any, system_prompt: str | None) -> Any:
     return dataset.map(conversation)
 
 
-def reward_columns(stage: GRPOStage) -> list[str]:
-    from posttrain.rewards import reward_columns as columns_of
-
-    return list(dict.fromkeys(c for spec in stage.rewards for c in columns_of(spec)))
+def reward_data_columns(stage: GRPOStage) -> list[str]:
+    """The dataset columns the stage's rewards read, each once."""
+    return list(dict.fromkeys(c for spec in stage.rewards for c in reward_columns(spec)))
 
 
 def missing_column(stage: GRPOStage, columns: list[str]) -> str | None:
     """'<who> needs column <c>, but the data has: ...' for the first missing column, else None."""
-    from posttrain.rewards import reward_columns as columns_of
-    from posttrain.rewards import reward_label
-
     needs = [("GRPO", "prompt")] + [
-        (f"reward '{reward_label(r)}'", c) for r in stage.rewards for c in columns_of(r)
+        (f"reward '{reward_label(r)}'", c) for r in stage.rewards for c in reward_columns(r)
     ]
     for who, column in needs:
         if column not in columns:
@@ -151,9 +149,9 @@ def _column_fix(problem: str) -> str:
 # --------------------------------------------------------------------------- checks
 
 
-def check_stage(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
-    """Recipe-time checks (no weights, no data loading beyond a peek): batch, columns, lengths."""
-    train = {**trainer_defaults("GRPOConfig"), **GRPO_DEFAULTS, **stage.train}
+def check(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
+    """Recipe-time checks (no weights, no data loading beyond a peek): batch, columns, MoE, lengths."""
+    train = trainer_settings(stage, **GRPO_DEFAULTS)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     generation_batch = train["generation_batch_size"] or (
         train["per_device_train_batch_size"]
@@ -169,7 +167,7 @@ def check_stage(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
             "make per_device_train_batch_size (or gradient_accumulation_steps) a multiple of num_generations",
         )
     _check_columns(stage, recipe, path)
-    check_moe(stage, recipe, path)
+    check_moe(stage.moe, stage.model, recipe, path)
     max_positions = model_max_positions(recipe, stage.model)
     completion = train["max_completion_length"]
     if max_positions is not None and completion is not None and completion >= max_positions:
@@ -182,42 +180,19 @@ def check_stage(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
 
 
 def _check_columns(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
-    from posttrain.data_tools.peek import peek_columns
-
     columns = peek_columns(stage.data)
     problem = missing_column(stage, columns) if columns is not None else None
     if problem:  # unknown columns are checked again at stage start, before the model loads
         raise recipe.error((*path, "data"), problem, _column_fix(problem))
 
 
-def model_max_positions(recipe: Recipe, ref: Any) -> int | None:
-    """The policy's max_position_embeddings from its config alone (preset file, local config.json,
-    or by following a stage's own `model:`); None when it cannot be known without the hub."""
-    source = model_source(recipe, ref)
-    if isinstance(source, PresetModel):
-        from posttrain.models import preset_config
-
-        return preset_config(source.preset).get("max_position_embeddings")
-    path = Path(source.path).expanduser() / artifacts.MODEL_CONFIG
-    return _config_positions(path) if path.exists() else None
-
-
-def _config_positions(path: Path) -> int | None:
-    config = artifacts.read_json(path) or {}
-    return config.get("max_position_embeddings") or config.get("text_config", {}).get(
-        "max_position_embeddings"
-    )
-
-
 def check_lengths(
     dataset: Any, tokenizer: Any, source: PathModel, max_completion: int | None, stage: str
 ) -> None:
     """The longest prompt plus max_completion_length must fit the model's positions."""
-    positions = _config_positions(Path(source.path) / artifacts.MODEL_CONFIG)
+    positions = config_positions(Path(source.path) / artifacts.MODEL_CONFIG)
     if positions is None or max_completion is None:
         return
-    from posttrain.generation import render_prompts
-
     sample = dataset.select(range(min(len(dataset), 2000)))
     longest = max((len(tokenizer(p, add_special_tokens=False)["input_ids"])
                    for p in render_prompts(tokenizer, list(sample["prompt"]))), default=0)  # fmt: skip
@@ -228,6 +203,38 @@ def check_lengths(
             key=f"stages.{stage}.train.max_completion_length",
             fix="lower max_completion_length or shorten the prompts",
         )
+
+
+# --------------------------------------------------------------------------- preflight, memory, report
+
+
+def slot(stage: GRPOStage) -> Slot:
+    """Preflight: prompts with the rewards' columns, each followed by max_completion_length new
+    tokens; the rewards run on a few rows."""
+    columns = ("prompt", *reward_data_columns(stage))
+    new_tokens = trainer_settings(stage).get("max_completion_length")
+    return Slot(stage.model, stage.data, columns, new_tokens, rewards=tuple(stage.rewards))
+
+
+def workload(stage: GRPOStage, recipe: Recipe, shapes: dict) -> Workload | str:
+    return trainer_workload(recipe, shapes, stage.model, trainer_settings(stage), stage.lora, stage.moe)
+
+
+def headline(name: str, metrics: dict[str, Any], start: tuple[str, dict[str, Any]] | None) -> list[str]:
+    """Did RL beat the model it started from, on held-out accuracy (and sampled pass@1)?"""
+    before = (start[1].get("eval") or {}) if start else {}
+    after = metrics.get("eval") or {}
+    if start is None or before.get("accuracy") is None or after.get("accuracy") is None:
+        return []
+    sampled = (before.get("pass_at_1"), after.get("pass_at_1"))
+    pass_at_1 = (
+        f"; pass@1 {sampled[0]:.3f} → {sampled[1]:.3f} ({(sampled[1] - sampled[0]) * 100:+.1f})"
+        if None not in sampled
+        else ""
+    )
+    gain = (after["accuracy"] - before["accuracy"]) * 100
+    return [f"- **{name}** lifted held-out accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f} "
+            f"({gain:+.1f} points over {start[0]}{pass_at_1})"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- logging

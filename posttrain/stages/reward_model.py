@@ -23,14 +23,18 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from posttrain.context import StageContext
 from posttrain.data_tools import extract_answer, require_columns
 from posttrain.errors import PosttrainError
 from posttrain.lora_targets import literal_targets
+from posttrain.memory import Workload, trainer_workload
 from posttrain.models import count_parameters, load_tokenizer, torch_dtype
-from posttrain.recipe import PathModel, RewardModelStage
+from posttrain.recipe import PathModel, Recipe, RewardModelStage, trainer_settings
+from posttrain.rewards.reward_model import reward_model
 from posttrain.rewards.text import completion_text
+from posttrain.stages import Slot
 from posttrain.training import (
     callbacks,
     lora_config,
@@ -40,9 +44,6 @@ from posttrain.training import (
     train_metrics,
     trainer_args,
 )
-
-if TYPE_CHECKING:
-    from posttrain.context import StageContext
 
 MAX_LABEL_P = 0.95  # soft labels above this give the same margin (logit(0.95) = 2.94)
 BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -86,6 +87,30 @@ def run(stage: RewardModelStage, ctx: StageContext) -> dict[str, Any]:
     if len(held_out):
         metrics["held_out"] = held_out_metrics(saved, held_out, args.per_device_eval_batch_size)
     return metrics
+
+
+check = None  # the schema's checks cover it
+
+
+def slot(stage: RewardModelStage) -> Slot:
+    """Preflight: preference pairs, cut at the trainer's max_length."""
+    columns = ("prompt", "chosen", "rejected")
+    return Slot(stage.model, stage.data, columns, max_length=trainer_settings(stage).get("max_length"))
+
+
+def workload(stage: RewardModelStage, recipe: Recipe, shapes: dict) -> Workload | str:
+    return trainer_workload(recipe, shapes, stage.model, trainer_settings(stage), stage.lora)
+
+
+def headline(name: str, metrics: dict[str, Any], start: tuple[str, dict[str, Any]] | None) -> list[str]:
+    """Does the reward model rank the chosen answer first on held-out pairs (and right above wrong)?"""
+    held_out = metrics.get("held_out") or {}
+    if "accuracy" not in held_out:
+        return []
+    rvw = held_out.get("right_vs_wrong") or {}
+    extra = f", {rvw['accuracy']:.3f} on right-vs-wrong pairs (n={rvw['n']})" if rvw.get("n") else ""
+    return [f"- **{name}** ranks the chosen answer first on {held_out['accuracy']:.3f} of "
+            f"{held_out['n']} held-out pairs{extra} (chance: 0.5)"]  # fmt: skip
 
 
 def load_reward_model(source: PathModel) -> Any:
@@ -145,8 +170,6 @@ def held_out_metrics(saved: Path, rows: Any, batch_size: int) -> dict[str, Any]:
     """Pairwise accuracy, mean margin and calibration on held-out pairs; accuracy on right-vs-wrong
     pairs when rows carry a reference `answer`. Scored by the saved model through the
     `reward_model` reward, exactly as GRPO will score with it."""
-    from posttrain.rewards.reward_model import reward_model
-
     score = reward_model(model=PathModel(path=str(saved)), batch_size=batch_size)
     prompts = list(rows["prompt"])
     chosen = score(prompts=prompts, completions=list(rows["chosen"]))

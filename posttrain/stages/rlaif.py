@@ -22,11 +22,13 @@ jobs run this stage alone (`posttrain run r.yaml --only label`) so no barrier ti
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from posttrain import artifacts
+from posttrain.context import StageContext
 from posttrain.data_tools import require_columns
 from posttrain.errors import PosttrainError
+from posttrain.generation import generate, render_prompts
 from posttrain.judges import build_judge, load_local_model, principles_hash
 from posttrain.judges.cache import JudgeCache
 from posttrain.judges.labels import (
@@ -43,9 +45,8 @@ from posttrain.judges.labels import (
     verified,
 )
 from posttrain.recipe import OpenAIJudgeSpec, PresetModel, RewardJudgeSpec, RlaifLabelStage
-
-if TYPE_CHECKING:
-    from posttrain.context import StageContext
+from posttrain.stages import Slot
+from posttrain.training import release
 
 
 def run(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
@@ -54,6 +55,25 @@ def run(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
         artifacts.write_json(ctx.out_dir / artifacts.LABEL_METRICS, label(stage, ctx))
     ctx.barrier()
     return artifacts.read_json(ctx.out_dir / artifacts.LABEL_METRICS)
+
+
+check = None  # the schema checks the judge block and its principles
+workload = None  # trains nothing
+
+
+def slot(stage: RlaifLabelStage) -> Slot:
+    """Preflight: prompts for the policy, which writes max_new_tokens per candidate."""
+    return Slot(stage.policy, stage.data, ("prompt",), stage.sampling.max_new_tokens)
+
+
+def headline(name: str, metrics: dict[str, Any], start: tuple[str, dict[str, Any]] | None) -> list[str]:
+    """How many pairs the judge kept, and how often it agrees with the reference answer."""
+    agreement = metrics.get("agreement_with_answer") or {}
+    if not agreement.get("n"):
+        return []
+    return [f"- **{name}**: the judge kept {metrics.get('kept')} of {metrics.get('pairs_judged')} "
+            f"pairs and agrees with the reference answer on {agreement['accuracy']:.3f} of "
+            f"{agreement['n']} pairs with one right answer"]  # fmt: skip
 
 
 def presets_resolved(stage: RlaifLabelStage, ctx: StageContext) -> RlaifLabelStage:
@@ -148,9 +168,6 @@ def candidates(stage: RlaifLabelStage, ctx: StageContext, rows: Any) -> tuple[li
 
 
 def sample(stage: RlaifLabelStage, ctx: StageContext, prompts: list[Any]) -> tuple[list[list[str]], dict]:
-    from posttrain.generation import generate, render_prompts
-    from posttrain.training import release
-
     tokenizer, model = load_local_model(stage.policy, ctx)
     options = stage.sampling
     answers, speed = generate(

@@ -15,11 +15,15 @@ or `text` (loss on everything). The result is `<stage>/model/` (LoRA merged unle
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from posttrain.architecture import check_moe
+from posttrain.context import StageContext
 from posttrain.errors import PosttrainError
+from posttrain.memory import Workload, trainer_workload
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
-from posttrain.recipe import SFTStage
+from posttrain.recipe import Recipe, SFTStage, trainer_settings
+from posttrain.stages import Slot
 from posttrain.training import (
     callbacks,
     lora_config,
@@ -30,9 +34,6 @@ from posttrain.training import (
     trainer_args,
 )
 
-if TYPE_CHECKING:
-    from posttrain.context import StageContext
-
 SFT_FORMATS = (["messages"], ["prompt", "completion"], ["text"])
 
 
@@ -40,7 +41,7 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
     from transformers import set_seed
     from trl import SFTTrainer
 
-    from posttrain import moe
+    from posttrain import moe  # loads transformers (its callbacks subclass TrainerCallback)
     from posttrain.lora_targets import literal_targets
 
     set_seed(ctx.seed)
@@ -75,6 +76,24 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
     }
     release(trainer, model)
     return metrics
+
+
+def check(stage: SFTStage, recipe: Recipe, path: tuple) -> None:
+    """The `moe:` block asks only for what the model has (from its config, before any weights load)."""
+    check_moe(stage.moe, stage.model, recipe, path)
+
+
+def slot(stage: SFTStage) -> Slot:
+    """Preflight: the rows in any SFT format, cut at the trainer's max_length."""
+    max_length = trainer_settings(stage).get("max_length")
+    return Slot(stage.model, stage.data, None, max_length=max_length, row_format=sft_columns)
+
+
+def workload(stage: SFTStage, recipe: Recipe, shapes: dict) -> Workload | str:
+    return trainer_workload(recipe, shapes, stage.model, trainer_settings(stage), stage.lora, stage.moe)
+
+
+headline = None  # the report's table row says it all: loss, evaluation
 
 
 def sft_columns(dataset: Any) -> Any:
