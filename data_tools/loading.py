@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import artifacts
+from posttrain.data_tools.arithmetic import arithmetic_rows
 from posttrain.data_tools.chat import add_system, apply_template, as_conversation
 from posttrain.data_tools.curriculum import apply_curriculum
 from posttrain.data_tools.hygiene import DataReport, decontaminate, deduplicate
@@ -78,8 +79,6 @@ def _source_rows(spec: SyntheticData | FileData, seed: int) -> Any:
     from datasets import Dataset
 
     if isinstance(spec, SyntheticData):
-        from posttrain.data_tools.arithmetic import arithmetic_rows
-
         options = spec.model_dump(include={"n", "split", "digits", "min_digits", "ops", "cot"})
         return Dataset.from_list(arithmetic_rows(**options, seed=seed if spec.seed is None else spec.seed))
     dataset = _file_rows(spec)

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterable, Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,6 @@ def file_sha256(path: Path) -> str:
 
 
 def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
 
     names = ["posttrain", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed"]
     found = {}

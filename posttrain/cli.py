@@ -1,7 +1,7 @@
 """The `posttrain` command: run, validate and plan recipes.
 
-Heavy libraries (torch, transformers, trl) are imported inside the commands, so `--help`
-is instant. A problem with the user's input prints one line and exits 2; add `--debug`
+Everything beyond typer and rich is imported inside the commands (the recipe schema loads
+pydantic, the stages torch and trl), so `--help` is instant. A problem with the user's input prints one line and exits 2; add `--debug`
 for the traceback.
 
     posttrain run recipes/demo.yaml
@@ -18,6 +18,8 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +28,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from posttrain.artifacts import write_atomic
+from posttrain.distributed import PeerFailed
 from posttrain.errors import PosttrainError
 
 app = typer.Typer(
@@ -60,7 +64,6 @@ def shipped_recipe(path: Path) -> Path:
     """`posttrain run demo` finds the recipe that ships in the package when no such file is here."""
     if path.exists() or path.parent != Path("."):
         return path
-    from importlib.resources import files
 
     shipped = Path(str(files("posttrain.recipes"))) / (path.name if path.suffix else f"{path.name}.yaml")
     return shipped if shipped.exists() else path
@@ -69,7 +72,6 @@ def shipped_recipe(path: Path) -> Path:
 def _quiet_libraries() -> None:
     """Keep the trainer's progress bar; drop datasets' per-map bars and info chatter."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notices
     import datasets
@@ -433,8 +435,6 @@ def rewards_score(
         tok = load_tokenizer(PathModel(path=tokenizer))
     scored, summary = score_rows(rows, specs, tok, label=str(file))
     if out is not None:
-        from posttrain.artifacts import write_atomic
-
         write_atomic(out, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in scored))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -472,8 +472,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except Exception as e:  # click's usage errors; a peer rank's failure
         import click
-
-        from posttrain.distributed import PeerFailed
 
         if isinstance(e, click.ClickException):
             e.show()

@@ -16,13 +16,12 @@ files work offline) are found through `include_path`.
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from posttrain.artifacts import HARNESS_RESULTS, write_json
+from posttrain.context import StageContext
 from posttrain.errors import PosttrainError, did_you_mean
 from posttrain.recipe import HarnessSpec, PathModel
-
-if TYPE_CHECKING:
-    from posttrain.context import StageContext
 
 INSTALL = "pip install 'posttrain[eval]' (lm-eval)"
 
@@ -56,8 +55,6 @@ def run_harness(source: PathModel, spec: HarnessSpec, ctx: StageContext) -> dict
         raise PosttrainError("the lm-eval harness is not installed", fix=INSTALL)
     import lm_eval
     import torch
-
-    from posttrain.artifacts import HARNESS_RESULTS, write_json
 
     model_args = {"pretrained": source.path, "trust_remote_code": source.trust_remote_code, **spec.model_args}
     output = lm_eval.simple_evaluate(

@@ -16,6 +16,7 @@ from typing import Any
 
 from posttrain import artifacts
 from posttrain.errors import PosttrainError, did_you_mean, one_of
+from posttrain.lora_targets import literal_targets
 from posttrain.recipe import PathModel
 
 PRESETS = Path(str(files("posttrain.recipes") / "models"))
@@ -136,8 +137,6 @@ def load_causal_lm(source: PathModel, **kwargs: Any) -> Any:
         kwargs.setdefault("dtype", dtype)
     if (Path(source.path) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
-
-        from posttrain.lora_targets import literal_targets
 
         with literal_targets():  # the saved adapter config already names v5 modules
             return AutoPeftModelForCausalLM.from_pretrained(source.path, **kwargs).merge_and_unload()

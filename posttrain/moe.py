@@ -36,11 +36,10 @@ from posttrain.architecture import (
     require_moe_fits,
 )
 from posttrain.distributed import state, zero_stage
+from posttrain.recipe import LoraSpec, MoESpec
 
 if TYPE_CHECKING:
     import torch
-
-    from posttrain.recipe import LoraSpec, MoESpec
 
 
 # --------------------------------------------------------------------------- finding the pieces

@@ -15,9 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.architecture import model_max_positions, model_source
+from posttrain.artifacts import completed_manifest
+from posttrain.data_tools import load_rows, require_columns
 from posttrain.errors import PosttrainError
+from posttrain.generation import render_prompts
 from posttrain.memory import Cluster, ModelShape, plan_stage, recommend
+from posttrain.models import TOKENIZER_DIR, load_tokenizer
 from posttrain.recipe import PresetModel, Recipe, StageBase
+from posttrain.rewards import build_reward
+from posttrain.rewards.text import completion_text
 from posttrain.runner import order_stages
 from posttrain.stages import Slot, stage_module
 
@@ -61,9 +67,6 @@ def stage_slot(stage: StageBase) -> Slot | None:
 def check_slot(recipe: Recipe, where: str, slot: Slot) -> list[Finding]:
     """Load the slot's data (unless a stage still has to write it), then check its columns and
     lengths and run its rewards on a few rows."""
-    from posttrain.artifacts import completed_manifest
-    from posttrain.data_tools import load_rows, require_columns
-
     data = slot.data
     if (
         isinstance(data, str)
@@ -137,9 +140,6 @@ def length_findings(
 def token_ids(tokenizer: Any, rows: Any, prompt_only: bool) -> list[list[int]]:
     """Each row as the model sees it: the rendered prompt where the model generates the rest,
     else the chat template over messages, or prompt + completion."""
-    from posttrain.generation import render_prompts
-    from posttrain.rewards.text import completion_text
-
     columns = rows.column_names
     if prompt_only and "prompt" in columns:
         texts = render_prompts(tokenizer, list(rows["prompt"]))
@@ -160,8 +160,6 @@ def token_ids(tokenizer: Any, rows: Any, prompt_only: bool) -> list[list[int]]:
 
 def tokenizer_for(recipe: Recipe, ref: Any) -> Any:
     """The tokenizer a model slot will use, without loading weights (see `model_source`)."""
-    from posttrain.models import TOKENIZER_DIR, load_tokenizer
-
     source = model_source(recipe, ref)
     if isinstance(source, PresetModel):  # every preset uses the tokenizer that ships with the package
         from transformers import AutoTokenizer
@@ -173,8 +171,6 @@ def tokenizer_for(recipe: Recipe, ref: Any) -> Any:
 def run_rewards(where: str, specs: list[Any], rows: Any, what: str = "reward") -> list[Finding]:
     """Run each reward on a few real rows, with the reference answer (when the data has one) as
     the completion: a reward that raises, or returns the wrong number of scores, fails here."""
-    from posttrain.rewards import build_reward
-
     if not specs:
         return []
     batch = rows.select(range(min(len(rows), REWARD_ROWS)))

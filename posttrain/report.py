@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from posttrain import artifacts
 from posttrain.recipe import STAGE_KINDS
 from posttrain.stages import stage_module
@@ -61,7 +63,6 @@ def read_curves(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def collect(run_dir: Path) -> tuple[str, list[StageSummary]]:
     """The run's name and a summary of each stage, in the order of the resolved recipe."""
-    import yaml
 
     resolved_file = run_dir / artifacts.RESOLVED_RECIPE
     resolved = yaml.safe_load(resolved_file.read_text()) if resolved_file.exists() else {}

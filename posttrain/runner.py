@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from posttrain import artifacts
 from posttrain.context import StageContext
 from posttrain.distributed import launch_info, on_main, state
@@ -298,7 +300,6 @@ def _manifest(recipe: Recipe, stage: StageBase, fp: str, finished: dict, wall: f
 
 
 def _write_resolved(recipe: Recipe) -> None:
-    import yaml
 
     text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     try:

@@ -30,15 +30,14 @@ with `path:` starts from those weights instead (any causal LM, e.g. a hub id), a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from posttrain import artifacts
 from posttrain.architecture import text_config
+from posttrain.context import StageContext
 from posttrain.errors import PosttrainError
-from posttrain.recipe import DENSE_SIZE_KEYS, PathModel, StudentSpec, check_dense_sizes
-
-if TYPE_CHECKING:
-    from posttrain.context import StageContext
+from posttrain.models import count_parameters, load_tokenizer, save_random_init
+from posttrain.recipe import DENSE_SIZE_KEYS, PathModel, PresetModel, StudentSpec, check_dense_sizes
 
 DENSE_ARCHITECTURES = ("llama", "qwen2")
 # Config fields copied from the teacher as they are: numerics and special tokens the student must share.
@@ -125,8 +124,6 @@ def student_source(spec: StudentSpec, ctx: StageContext) -> PathModel:
     if spec.path is not None:
         return ctx.model(spec.path)
     if spec.preset is not None:
-        from posttrain.recipe import PresetModel
-
         return ctx.model(PresetModel(preset=spec.preset))
     dest = ctx.out_dir / spec.name / artifacts.STUDENT_INIT
     if not (dest / artifacts.MODEL_CONFIG).exists() and ctx.is_main:
@@ -137,8 +134,6 @@ def student_source(spec: StudentSpec, ctx: StageContext) -> PathModel:
 
 def build_dense_student(teacher: PathModel, spec: StudentSpec, seed: int, dest: Path) -> Path:
     """Random-initialise the dense student derived from `teacher` and save it with the teacher's tokenizer."""
-    from posttrain.models import load_tokenizer, save_random_init
-
     tokenizer = load_tokenizer(teacher)
     config = dense_config(load_config(teacher), spec.architecture, **spec.size_overrides())
     if config.pad_token_id is None:
@@ -151,8 +146,6 @@ def parameter_counts(source: PathModel) -> dict[str, int]:
     so this is as cheap for a 671B teacher as for a tiny one."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from posttrain.models import count_parameters
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
@@ -168,8 +161,6 @@ def tokenizer_mismatch(teacher: PathModel, student: PathModel) -> str | None:
 
     Logit distillation compares the two models' full distributions over one vocabulary, so the
     tokenizers must map every string to the same ids and the output layers must be equally wide."""
-    from posttrain.models import load_tokenizer
-
     t_tok, s_tok = load_tokenizer(teacher), load_tokenizer(student)
     t_vocab, s_vocab = t_tok.get_vocab(), s_tok.get_vocab()
     if t_vocab != s_vocab:

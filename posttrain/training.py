@@ -7,21 +7,21 @@ settings into trl and the trained weights into the run directory.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from posttrain import artifacts
 from posttrain.artifacts import read_json
-from posttrain.distributed import has_accelerator
+from posttrain.context import StageContext
+from posttrain.distributed import has_accelerator, unsharded_loading
 from posttrain.errors import PosttrainError
+from posttrain.lora_targets import literal_targets, peft_targets
 from posttrain.recipe import GuardSpec, LoraSpec, trainer_config_class
-
-if TYPE_CHECKING:
-    from posttrain.context import StageContext
 
 
 def trainer_args(config: str, train: dict[str, Any], ctx: StageContext, **defaults: Any) -> Any:
@@ -63,7 +63,7 @@ def callbacks(ctx: StageContext, guard: GuardSpec | None = None) -> list[Any]:
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    from posttrain.guards import GracefulStop, TrainingGuard
+    from posttrain.guards import GracefulStop, TrainingGuard  # loads transformers (TrainerCallbacks)
 
     guard = guard or GuardSpec()
     found: list[Any] = [GracefulStop(), TrainingGuard(ctx.stage, **guard.model_dump())]
@@ -83,8 +83,6 @@ def lora_config(
 
     kwargs = spec.peft_kwargs()
     if spec.targets is not None:
-        from posttrain.lora_targets import peft_targets
-
         kwargs.update(peft_targets(model, spec.targets))
     if modules_to_save:
         kwargs["modules_to_save"] = [*(kwargs.get("modules_to_save") or []), *modules_to_save]
@@ -210,12 +208,8 @@ def save_final_model(trainer: Any, tokenizer: Any, ctx: StageContext, lora: Lora
 
 
 def _merge_adapter(folder: Path, tokenizer: Any) -> None:
-    import json
 
     from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
-
-    from posttrain.distributed import unsharded_loading
-    from posttrain.lora_targets import literal_targets
 
     with unsharded_loading(), literal_targets():  # main process only: no ZeRO-3 partitioning
         if json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS":

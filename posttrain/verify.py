@@ -16,6 +16,7 @@ from typing import Any
 
 from posttrain import artifacts
 from posttrain.recipe import Recipe, StageBase
+from posttrain.runner import make_plan
 
 NOT_DONE = {
     "run": "not complete: never run, or its config or inputs changed since",
@@ -27,8 +28,6 @@ NOT_DONE = {
 def verify_run(recipe: Recipe) -> list[str]:
     """Every problem of the recipe's run directory, one line each; [] when every stage is
     complete (cached for this recipe) and every file checks out."""
-    from posttrain.runner import make_plan
-
     run_dir = recipe.run_dir
     problems = []
     for planned in make_plan(recipe):

@@ -44,6 +44,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from posttrain.recipe import RewardSpec
 from posttrain.rewards import (  # noqa: F401  (importing registers the built-in rewards)
     accuracy,
     format,
@@ -84,8 +85,6 @@ __all__ = [
 
 
 def _spec(spec: Any) -> Any:
-    from posttrain.recipe import RewardSpec
-
     return spec if isinstance(spec, RewardSpec) else RewardSpec.model_validate(dict(spec))
 
 

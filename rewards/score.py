@@ -13,9 +13,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import yaml
+from pydantic import ValidationError
+
 from posttrain.errors import PosttrainError
-from posttrain.recipe import PathModel
+from posttrain.recipe import PathModel, RewardSpec
+from posttrain.rewards import build_reward, reward_columns
 from posttrain.rewards.registry import check_spec
+from posttrain.rewards.text import completion_text
 
 BATCH = 256
 
@@ -55,11 +60,6 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def parse_reward(text: str) -> Any:
     """`accuracy`, `my_pkg.mod:fn`, or a YAML mapping `{name: format, mode: lenient}`."""
-    import yaml
-    from pydantic import ValidationError
-
-    from posttrain.recipe import RewardSpec
-
     value: Any = text
     if text.lstrip().startswith("{"):
         try:
@@ -82,8 +82,6 @@ def score_rows(
     rows: list[dict[str, Any]], specs: list[Any], tokenizer: Any = None, label: str = "data"
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
     """Each row with `rewards: {name: score}`, and per-reward summary statistics."""
-    from posttrain.rewards import build_reward, reward_columns
-
     columns = sorted({k for row in rows for k in row})
     for spec in specs:
         missing = [c for c in reward_columns(spec) if c not in columns]
@@ -126,6 +124,4 @@ def summarize(values: list[float | None], stats: dict[str, float]) -> dict[str, 
 
 
 def _token_ids(tokenizer: Any, completion: Any) -> list[int]:
-    from posttrain.rewards.text import completion_text
-
     return tokenizer(completion_text(completion), add_special_tokens=False)["input_ids"]

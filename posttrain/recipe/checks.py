@@ -8,6 +8,8 @@ files' columns, harness tasks, each stage kind's own rules) run in posttrain.loa
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -124,8 +126,6 @@ def check_trainer_keys(recipe: Recipe) -> None:
 def _scalar_types(annotation: Any) -> tuple[type, ...]:
     """The scalar types a plainly typed dataclass field takes (`float`, `int | None`, ...);
     empty for anything richer, which trl checks itself."""
-    import types
-    import typing
 
     args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     if all(a in (float, int, bool, type(None)) for a in args):

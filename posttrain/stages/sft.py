@@ -20,6 +20,7 @@ from typing import Any
 from posttrain.architecture import check_moe
 from posttrain.context import StageContext
 from posttrain.errors import PosttrainError
+from posttrain.lora_targets import literal_targets
 from posttrain.memory import Workload, trainer_workload
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import Recipe, SFTStage, trainer_settings
@@ -42,7 +43,6 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
     from trl import SFTTrainer
 
     from posttrain import moe  # loads transformers (its callbacks subclass TrainerCallback)
-    from posttrain.lora_targets import literal_targets
 
     set_seed(ctx.seed)
     dataset = sft_columns(ctx.data(stage.data))
