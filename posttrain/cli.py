@@ -1,8 +1,9 @@
 """The `posttrain` command: run, validate and plan recipes.
 
 Everything beyond typer and rich is imported inside the commands (the recipe schema loads
-pydantic, the stages torch and trl), so `--help` is instant. A problem with the user's input prints one line and exits 2; add `--debug`
-for the traceback.
+pydantic, the stages torch and trl), so `--help` is instant. A problem with the user's input
+prints one line and exits 2; add `--debug` anywhere on the line for the traceback (`main`
+reads it, so no command needs to).
 
     posttrain run recipes/demo.yaml
     posttrain run recipes/demo.yaml --set stages.sft.train.learning_rate=1e-3 --force sft
@@ -34,7 +35,8 @@ from posttrain.errors import PosttrainError
 
 app = typer.Typer(
     name="posttrain",
-    help="DeepSeek-style post-training from one recipe: SFT, RLAIF reward models, GRPO, distillation.",
+    help="DeepSeek-style post-training from one recipe: SFT, RLAIF reward models, GRPO, distillation. "
+    "Add --debug to any command to see tracebacks.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -51,7 +53,6 @@ Set = Annotated[
         "--set", help="Override a recipe key: --set stages.sft.train.learning_rate=1e-4 (repeatable)."
     ),
 ]
-Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
 def _load(recipe: Path, overrides: list[str] | None):  # -> Recipe
@@ -95,7 +96,6 @@ def run(
     only: Annotated[
         str | None, typer.Option("--only", help="Run this stage alone (its inputs must be done).")
     ] = None,
-    debug: Debug = False,
 ) -> None:
     """Run a recipe: every stage in order, skipping finished ones and resuming interrupted ones."""
     loaded = _load(recipe, set_)
@@ -148,7 +148,7 @@ def _summary(metrics: dict) -> str:
 
 
 @app.command()
-def validate(recipe: Recipe, set_: Set = None, debug: Debug = False) -> None:
+def validate(recipe: Recipe, set_: Set = None) -> None:
     """Check a recipe (schema, references, trainer keys) without loading any model."""
     from posttrain.runner import order_stages
 
@@ -174,7 +174,6 @@ def plan(
     preflight: Annotated[
         bool, typer.Option(help="Load tokenizers and data, check columns, lengths and rewards.")
     ] = True,
-    debug: Debug = False,
 ) -> None:
     """Show the stages in run order, their inputs, and which are cached, then the preflight checks;
     with --gpu-memory, also each stage's per-GPU memory under DDP / ZeRO-2 / ZeRO-3 / ZeRO-3 +
@@ -314,7 +313,6 @@ def _print_plan(recipe, force: tuple[str, ...]) -> None:
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<name>).", show_default=False)],
-    debug: Debug = False,
 ) -> None:
     """Rebuild a run's report.md and plots from its stage folders."""
     from posttrain.report import write_report
@@ -326,7 +324,7 @@ def report(
 
 
 @app.command()
-def verify(recipe: Recipe, set_: Set = None, debug: Debug = False) -> None:
+def verify(recipe: Recipe, set_: Set = None) -> None:
     """Check the recipe's run directory: every stage complete, its listed files intact, its
     model loadable, every JSONL file (judge caches, samples, traces) uncorrupted. Exit 2 if not."""
     from posttrain.verify import verify_run
@@ -359,7 +357,6 @@ def data_inspect(
     examples: Annotated[int, typer.Option("--examples", help="Rows to show rendered.")] = 3,
     out: Annotated[Path, typer.Option("--out", help="Folder for the length histogram.")] = Path("."),
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary on stdout.")] = False,
-    debug: Debug = False,
 ) -> None:
     """Rows, columns, examples through the chat template, token lengths, duplicates, histogram."""
     _quiet_libraries()
@@ -394,7 +391,7 @@ app.add_typer(rewards_app, name="rewards")
 
 
 @rewards_app.command("list")
-def rewards_list(debug: Debug = False) -> None:
+def rewards_list() -> None:
     """The registered rewards, each with its one-line summary."""
     from posttrain.rewards import describe
 
@@ -420,7 +417,6 @@ def rewards_score(
         str | None, typer.Option("--tokenizer", help="Count lengths and n-grams in this model's tokens.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Summary as JSON on stdout.")] = False,
-    debug: Debug = False,
 ) -> None:
     """Score completions with rewards: mean, std, share of None, errors, timeouts, samples/s per reward."""
     from posttrain.rewards.score import parse_reward, read_rows, score_rows
@@ -454,6 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line and exit code 2 (tracebacks with --debug)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("POSTTRAIN_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]  # a flag of the whole line, for every command
     try:
         code = app(args=args, prog_name="posttrain", standalone_mode=False)
         if isinstance(code, int) and code:  # typer returns Exit codes instead of raising them

@@ -243,14 +243,25 @@ def train_metrics(trainer: Any) -> dict[str, Any]:
     return metrics
 
 
-def release(*objects: Any) -> None:
-    """Free a finished stage's trainer and models so the next stage starts clean."""
+def release(held: list[Any] | None = None) -> None:
+    """Free a finished stage's trainer and models so the next stage (or student) starts clean.
+
+    `held` must hold the last references to them: the caller moves its own into it and deletes
+    its names (`held = [trainer, model]; del trainer, model; release(held)`), since nothing here
+    can drop a reference the caller keeps. The trainers' accelerator state is freed first, then
+    `held` is emptied, and the garbage collector (trainers sit in reference cycles) and the CUDA
+    cache run last."""
     import torch
 
-    for obj in objects:
-        if hasattr(obj, "accelerator"):
-            obj.accelerator.free_memory()
-    del objects
+    _free_accelerator_state(held or [])  # in a function of its own: no loop variable outlives it
+    if held is not None:
+        held.clear()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _free_accelerator_state(objects: list[Any]) -> None:
+    for obj in objects:
+        if hasattr(obj, "accelerator"):
+            obj.accelerator.free_memory()

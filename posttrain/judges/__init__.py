@@ -25,7 +25,6 @@ from posttrain import artifacts
 from posttrain.context import StageContext
 from posttrain.judges.prompt import PROMPT_VERSION
 from posttrain.models import load_causal_lm, load_tokenizer
-from posttrain.training import release
 
 BACKENDS = {
     "hf": "posttrain.judges.hf",
@@ -106,15 +105,6 @@ def load_local_model(ref: Any, ctx: Any) -> tuple[Any, Any]:
     source = ctx.model(ref)
     model = load_causal_lm(source).eval()
     return load_tokenizer(source), model.to("cuda") if torch.cuda.is_available() else model
-
-
-def release_model(model: Any) -> Callable[[], None]:
-    """A judge's `close`: free its model."""
-
-    def close() -> None:
-        release(model)
-
-    return close
 
 
 def principles_hash(principles: list[str] | None) -> str | None:

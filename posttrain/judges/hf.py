@@ -13,9 +13,10 @@ from typing import Any
 from posttrain.context import StageContext
 from posttrain.errors import PosttrainError
 from posttrain.generation import generate, model_device
-from posttrain.judges import Judge, PairQuery, load_local_model, release_model
+from posttrain.judges import Judge, PairQuery, load_local_model
 from posttrain.judges.prompt import RATIONALE, VERDICT, pairwise_prompt, render_question, split_rationale
 from posttrain.recipe import HFJudgeSpec
+from posttrain.training import release
 
 
 def build(spec: HFJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:
@@ -43,7 +44,7 @@ def build(spec: HFJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:
         batch_size=spec.batch_size,
         compare=compare,
         principles=spec.principles,
-        close=release_model(model),
+        close=release,  # the model goes with the judge (its closures hold it); this collects it
     )
 
 

@@ -14,8 +14,9 @@ from typing import Any
 
 from posttrain.context import StageContext
 from posttrain.generation import model_device
-from posttrain.judges import Judge, load_local_model, release_model
+from posttrain.judges import Judge, load_local_model
 from posttrain.recipe import LikelihoodJudgeSpec
+from posttrain.training import release
 
 
 def build(spec: LikelihoodJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:
@@ -31,7 +32,7 @@ def build(spec: LikelihoodJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:
         batch_size=spec.batch_size,
         score=score,
         temperature=spec.temperature,
-        close=release_model(model),
+        close=release,  # the model goes with the judge (its closures hold it); this collects it
     )
 
 

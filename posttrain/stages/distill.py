@@ -280,7 +280,9 @@ def sft_student(source: PathModel, traces: Any, stage: DistillStage, ctx: StageC
         processing_class=tokenizer,
         callbacks=callbacks(ctx, stage.guard),
     )
-    return fit(trainer, tokenizer, ctx, model)
+    held = [trainer, model]
+    del trainer, model  # `held` keeps the last references: fit() releases them
+    return fit(held, tokenizer, ctx)
 
 
 def on_policy_student(
@@ -310,15 +312,20 @@ def on_policy_student(
         processing_class=tokenizer,
         callbacks=callbacks(ctx, stage.guard),
     )
-    return fit(trainer, tokenizer, ctx, model, teacher_model)
+    held = [trainer, model, teacher_model]
+    del trainer, model, teacher_model  # `held` keeps the last references: fit() releases them
+    return fit(held, tokenizer, ctx)
 
 
-def fit(trainer: Any, tokenizer: Any, ctx: StageContext, *models: Any) -> dict[str, Any]:
-    """Train (from the last checkpoint of an interrupted run), save `model/` atomically, free it all."""
+def fit(held: list[Any], tokenizer: Any, ctx: StageContext) -> dict[str, Any]:
+    """Train `held[0]` (from the last checkpoint of an interrupted run), save `model/` atomically,
+    and free the trainer and the models `held` holds the last references to."""
+    trainer = held[0]
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     save_final_model(trainer, tokenizer, ctx, None)
     metrics = train_metrics(trainer)
-    release(trainer, *models)
+    del trainer
+    release(held)
     return metrics
 
 

@@ -98,7 +98,9 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
         "samples_logged": samples.rows,
         **experts.summary(ctx.out_dir if ctx.is_main else None),
     }
-    release(trainer, model)
+    held = [trainer, model]
+    del trainer, model  # `held` keeps the last references: release() drops them
+    release(held)
     return metrics
 
 

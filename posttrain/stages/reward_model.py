@@ -83,7 +83,9 @@ def run(stage: RewardModelStage, ctx: StageContext) -> dict[str, Any]:
         "parameters": count_parameters(trainer.model),
         "pairs": {"train": len(train_rows), "held_out": len(held_out)},
     }
-    release(trainer, model)
+    held = [trainer, model]
+    del trainer, model  # `held` keeps the last references: release() drops them
+    release(held)
     if len(held_out):
         metrics["held_out"] = held_out_metrics(saved, held_out, args.per_device_eval_batch_size)
     return metrics
@@ -183,7 +185,7 @@ def held_out_metrics(saved: Path, rows: Any, batch_size: int) -> dict[str, Any]:
     }
     if "answer" in rows.column_names:
         metrics["right_vs_wrong"] = right_vs_wrong(rows, margins)
-    del score
+    del score  # its model's last reference
     release()
     return metrics
 

@@ -181,7 +181,9 @@ def sample(stage: RlaifLabelStage, ctx: StageContext, prompts: list[Any]) -> tup
         temperature=options.temperature,
         top_p=options.top_p,
     )
-    release(model)
+    held = [model]
+    del model  # `held` keeps the last reference: release() drops it
+    release(held)
     distinct = sum(len(set(a)) for a in answers) / max(len(answers), 1)
     return answers, {
         "source": "policy",

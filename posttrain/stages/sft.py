@@ -74,7 +74,9 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
         "rows": len(dataset),
         **experts.summary(ctx.out_dir if ctx.is_main else None),
     }
-    release(trainer, model)
+    held = [trainer, model]
+    del trainer, model  # `held` keeps the last references: release() drops them
+    release(held)
     return metrics
 
 
