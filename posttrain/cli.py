@@ -131,17 +131,23 @@ def _report(stage: str, event: str, details: dict) -> None:
 
 
 def _summary(metrics: dict) -> str:
+    """A stage's metrics in one line, read through their declared shapes (posttrain.metrics and
+    each kind's `Metrics`): loss, held-out accuracy, a distill stage's models."""
+    from posttrain.metrics import EvalMetrics, TrainMetrics
+    from posttrain.stages.distill import Metrics as DistillMetrics
+
     parts = []
-    train = metrics.get("train") or {}
+    train: TrainMetrics = metrics.get("train") or {}
     if train.get("loss_first") is not None:
         parts.append(f"loss {train['loss_first']:.3f} → {train['loss_last']:.3f}")
-    evaluation = metrics.get("eval") or {}
+    evaluation: EvalMetrics = metrics.get("eval") or {}
     if "accuracy" in evaluation:
         parts.append(f"eval accuracy {evaluation['accuracy']:.3f} (n={evaluation['n']})")
     if "pass_at_1" in evaluation:
         parts.append(f"pass@1 {evaluation['pass_at_1']:.3f} (k={evaluation['k']})")
-    models = {"teacher": metrics.get("teacher") or {}, **(metrics.get("students") or {})}
-    if "students" in metrics and all("accuracy" in m for m in models.values()):
+    distill: DistillMetrics = metrics  # type: ignore[assignment]  (any kind with students)
+    models = {"teacher": distill.get("teacher") or {}, **(distill.get("students") or {})}
+    if "students" in distill and all("accuracy" in m for m in models.values()):
         sizes = [f"{name} {m['accuracy']:.3f} ({m['parameters'] / 1e6:.2f}M)" for name, m in models.items()]
         parts.append("accuracy " + ", ".join(sizes))
     return ", ".join(parts) or "ok"

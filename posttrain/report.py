@@ -1,7 +1,7 @@
 """The run report: `report.md` at the top of the run directory, with PNG plots beside it.
 
 One table holds every stage (in run order) with its training metrics, data preparation and
-evaluation; `loss.png`, `reward.png` and `accuracy.png` show the curves (read back from each
+evaluation, read through the shapes posttrain.metrics and each kind's `Metrics` declare; `loss.png`, `reward.png` and `accuracy.png` show the curves (read back from each
 stage's TensorBoard logs) and the evaluation per stage. The runner rewrites it after every
 stage (main process only); `posttrain report RUN_DIR` rebuilds it from the files alone.
 """
@@ -16,8 +16,10 @@ from typing import Any
 import yaml
 
 from posttrain import artifacts
+from posttrain.metrics import EvalMetrics, MoESummary, TrainMetrics
 from posttrain.recipe import STAGE_KINDS
 from posttrain.stages import stage_module
+from posttrain.stages.distill import Metrics as DistillMetrics
 
 CURVES = {"loss": "train/loss", "reward": "train/reward"}
 EVAL_COLUMNS = (
@@ -36,15 +38,19 @@ class StageSummary:
     name: str
     kind: str
     status: str  # complete | running | pending
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]  # the kind's `Metrics` (posttrain/stages/<kind>.py), as metrics.json holds it
     data: list[dict[str, Any]]
     curves: dict[str, list[tuple[int, float]]]
     gate: dict[str, float] | None
     source: str | None = None  # the stage whose model this one started from, if any
 
     @property
-    def eval(self) -> dict[str, Any]:
+    def eval(self) -> EvalMetrics:
         return self.metrics.get("eval") or {}
+
+    @property
+    def train(self) -> TrainMetrics:
+        return self.metrics.get("train") or {}
 
 
 def read_curves(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -113,7 +119,7 @@ def _first_last(curve: list[tuple[int, float]]) -> tuple[float, float] | None:
 
 
 def train_cell(stage: StageSummary) -> str:
-    train = stage.metrics.get("train") or {}
+    train = stage.train
     parts = []
     loss = (train.get("loss_first"), train.get("loss_last"))
     if None in loss:
@@ -197,14 +203,15 @@ def distill_section(stages: list[StageSummary]) -> list[str]:
     """Per distill stage: the teacher and its students side by side (size, accuracy, speed)."""
     lines: list[str] = []
     for s in stages:
-        students = s.metrics.get("students")
+        metrics: DistillMetrics = s.metrics  # type: ignore[assignment]  (any kind with students)
+        students = metrics.get("students")
         if not students:
             continue
-        pass_rate = (s.metrics.get("traces") or {}).get("pass_rate")
+        pass_rate = (metrics.get("traces") or {}).get("pass_rate")
         title = f"**{s.name}**" + (f": trace pass rate {pass_rate:.3f}" if pass_rate is not None else "")
         head = ["model", "parameters", "active", "accuracy", "vs teacher", "tokens/s", "vs teacher"]
         lines += [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for name, m in {"teacher": s.metrics.get("teacher") or {}, **students}.items():
+        for name, m in {"teacher": metrics.get("teacher") or {}, **students}.items():
             sizes = [f"{m[k] / 1e6:.2f} M" if m.get(k) else "" for k in ("parameters", "active_parameters")]
             row = [name, *sizes, _num(m.get("accuracy")), _num(m.get("accuracy_vs_teacher"), 2)]
             row += [_num(m.get("tokens_per_s"), 1), _num(m.get("speedup_vs_teacher"), 2)]
@@ -217,7 +224,7 @@ def moe_section(run_dir: Path, stages: list[StageSummary]) -> list[str]:
     """Router balance of every stage that trained an MoE model, with its expert-load heatmap."""
     lines: list[str] = []
     for s in stages:
-        m = s.metrics
+        m: MoESummary = s.metrics  # type: ignore[assignment]  (the MoE keys of any trainer's metrics)
         if "moe/load_cv" not in m:
             continue
         trend = (

@@ -323,7 +323,9 @@ def _stage_recipe(write_recipe, tiny_moe: Path, body: str) -> Path:
     )
 
 
-def test_traces_mode_trains_students_and_reports_them_next_to_the_teacher(write_recipe, tiny_moe, cli):
+def test_traces_mode_trains_students_and_reports_them_next_to_the_teacher(
+    write_recipe, tiny_moe, cli, declared
+):
     recipe = _stage_recipe(
         write_recipe,
         tiny_moe,
@@ -366,6 +368,7 @@ def test_traces_mode_trains_students_and_reports_them_next_to_the_teacher(write_
             "trace_pass_rate",
         } <= set(student)
     assert metrics["students"]["small"]["parameters"] < metrics["students"]["wide"]["parameters"]
+    assert declared(recipe.parent / "runs") == []  # teacher and students with their eval, as declared
     report = (recipe.parent / "runs" / "report.md").read_text()
     assert (
         "## Distillation" in report and "| wide | 0." in report and "| teacher | 1.01 M | 0.57 M |" in report

@@ -159,7 +159,7 @@ def test_harness_is_validated(write_recipe, cli) -> None:
 
 
 def test_gate_stops_the_pipeline_then_eval_and_report_after_training(
-    write_recipe, cli, tmp_path: Path
+    write_recipe, cli, tmp_path: Path, declared
 ) -> None:
     """A random base model misses its gate: the pipeline stops, that stage stays COMPLETE. With the
     gate lowered it is cached (not re-run), SFT trains, is evaluated, and report.md shows both."""
@@ -211,6 +211,7 @@ def test_gate_stops_the_pipeline_then_eval_and_report_after_training(
         assert (run / plot).read_bytes().startswith(b"\x89PNG")
     assert "![loss](loss.png)" in report and not (run / "reward.png").exists()
 
+    assert declared(run) == []  # an evaluate stage's and a trainer's `eval`, as declared
     (run / "report.md").unlink()
     code, _, stderr = cli("report", run)
     assert code == 0, stderr

@@ -99,7 +99,7 @@ def problems_beyond_unfinished(recipe) -> list[str]:
     return [p for p in verify_run(recipe) if not any(p.endswith(why) for why in NOT_DONE.values())]
 
 
-def test_pipeline_killed_at_random_moments_resumes_to_a_valid_run(write_recipe, cli, tmp_path):
+def test_pipeline_killed_at_random_moments_resumes_to_a_valid_run(write_recipe, cli, tmp_path, declared):
     path = write_recipe(RECIPE)
     recipe = loading.load(path)
     runs, log = recipe.run_dir, tmp_path / "runs.log"
@@ -124,6 +124,7 @@ def test_pipeline_killed_at_random_moments_resumes_to_a_valid_run(write_recipe, 
     assert [s["status"] for s in json.loads(out)["stages"]] == ["cached"] * len(STAGES)
     code, _, _ = cli("verify", path)
     assert code == 0
+    assert declared(runs) == []  # every kind wrote exactly its declared metrics (tests/test_metrics.py)
 
     # What the kills interrupted was resumed, not redone or duplicated.
     label = json.loads((runs / "label" / "metrics.json").read_text())

@@ -30,8 +30,6 @@ tokens/s, and the trace pass rate.
       train: {num_train_epochs: 2}     # trl SFTConfig keys (DistillationConfig in mode logits)
 """
 
-from __future__ import annotations
-
 import dataclasses
 import shutil
 from typing import Any
@@ -43,6 +41,7 @@ from posttrain.data_tools.mixture import concatenate
 from posttrain.data_tools.peek import peek_columns
 from posttrain.errors import PosttrainError
 from posttrain.evaluation import evaluate_model
+from posttrain.metrics import EvalMetrics, Evaluated, NotRequired, Timed, TrainMetrics, TypedDict
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.recipe import DistillStage, MixSpec, PathModel, Recipe, StudentSpec
 from posttrain.rewards import build_reward, reward_columns, reward_label
@@ -62,7 +61,48 @@ from posttrain.training import (
 RESERVED = (artifacts.DATA, artifacts.TEACHER, artifacts.CHECKPOINTS, artifacts.LOGS)
 
 
-def run(stage: DistillStage, ctx: StageContext) -> dict[str, Any]:
+class Description(TypedDict):
+    """One model's size, and (with the recipe's `eval:`) its held-out accuracy and speed."""
+
+    model: str
+    parameters: int
+    active_parameters: NotRequired[int]  # an MoE teacher's parameters per token
+    accuracy: NotRequired[float]
+    tokens_per_s: NotRequired[float]
+    eval: NotRequired[EvalMetrics]
+
+
+class Student(Description):
+    init: str  # where its weights started
+    train: dict[str, TrainMetrics]  # per phase: sft, logits
+    parameters_vs_teacher: float
+    accuracy_vs_teacher: NotRequired[float | None]  # None where the teacher scores 0
+    speedup_vs_teacher: NotRequired[float | None]
+    trace_pass_rate: NotRequired[float]
+
+
+class TraceStats(TypedDict):
+    prompts: int
+    samples: int
+    pass_rate: float  # samples that passed every verifier
+    prompts_with_pass: float
+    kept: int
+    verifier_means: dict[str, float]
+    sampling_tokens_per_s: float | None
+    verifier_stats: dict[str, dict[str, float]]
+    mix_rows: NotRequired[int]
+    train_rows: int
+
+
+class Metrics(Timed):
+    mode: str
+    teacher: Description
+    traces: NotRequired[TraceStats]  # traces modes
+    rows: int  # what the students train on
+    students: dict[str, Student]
+
+
+def run(stage: DistillStage, ctx: StageContext) -> Metrics:
     from transformers import set_seed
 
     set_seed(ctx.seed)
@@ -73,7 +113,7 @@ def run(stage: DistillStage, ctx: StageContext) -> dict[str, Any]:
     sources = {spec.name: student_source(spec, ctx) for spec in stage.students}
     if stage.mode != "traces":
         check_tokenizers(teacher, sources)
-    metrics: dict[str, Any] = {"mode": stage.mode, "teacher": describe(teacher, _sub(ctx, artifacts.TEACHER))}
+    metrics: Any = {"mode": stage.mode, "teacher": describe(teacher, _sub(ctx, artifacts.TEACHER))}
     traces = None
     if stage.mode != "logits":
         traces, metrics["traces"] = make_traces(stage, ctx, teacher, rows, verifiers)
@@ -126,7 +166,7 @@ def slot(stage: DistillStage) -> Slot:
 workload = None  # not estimated yet (students and a frozen teacher): the memory plan says "no trainer"
 
 
-def headline(name: str, metrics: dict[str, Any], start: tuple[str, dict[str, Any]] | None) -> list[str]:
+def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:
     """Did each student keep up with the teacher, for its share of the teacher's size?"""
     teacher = metrics.get("teacher") or {}
     lines = []
@@ -159,7 +199,7 @@ def check_tokenizers(teacher: PathModel, sources: dict[str, PathModel]) -> None:
 
 def make_traces(
     stage: DistillStage, ctx: StageContext, teacher: PathModel, rows: Any, verifiers: list[Verifier]
-) -> tuple[Any, dict]:
+) -> tuple[Any, TraceStats]:
     """Sample and verify teacher traces (resumably), write `data/traces.jsonl`, add the `mix:` rows."""
     from datasets import Dataset
 
@@ -236,7 +276,7 @@ def distill_student(
     traces: Any,
     prompts: Any,
     ctx: StageContext,
-) -> dict[str, Any]:
+) -> Student:
     """Train one student through the mode's phases into `<stage>/<student>/model/`, then measure it.
 
     A phase that finished before an interruption is not run again (its metrics file is its marker);
@@ -340,14 +380,14 @@ def _init_of(spec: StudentSpec) -> str:
 # --------------------------------------------------------------------------- metrics
 
 
-def describe(source: PathModel, ctx: StageContext) -> dict[str, Any]:
+def describe(source: PathModel, ctx: StageContext) -> Description:
     """Parameters, held-out accuracy and greedy generation tokens/s of one model (cached in its folder)."""
     saved = artifacts.read_json(ctx.out_dir / artifacts.DESCRIPTION)
     if saved is not None:
         return saved
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     counts = parameter_counts(source)
-    about: dict[str, Any] = {"model": source.path, "parameters": counts["total"]}
+    about: Description = {"model": source.path, "parameters": counts["total"]}
     if "active" in counts:
         about["active_parameters"] = counts["active"]
     if ctx.eval is not None:
@@ -357,7 +397,7 @@ def describe(source: PathModel, ctx: StageContext) -> dict[str, Any]:
     return about
 
 
-def compare(metrics: dict[str, Any]) -> dict[str, Any]:
+def compare(metrics: Metrics) -> Metrics:
     """Each student's accuracy, size and speed as fractions of the teacher's, and the trace pass rate."""
     teacher = metrics["teacher"]
     pass_rate = (metrics.get("traces") or {}).get("pass_rate")

@@ -13,18 +13,20 @@ stage's model with other settings (more samples, another data set). It writes me
       gate: {min_pass_at_1: 0.5}
 """
 
-from __future__ import annotations
-
-from typing import Any
-
 from posttrain.context import StageContext
 from posttrain.distributed import on_main
 from posttrain.evaluation import evaluate_whole
+from posttrain.metrics import EvalMetrics, Timed
 from posttrain.recipe import EvalOptions, EvalSpec, EvaluateStage
 from posttrain.stages import Slot
 
 
-def run(stage: EvaluateStage, ctx: StageContext) -> dict[str, Any]:
+class Metrics(Timed):
+    eval: EvalMetrics
+    model: str  # the path evaluated
+
+
+def run(stage: EvaluateStage, ctx: StageContext) -> Metrics:
     spec = EvalSpec(data=stage.data, **{field: getattr(stage, field) for field in EvalOptions.model_fields})
     source = ctx.model(stage.model)
     return {"eval": on_main(evaluate_whole, source, spec, ctx), "model": source.path}  # rank 0 alone

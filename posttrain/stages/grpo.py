@@ -14,8 +14,6 @@ the clipped-completion ratio and KL (when beta > 0) go to metrics.json and Tenso
       train: {num_generations: 8, learning_rate: 5.0e-5, beta: 0.0, max_completion_length: 48}
 """
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from posttrain.errors import PosttrainError
 from posttrain.generation import render_prompts
 from posttrain.lora_targets import literal_targets
 from posttrain.memory import Workload, trainer_workload
+from posttrain.metrics import Evaluated, MoESummary, ParameterCounts, TrainMetrics, TypedDict
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import GRPOStage, PathModel, Recipe, trainer_settings
 from posttrain.rewards import build_reward, reward_columns, reward_label
@@ -50,7 +49,21 @@ RL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/clipp
               "completions/mean_length", "kl", "entropy")  # fmt: skip
 
 
-def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
+class FirstLast(TypedDict):
+    first: float  # mean of the first (up to) 3 logged values
+    last: float  # and of the last 3
+
+
+class Metrics(Evaluated, MoESummary):
+    train: TrainMetrics
+    rl: dict[str, FirstLast]  # RL_METRICS and rewards/<label>/mean|std, as trl logs them
+    rewards: dict[str, dict[str, float]]  # per reward: samples, none, errors, timeouts, samples_per_s
+    parameters: ParameterCounts
+    rows: int  # prompts
+    samples_logged: int  # rows of samples.jsonl
+
+
+def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
     from transformers import set_seed
     from trl import GRPOTrainer
 
@@ -89,7 +102,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
         samples.collect()
     save_final_model(trainer, tokenizer, ctx, stage.lora)
     labels = [reward_label(spec) for spec in stage.rewards]
-    metrics = {
+    metrics: Metrics = {
         "train": train_metrics(trainer),
         "rl": rl_metrics(trainer.state.log_history, labels),
         "rewards": {reward.name: reward.stats.as_dict() for reward in rewards},
@@ -222,7 +235,7 @@ def workload(stage: GRPOStage, recipe: Recipe, shapes: dict) -> Workload | str:
     return trainer_workload(recipe, shapes, stage.model, trainer_settings(stage), stage.lora, stage.moe)
 
 
-def headline(name: str, metrics: dict[str, Any], start: tuple[str, dict[str, Any]] | None) -> list[str]:
+def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:
     """Did RL beat the model it started from, on held-out accuracy (and sampled pass@1)?"""
     before = (start[1].get("eval") or {}) if start else {}
     after = metrics.get("eval") or {}

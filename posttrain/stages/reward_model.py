@@ -17,8 +17,6 @@ and the other wrong. `<stage>/model/` is a standard transformers model: load it 
       train: {num_train_epochs: 2}         # any trl RewardConfig key
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
 import math
@@ -30,6 +28,7 @@ from posttrain.data_tools import extract_answer, require_columns
 from posttrain.errors import PosttrainError
 from posttrain.lora_targets import literal_targets
 from posttrain.memory import Workload, trainer_workload
+from posttrain.metrics import Evaluated, NotRequired, ParameterCounts, TrainMetrics, TypedDict
 from posttrain.models import count_parameters, load_tokenizer, torch_dtype
 from posttrain.recipe import PathModel, Recipe, RewardModelStage, trainer_settings
 from posttrain.rewards.reward_model import reward_model
@@ -49,7 +48,32 @@ MAX_LABEL_P = 0.95  # soft labels above this give the same margin (logit(0.95) =
 BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def run(stage: RewardModelStage, ctx: StageContext) -> dict[str, Any]:
+class Pairs(TypedDict):
+    train: int
+    held_out: int
+
+
+class Agreement(TypedDict):
+    n: int  # pairs with exactly one right answer
+    accuracy: float | None
+
+
+class HeldOut(TypedDict):
+    n: int
+    accuracy: float  # the chosen answer scored above the rejected one
+    mean_margin: float
+    calibration: dict[str, Any]  # accuracy by confidence bucket, and the ECE
+    right_vs_wrong: NotRequired[Agreement]  # when the rows carry a reference `answer`
+
+
+class Metrics(Evaluated):
+    train: TrainMetrics
+    parameters: ParameterCounts
+    pairs: Pairs
+    held_out: NotRequired[HeldOut]  # when eval_fraction holds some prompts out
+
+
+def run(stage: RewardModelStage, ctx: StageContext) -> Metrics:
     from transformers import set_seed
     from trl import RewardTrainer
 
@@ -78,7 +102,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> dict[str, Any]:
         )
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     saved = save_final_model(trainer, tokenizer, ctx, stage.lora)
-    metrics = {
+    metrics: Metrics = {
         "train": train_metrics(trainer),
         "parameters": count_parameters(trainer.model),
         "pairs": {"train": len(train_rows), "held_out": len(held_out)},
@@ -104,7 +128,7 @@ def workload(stage: RewardModelStage, recipe: Recipe, shapes: dict) -> Workload 
     return trainer_workload(recipe, shapes, stage.model, trainer_settings(stage), stage.lora)
 
 
-def headline(name: str, metrics: dict[str, Any], start: tuple[str, dict[str, Any]] | None) -> list[str]:
+def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:
     """Does the reward model rank the chosen answer first on held-out pairs (and right above wrong)?"""
     held_out = metrics.get("held_out") or {}
     if "accuracy" not in held_out:
@@ -168,7 +192,7 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-def held_out_metrics(saved: Path, rows: Any, batch_size: int) -> dict[str, Any]:
+def held_out_metrics(saved: Path, rows: Any, batch_size: int) -> HeldOut:
     """Pairwise accuracy, mean margin and calibration on held-out pairs; accuracy on right-vs-wrong
     pairs when rows carry a reference `answer`. Scored by the saved model through the
     `reward_model` reward, exactly as GRPO will score with it."""
@@ -177,7 +201,7 @@ def held_out_metrics(saved: Path, rows: Any, batch_size: int) -> dict[str, Any]:
     chosen = score(prompts=prompts, completions=list(rows["chosen"]))
     rejected = score(prompts=prompts, completions=list(rows["rejected"]))
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
-    metrics: dict[str, Any] = {
+    metrics: HeldOut = {
         "n": len(margins),
         "accuracy": sum(m > 0 for m in margins) / len(margins),
         "mean_margin": sum(margins) / len(margins),

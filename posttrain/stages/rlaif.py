@@ -19,8 +19,6 @@ Under `accelerate launch` the main process labels while the others wait; for lon
 jobs run this stage alone (`posttrain run r.yaml --only label`) so no barrier times out.
 """
 
-from __future__ import annotations
-
 import json
 from typing import Any
 
@@ -44,12 +42,41 @@ from posttrain.judges.labels import (
     preference_record,
     verified,
 )
+from posttrain.metrics import Evaluated, NotRequired, Timed, TypedDict
 from posttrain.recipe import OpenAIJudgeSpec, PresetModel, RewardJudgeSpec, RlaifLabelStage
 from posttrain.stages import Slot
 from posttrain.training import release
 
 
-def run(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
+class Agreement(TypedDict):
+    n: int  # kept pairs the reference can decide (exactly one right answer; a human's choice)
+    accuracy: float | None
+
+
+class JudgeCalls(TypedDict):
+    id: str
+    cache_hits: int
+    cache_misses: int
+
+
+class Metrics(Timed):
+    prompts: int
+    pairs_judged: int
+    kept: int
+    dropped: int
+    dropped_by_reason: dict[str, int]  # invalid, inconsistent, tie, unselected
+    position_consistency: float | None
+    first_position_win_rate: float | None  # 0.5 for a judge without position bias
+    mean_p_chosen: float | None
+    mean_label_mass: NotRequired[float]
+    candidates: dict[str, Any]  # where the answers came from, and how diverse they were
+    judge: JudgeCalls
+    candidate_accuracy: NotRequired[float]  # when the rows carry a reference `answer`
+    agreement_with_answer: NotRequired[Agreement]
+    agreement_with_human: NotRequired[Agreement]
+
+
+def run(stage: RlaifLabelStage, ctx: StageContext) -> Metrics:
     stage = presets_resolved(stage, ctx)
     if ctx.is_main:
         artifacts.write_json(ctx.out_dir / artifacts.LABEL_METRICS, label(stage, ctx))
@@ -66,7 +93,7 @@ def slot(stage: RlaifLabelStage) -> Slot:
     return Slot(stage.policy, stage.data, ("prompt",), stage.sampling.max_new_tokens)
 
 
-def headline(name: str, metrics: dict[str, Any], start: tuple[str, dict[str, Any]] | None) -> list[str]:
+def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:
     """How many pairs the judge kept, and how often it agrees with the reference answer."""
     agreement = metrics.get("agreement_with_answer") or {}
     if not agreement.get("n"):
@@ -92,7 +119,7 @@ def presets_resolved(stage: RlaifLabelStage, ctx: StageContext) -> RlaifLabelSta
     return resolve(stage, "policy").model_copy(update={"judge": judge})
 
 
-def label(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
+def label(stage: RlaifLabelStage, ctx: StageContext) -> Metrics:
     from transformers import set_seed
 
     set_seed(ctx.seed)
@@ -121,7 +148,7 @@ def label(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     artifacts.write_atomic(ctx.out_dir / artifacts.PREFERENCES, text)
 
-    metrics = {
+    metrics: Metrics = {
         "prompts": len(prompts),
         **label_metrics(judged, decisions),
         "candidates": sampling,

@@ -13,8 +13,6 @@ or `text` (loss on everything). The result is `<stage>/model/` (LoRA merged unle
       train: {num_train_epochs: 2, learning_rate: 3.0e-3}              # any trl SFTConfig key
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 from posttrain.architecture import check_moe
@@ -22,6 +20,7 @@ from posttrain.context import StageContext
 from posttrain.errors import PosttrainError
 from posttrain.lora_targets import literal_targets
 from posttrain.memory import Workload, trainer_workload
+from posttrain.metrics import Evaluated, MoESummary, ParameterCounts, TrainMetrics
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import Recipe, SFTStage, trainer_settings
 from posttrain.stages import Slot
@@ -38,7 +37,13 @@ from posttrain.training import (
 SFT_FORMATS = (["messages"], ["prompt", "completion"], ["text"])
 
 
-def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
+class Metrics(Evaluated, MoESummary):
+    train: TrainMetrics
+    parameters: ParameterCounts
+    rows: int  # training rows
+
+
+def run(stage: SFTStage, ctx: StageContext) -> Metrics:
     from transformers import set_seed
     from trl import SFTTrainer
 
@@ -68,7 +73,7 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
         )
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     save_final_model(trainer, tokenizer, ctx, stage.lora)
-    metrics = {
+    metrics: Metrics = {
         "train": train_metrics(trainer),
         "parameters": count_parameters(trainer.model),
         "rows": len(dataset),
