@@ -138,7 +138,9 @@ def main() -> None:
     typing_ = sum(1 for v in edges.values() for _, _, w in v if w == "typing")
     print(f"repo: {repo}  ({'runtime imports only' if runtime else 'all imports, TYPE_CHECKING included'})")
     print(f"modules: {len(found)}")
-    print(f"edges (module pairs): {n_edges}; import statements: function-local {local}, TYPE_CHECKING {typing_}")
+    print(
+        f"edges (module pairs): {n_edges}; import statements: function-local {local}, TYPE_CHECKING {typing_}"
+    )
     print(f"cycles (SCCs > 1 module): {len(cycles)}; sizes {[len(c) for c in cycles]}")
     if cycles:
         print(f"largest cycle ({len(cycles[0])}): {', '.join(cycles[0])}")

@@ -82,7 +82,6 @@ def generate(
 
 def vllm_usable() -> bool:
     """vLLM is an optional extra (`pip install posttrain[vllm]`), used only with a CUDA GPU."""
-
     import torch
 
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()

@@ -69,7 +69,6 @@ def read_curves(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def collect(run_dir: Path) -> tuple[str, list[StageSummary]]:
     """The run's name and a summary of each stage, in the order of the resolved recipe."""
-
     resolved_file = run_dir / artifacts.RESOLVED_RECIPE
     resolved = yaml.safe_load(resolved_file.read_text()) if resolved_file.exists() else {}
     stages = resolved.get("stages") or [

@@ -126,7 +126,6 @@ def check_trainer_keys(recipe: Recipe) -> None:
 def _scalar_types(annotation: Any) -> tuple[type, ...]:
     """The scalar types a plainly typed dataclass field takes (`float`, `int | None`, ...);
     empty for anything richer, which trl checks itself."""
-
     args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     if all(a in (float, int, bool, type(None)) for a in args):
         return tuple(args)

@@ -118,7 +118,6 @@ class FileData(RowOptions):
 
 def template_fields(template: str) -> list[str]:
     """The column names a `template:` refers to; a malformed template is a ValueError."""
-
     try:
         names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
     except ValueError as e:
