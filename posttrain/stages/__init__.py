@@ -2,7 +2,9 @@
 
 Every module exposes the same names, and nothing outside it branches on the kind:
 
-    run(stage, ctx) -> metrics              the stage itself (heavy imports inside)
+    run(stage, ctx) -> Metrics              the stage itself (heavy imports inside)
+    Metrics                                 a TypedDict: what `run` returns and metrics.json holds
+                                            (from the pieces in posttrain.metrics)
     check(stage, recipe, path) -> None      recipe-time checks that need code above the schema
                                             (posttrain.loading runs them); None: nothing to check
     slot(stage) -> Slot | None              what preflight loads and checks (posttrain.preflight)
