@@ -5,6 +5,7 @@ loading step checks what the schema cannot, and `--debug` works on every command
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,12 @@ def test_cli_and_stage_modules_load_no_deep_learning_library() -> None:
 
 def test_imports_point_down_the_layers() -> None:
     """The import-linter contract in pyproject.toml holds (function-local imports included)."""
-    done = subprocess.run([str(REPO / ".ci" / "lint-imports")], capture_output=True, text=True)
+    path = (
+        f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # this venv's lint-imports
+    )
+    done = subprocess.run(
+        [str(REPO / ".ci" / "lint-imports")], capture_output=True, text=True, env={**os.environ, "PATH": path}
+    )
     assert done.returncode == 0 and "1 kept, 0 broken" in done.stdout, done.stdout[-2000:] + done.stderr
 
 
