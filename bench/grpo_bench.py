@@ -57,7 +57,7 @@ def r1_format(completions: list, **kwargs: Any) -> list[float]:
 
 def cold_start(model_dir: Path, out: Path) -> Path:
     """A few hundred SFT steps so the policy writes R1-shaped answers of realistic length."""
-    from posttrain.recipe import load_recipe
+    from posttrain import loading
     from posttrain.runner import run
 
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def cold_start(model_dir: Path, out: Path) -> Path:
             }
         )
     )
-    run(load_recipe(recipe))
+    run(loading.load(recipe))
     return out / "runs" / "sft" / "model"
 
 
@@ -109,7 +109,7 @@ def plain_trl(policy: Path, prompts: list[dict], steps: int, out: Path) -> dict[
 
 
 def posttrain_grpo(policy: Path, rewards: list[dict], steps: int, out: Path) -> dict[str, Any]:
-    from posttrain.recipe import load_recipe
+    from posttrain import loading
     from posttrain.runner import run
 
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,7 @@ def posttrain_grpo(policy: Path, rewards: list[dict], steps: int, out: Path) -> 
             }
         )
     )
-    train = run(load_recipe(recipe), force=("grpo",))["grpo"]["train"]
+    train = run(loading.load(recipe), force=("grpo",))["grpo"]["train"]
     return {"step_s": train["runtime_s"] / steps}
 
 
