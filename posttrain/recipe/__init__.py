@@ -21,10 +21,12 @@ line numbers, loading.py is `load_recipe`, checks.py the cross-checks. Import fr
 
 from posttrain.recipe.base import (
     DataReference,
+    LoadOptions,
     ModelRef,
     ModelReference,
     PathModel,
     PresetModel,
+    Quantization,
     Strict,
     tagged_union,
 )
@@ -122,12 +124,14 @@ __all__ = [
     "MixSpec",
     "MixtureData",
     "MoESpec",
+    "LoadOptions",
     "ModelRef",
     "ModelReference",
     "OpenAIJudgeSpec",
     "PathModel",
     "PresetModel",
     "Principles",
+    "Quantization",
     "Recipe",
     "RecipeLoader",
     "RewardJudgeSpec",

@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import artifacts
-from posttrain.architecture import check_moe, config_positions, model_max_positions
+from posttrain.architecture import check_moe, model_max_positions, own_slot, source_positions
 from posttrain.context import StageContext
 from posttrain.data_tools.peek import peek_columns
 from posttrain.errors import PosttrainError
 from posttrain.generation import render_prompts
-from posttrain.lora_targets import literal_targets
+from posttrain.lora_targets import literal_targets, named_targets
 from posttrain.memory import Workload, trainer_workload
 from posttrain.metrics import Evaluated, MoESummary, ParameterCounts, TrainMetrics, TypedDict
-from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, reference_kwargs
 from posttrain.recipe import GRPOStage, PathModel, Recipe, trainer_settings
 from posttrain.rewards import build_reward, reward_columns, reward_label
 from posttrain.stages import Slot
@@ -79,15 +79,16 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
         stage.train,
         ctx,
         reward_weights=[r.weight for r in stage.rewards],
+        model_init_kwargs=reference_kwargs(source),  # trl loads the reference model with them
         **GRPO_DEFAULTS,
         **moe.train_defaults(stage.moe, aux_loss_coef=0.0),  # aux losses hurt RL (NeMo-RL)
     )
     check_lengths(dataset, tokenizer, source, args.max_completion_length, ctx.stage)
     rewards = [build_reward(spec, ctx) for spec in stage.rewards]
     samples = SamplesLog(ctx.out_dir / artifacts.SAMPLES, Path(args.output_dir) / TRL_COMPLETIONS)
-    model = load_causal_lm(source)
+    model = load_causal_lm(source, trainable=True)
     experts = moe.prepare(model, stage.moe, lora=stage.lora, default_router="freeze")
-    with literal_targets(stage.lora is not None and stage.lora.targets is not None):
+    with literal_targets(named_targets(stage.lora, model) is not None):
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=rewards,
@@ -100,7 +101,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     if ctx.is_main:
         samples.collect()
-    save_final_model(trainer, tokenizer, ctx, stage.lora)
+    save_final_model(trainer, tokenizer, ctx, stage.lora, source)
     labels = [reward_label(spec) for spec in stage.rewards]
     metrics: Metrics = {
         "train": train_metrics(trainer),
@@ -183,6 +184,12 @@ def check(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
         )
     _check_columns(stage, recipe, path)
     check_moe(stage.moe, stage.model, recipe, path)
+    slot = own_slot(recipe, stage.model)
+    if train.get("use_vllm") and slot is not None and slot.config:
+        raise recipe.error(
+            (*path, "train", "use_vllm"), "trl's vLLM generation loads the model without `config:` overrides",
+            "bake them into the model's config.json, or set use_vllm: false",
+        )  # fmt: skip
     max_positions = model_max_positions(recipe, stage.model)
     completion = train["max_completion_length"]
     if max_positions is not None and completion is not None and completion >= max_positions:
@@ -205,7 +212,7 @@ def check_lengths(
     dataset: Any, tokenizer: Any, source: PathModel, max_completion: int | None, stage: str
 ) -> None:
     """The longest prompt plus max_completion_length must fit the model's positions."""
-    positions = config_positions(Path(source.path) / artifacts.MODEL_CONFIG)
+    positions = source_positions(source)
     if positions is None or max_completion is None:
         return
     sample = dataset.select(range(min(len(dataset), 2000)))

@@ -18,7 +18,7 @@ from typing import Any
 from posttrain.architecture import check_moe
 from posttrain.context import StageContext
 from posttrain.errors import PosttrainError
-from posttrain.lora_targets import literal_targets
+from posttrain.lora_targets import literal_targets, named_targets
 from posttrain.memory import Workload, trainer_workload
 from posttrain.metrics import Evaluated, MoESummary, ParameterCounts, TrainMetrics
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
@@ -53,7 +53,7 @@ def run(stage: SFTStage, ctx: StageContext) -> Metrics:
     dataset = sft_columns(ctx.data(stage.data))
     source = ctx.model(stage.model)
     tokenizer = load_tokenizer(source)
-    model = load_causal_lm(source)
+    model = load_causal_lm(source, trainable=True)
     experts = moe.prepare(model, stage.moe, lora=stage.lora)
     args = trainer_args(
         "SFTConfig",
@@ -62,7 +62,7 @@ def run(stage: SFTStage, ctx: StageContext) -> Metrics:
         assistant_only_loss="messages" in dataset.column_names,
         **moe.train_defaults(stage.moe),
     )
-    with literal_targets(stage.lora is not None and stage.lora.targets is not None):
+    with literal_targets(named_targets(stage.lora, model) is not None):
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -72,7 +72,7 @@ def run(stage: SFTStage, ctx: StageContext) -> Metrics:
             callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard)],
         )
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
-    save_final_model(trainer, tokenizer, ctx, stage.lora)
+    save_final_model(trainer, tokenizer, ctx, stage.lora, source)
     metrics: Metrics = {
         "train": train_metrics(trainer),
         "parameters": count_parameters(trainer.model),
