@@ -133,8 +133,8 @@ def pretrained_kwargs(source: PathModel, trainable: bool = False) -> dict[str, A
     """`from_pretrained` keyword arguments for a model slot's loading options.
 
     `config:` overrides go in as config keyword arguments (dict values merged into the config's
-    own). A block-FP8 checkpoint (DeepSeek-V3/R1's `quant_method: fp8`) loads dequantised to
-    bf16 when `trainable` (FP8 linear layers take no gradient); a frozen copy keeps transformers'
+    own). A block-FP8 checkpoint (DeepSeek-V3/R1's `quant_method: fp8`) loads dequantised (to
+    its own dtype, bf16 for DeepSeek-V3/R1) when `trainable` (FP8 linear layers take no gradient); a frozen copy keeps transformers'
     choice: FP8 on a GPU that runs it, dequantised elsewhere."""
     kwargs: dict[str, Any] = {"trust_remote_code": source.trust_remote_code}
     if source.revision:
@@ -151,8 +151,8 @@ def pretrained_kwargs(source: PathModel, trainable: bool = False) -> dict[str, A
     elif trainable and quant_method(config) == "fp8":
         from transformers import FineGrainedFP8Config
 
+        # Into the checkpoint's own dtype (bf16 for DeepSeek-V3/R1) unless the slot sets one.
         kwargs["quantization_config"] = FineGrainedFP8Config(dequantize=True)
-        kwargs.setdefault("dtype", "bfloat16")
     return kwargs
 
 
