@@ -20,10 +20,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from posttrain.errors import PosttrainError
+
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 RUNNING = "RUNNING"
+LOCK = "run.lock"  # in the run directory: held by the live run (posttrain/lock.py)
 LARGE_FILE = 256 * 1024 * 1024  # past this, a file is fingerprinted by size and mtime, not content
 HASHED_FILE = 64 * 1024 * 1024  # a finished stage's files up to this size are listed with their sha256
 # Left out of a finished stage's file list: the markers, the checkpoints (deleted right after
@@ -97,7 +100,9 @@ def invalidate(stage_dir: Path) -> None:
 def start_stage(stage_dir: Path, fingerprint: str, fresh: bool = False) -> bool:
     """Prepare `stage_dir` for a run; True when an interrupted run of the same config can resume.
 
-    Anything else in the folder (an older config's run, a forced re-run) is deleted first."""
+    Anything else in the folder (an older config's run, a forced re-run) is deleted first, but
+    only from a folder posttrain's markers identify as a stage (`require_stage_dir`)."""
+    require_stage_dir(stage_dir)
     invalidate(stage_dir)
     running = read_json(stage_dir / RUNNING)
     resume = not fresh and running is not None and running.get("fingerprint") == fingerprint
@@ -105,6 +110,28 @@ def start_stage(stage_dir: Path, fingerprint: str, fresh: bool = False) -> bool:
         shutil.rmtree(stage_dir)
     write_json(stage_dir / RUNNING, {"fingerprint": fingerprint, "pid": os.getpid()})
     return resume
+
+
+def require_stage_dir(stage_dir: Path) -> None:
+    """Refuse to touch a folder that holds files but none of posttrain's stage markers: it is
+    someone's own folder (their data, say), and starting the stage would delete it."""
+    if not stage_dir.is_dir() or is_stage_dir(stage_dir) or not any(stage_dir.iterdir()):
+        return
+    raise PosttrainError(
+        f"{stage_dir} exists and was not written by posttrain (it has no {RUNNING}, {COMPLETE} or "
+        f"{MANIFEST} of a stage); refusing to delete it",
+        fix="move your files out of it, or set output_dir to another folder",
+    )
+
+
+def is_stage_dir(stage_dir: Path) -> bool:
+    """A folder posttrain made for a stage: its RUNNING marker, or a stage manifest (which
+    outlives COMPLETE when a re-run is cut short right after un-finishing the stage)."""
+    running = read_json(stage_dir / RUNNING)
+    manifest = read_json(stage_dir / MANIFEST)
+    return (isinstance(running, dict) and "fingerprint" in running) or (
+        isinstance(manifest, dict) and "fingerprint" in manifest and "completion_id" in manifest
+    )
 
 
 def finish_stage(stage_dir: Path, manifest: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:

@@ -101,6 +101,17 @@ def stage_slot(stage: StageBase) -> Slot | None:
 def check_slot(recipe: Recipe, where: str, slot: Slot) -> list[Finding]:
     """Load the slot's data (unless a stage still has to write it), then check its columns and
     lengths and run its rewards on a few rows."""
+    rows = slot_rows(recipe, where, slot)
+    if rows is None:
+        return [Finding(where, f"data comes from stage '{slot.data}' (checked when it has run)")]
+    found = [Finding(where, f"{len(rows)} rows; columns {', '.join(rows.column_names)}")]
+    found += length_findings(recipe, where, slot.model, rows, slot.new_tokens, slot.max_length)
+    return found + run_rewards(where, list(slot.rewards), rows, slot.reward_kind)
+
+
+def slot_rows(recipe: Recipe, where: str, slot: Slot) -> Any:
+    """The slot's rows with the columns the stage reads checked, or None while the stage that
+    writes them has not finished."""
     from posttrain.artifacts import completed_manifest
     from posttrain.data_tools import load_rows, require_columns
 
@@ -110,18 +121,36 @@ def check_slot(recipe: Recipe, where: str, slot: Slot) -> list[Finding]:
         and data in recipe.stage_names()
         and completed_manifest(recipe.run_dir / data) is None
     ):
-        return [Finding(where, f"data comes from stage '{data}' (checked when it has run)")]
+        return None
     stage_dirs = {name: recipe.run_dir / name for name in recipe.stage_names()}
     rows = load_rows(data, seed=recipe.seed, stage_dirs=stage_dirs)
     if slot.columns is None:
-        from posttrain.stages.sft import sft_columns
+        from posttrain.data_tools import describe
+        from posttrain.stages.sft import require_text, sft_columns
 
-        sft_columns(rows)
+        require_text(sft_columns(rows), describe(data))
     else:
         require_columns(rows, slot.columns, where.removeprefix("stages."), f"{where}.data")
-    found = [Finding(where, f"{len(rows)} rows; columns {', '.join(rows.column_names)}")]
-    found += length_findings(recipe, where, slot.model, rows, slot.new_tokens, slot.max_length)
-    return found + run_rewards(where, list(slot.rewards), rows, slot.reward_kind)
+    return rows
+
+
+def require_working_rewards(recipe: Recipe) -> None:
+    """Preflight's reward smoke test, which `posttrain run` runs before any weights load: every
+    stage's rewards (and verifiers) on a few real rows. The first one that raises, or returns
+    the wrong number of scores, stops the run with one line."""
+    from posttrain.runner import order_stages
+
+    for stage in order_stages(recipe):
+        slot = stage_slot(stage)
+        if slot is None or not slot.rewards:
+            continue
+        where = f"stages.{stage.name}"
+        rows = slot_rows(recipe, where, slot)
+        if rows is None:  # written by an earlier stage: the guard watches its rewards in training
+            continue
+        for finding in run_rewards(where, list(slot.rewards), rows, slot.reward_kind):
+            if finding.problem:
+                raise PosttrainError(finding.message, key=where, fix=finding.fix)
 
 
 def length_findings(

@@ -50,6 +50,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
     from trl import GRPOTrainer
 
     from posttrain import moe
+    from posttrain.guards import RewardGuard
     from posttrain.lora_targets import literal_targets
     from posttrain.rewards import build_reward, reward_label
     from posttrain.samples import SamplesLog
@@ -79,7 +80,12 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
-            callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard), samples],
+            callbacks=[
+                *experts.callbacks,
+                *callbacks(ctx, stage.guard),
+                samples,
+                RewardGuard(ctx.stage, rewards),
+            ],
         )
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     if ctx.is_main:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from posttrain.data_tools import describe
 from posttrain.errors import PosttrainError
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import SFTStage
@@ -44,7 +45,7 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
     from posttrain.lora_targets import literal_targets
 
     set_seed(ctx.seed)
-    dataset = sft_columns(ctx.data(stage.data))
+    dataset = require_text(sft_columns(ctx.data(stage.data)), describe(stage.data))
     source = ctx.model(stage.model)
     tokenizer = load_tokenizer(source)
     model = load_causal_lm(source)
@@ -85,4 +86,23 @@ def sft_columns(dataset: Any) -> Any:
     raise PosttrainError(
         f"SFT needs a 'messages' column, 'prompt' + 'completion', or 'text'; the data has: {', '.join(dataset.column_names)}",
         fix="map yours with `columns: {messages: <your column>}`",
+    )
+
+
+def require_text(dataset: Any, label: str) -> Any:
+    """The dataset, unless no row has anything to learn from: every completion, assistant turn or
+    text empty would train an unchanged model and mark it COMPLETE. Stops at the first row with
+    text, so real data costs one row."""
+    from posttrain.rewards.text import completion_text
+
+    columns = dataset.column_names
+    column = "messages" if "messages" in columns else "completion" if "completion" in columns else "text"
+    for row in dataset.select_columns([column]):
+        if completion_text(row[column]).strip():
+            return dataset
+    what = {"messages": "assistant turns", "completion": "completions", "text": "texts"}[column]
+    found = f"all {len(dataset)} rows have empty {what}" if len(dataset) else "no rows"
+    raise PosttrainError(
+        f"{label}: {found}: nothing to train on",
+        fix="check the data file and its `columns:` mapping; drop empty rows",
     )
