@@ -24,8 +24,10 @@ from typing import Any
 
 from posttrain.data_tools.chat import add_system, apply_template, as_conversation
 from posttrain.data_tools.curriculum import apply_curriculum
+from posttrain.data_tools.file_checks import TEXT_SUFFIXES, check_text_file, json_problem
 from posttrain.data_tools.hygiene import DataReport, decontaminate, deduplicate
 from posttrain.data_tools.mixture import concatenate, mix
+from posttrain.data_tools.shapes import check_shapes
 from posttrain.errors import PosttrainError
 from posttrain.recipe import DataReference, FileData, MixtureData, RowOptions, SyntheticData
 
@@ -86,7 +88,9 @@ def _source_rows(spec: SyntheticData | FileData, seed: int) -> Any:
         dataset = apply_template(dataset, spec.template, spec.path)
     if spec.columns:
         dataset = _map_columns(dataset, spec.columns, spec.path)
-    return as_conversation(dataset) if spec.as_chat else dataset
+    dataset = as_conversation(dataset) if spec.as_chat else dataset
+    check_shapes(dataset, spec.path)
+    return dataset
 
 
 def clean_rows(
@@ -149,6 +153,9 @@ def _file_rows(spec: FileData) -> Any:
     path = Path(spec.path).expanduser()
     if path.exists():
         files = _local_files(path)
+        for file in files:
+            if file.suffix.lower() in TEXT_SUFFIXES:
+                check_text_file(file)
         return _load(BUILDERS[files[0].suffix.lower()], [str(f) for f in files], spec.path, spec.split)
     if _looks_local(spec):
         raise PosttrainError(
@@ -163,9 +170,11 @@ def _load(builder: str, files: list[str], label: str | None, split: str | None) 
     try:
         return load_dataset(builder, data_files=files, split=split or "train")
     except Exception as e:  # datasets raises many types for malformed files
-        raise PosttrainError(
-            f"{label or files[0]}: cannot read as {builder}: {str(e).splitlines()[0]}"
-        ) from None
+        for file in files if builder == "json" else []:
+            if (problem := json_problem(Path(file))) is not None:
+                raise problem from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PosttrainError(f"{label or files[0]}: cannot read as {builder}: {reason}") from None
 
 
 def _hub_rows(spec: FileData) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from posttrain.errors import PosttrainError
+from posttrain.errors import PosttrainError, warn
 
 NO_SCORE_LOGS = 3  # logged steps in a row in which a reward scored no completion at all
 
@@ -135,11 +135,7 @@ class TrainingGuard(TrainerCallback):
             raise PosttrainError(problem, key=f"stages.{self.stage}", fix=fix)
         if key not in self.warned:
             self.warned.add(key)
-            from rich.console import Console
-
-            Console(stderr=True).print(
-                f"[yellow]warning:[/] stages.{self.stage}: {problem} ({fix})", soft_wrap=True
-            )
+            warn(f"stages.{self.stage}: {problem} ({fix})")
 
 
 class RewardGuard(TrainerCallback):

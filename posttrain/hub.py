@@ -15,7 +15,7 @@ from posttrain.errors import PosttrainError
 
 PROBE_TIMEOUT_S = 10.0
 WAY_OUT = (
-    "give a local path ({path: /models/name}), fix the id, or download it where there is network "
+    "give a local path ({{path: /models/name}}), fix the id, or download it where there is network "
     "(`hf download {id}`) and run with HF_HUB_OFFLINE=1"
 )
 _FOUND: set[tuple[str, str | None]] = set()  # ids already found, so each is probed once per process

@@ -60,7 +60,9 @@ def preflight(recipe: Recipe) -> list[Finding]:
         try:
             findings += check_slot(recipe, where, slot) if slot else []
         except PosttrainError as e:
-            findings.append(Finding(where, e.message, problem=True, fix=e.fix))
+            in_file = ":".join(str(p) for p in (e.file, e.line) if p is not None)
+            message = f"{in_file}: {e.message}" if in_file else e.message
+            findings.append(Finding(where, message, problem=True, fix=e.fix))
     return findings
 
 
@@ -105,8 +107,29 @@ def check_slot(recipe: Recipe, where: str, slot: Slot) -> list[Finding]:
     if rows is None:
         return [Finding(where, f"data comes from stage '{slot.data}' (checked when it has run)")]
     found = [Finding(where, f"{len(rows)} rows; columns {', '.join(rows.column_names)}")]
+    found += repeat_findings(where, slot.data)
     found += length_findings(recipe, where, slot.model, rows, slot.new_tokens, slot.max_length)
     return found + run_rewards(where, list(slot.rewards), rows, slot.reward_kind)
+
+
+def repeat_findings(where: str, data: Any) -> list[Finding]:
+    """A synthetic task asked for more rows than its split holds distinct problems (they repeat)."""
+    from posttrain.data_tools.arithmetic import split_size
+    from posttrain.recipe import SyntheticData
+
+    if not isinstance(data, SyntheticData):
+        return []
+    size = split_size(data.split, data.digits, data.min_digits, data.ops)
+    if size is None or data.n <= size:
+        return []
+    return [
+        Finding(
+            where,
+            f"n {data.n} exceeds the {size} distinct problems of the {data.digits}-digit {data.split} "
+            "split: rows repeat (an evaluation counts each problem once)",
+            fix=f"lower n to {size}, or raise digits",
+        )
+    ]
 
 
 def slot_rows(recipe: Recipe, where: str, slot: Slot) -> Any:
@@ -161,7 +184,9 @@ def length_findings(
 
     try:
         tokenizer = tokenizer_for(recipe, model)
-    except Exception as e:  # e.g. a config-only folder, or a hub model not cached on this login node
+    except PosttrainError:  # a model that cannot be found or fetched: the run would fail on it too
+        raise
+    except Exception as e:  # e.g. a config-only folder
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return [Finding(where, f"length checks skipped: no tokenizer can be loaded here ({reason})")]
     positions = model_max_positions(recipe, model)

@@ -27,47 +27,57 @@ from typing import Any
 from posttrain.errors import did_you_mean
 
 
-def choices_problem(config: type, key: str, value: Any) -> str | None:
-    """'not one of trl.X's values for `key` ...' when `value` is a string outside the field's fixed
-    set (None when it is inside, the field is open, or the value is not a string)."""
+def choices_problem(config: type, key: str, value: Any) -> tuple[str, str] | None:
+    """(message, fix) when `value` is a string outside the fixed set of values of the config's
+    field `key`; None when it is inside, when the field takes any string, or for other values."""
     if not isinstance(value, str):
         return None
     allowed = fixed_choices(config).get(key)
     if allowed is None or value in allowed:
         return None
     hint = did_you_mean(value, allowed)
-    listed = ", ".join(allowed)
-    return f"'{value}' is not a value trl.{config.__name__} takes for {key}" + (
-        f"; {hint} (one of: {listed})" if hint else f"; one of: {listed}"
-    )
+    listed = "one of: " + ", ".join(allowed)
+    owner = f"{config.__module__.partition('.')[0]}.{config.__name__}"  # trl.GRPOConfig, peft.LoraConfig
+    return f"'{value}' is not a value {owner} takes", f"{hint} {listed}" if hint else listed
 
 
 @functools.cache
 def fixed_choices(config: type) -> dict[str, tuple[str, ...]]:
     """Each field of the config dataclass that takes one of a fixed set of strings, with that set."""
     fields = {f.name: f for f in dataclasses.fields(config)}
-    found = {name: choices for name, f in fields.items() if (choices := declared_choices(f))}
+    try:
+        hints = typing.get_type_hints(config)  # peft writes its annotations as strings
+    except Exception:  # an annotation that does not resolve: the fields' own (unresolved) types
+        hints = {}
+    found = {
+        name: choices
+        for name, f in fields.items()
+        if (choices := declared_choices(f, hints.get(name, f.type)))
+    }
     compared = compared_strings(config, set(fields))
     for name, values in compared.items():
         field = fields[name]
-        if name in found or field.type is not str or not isinstance(field.default, str):
+        if name in found or hints.get(name, field.type) is not str or not isinstance(field.default, str):
             continue
         if len(values) >= 2 and field.default in values:
             found[name] = tuple(sorted(values))
     return found
 
 
-def declared_choices(field: dataclasses.Field) -> tuple[str, ...] | None:
-    """Values a field declares: an Enum or a Literal in its type, or `metadata["choices"]`."""
+def declared_choices(field: dataclasses.Field, annotation: Any) -> tuple[str, ...] | None:
+    """Values a field declares: `metadata["choices"]`, or an Enum or a Literal in its type. A
+    Literal beside a plain `str`, or with a template among its values (peft's
+    'pissa_niter_[number of iters]'), does not make a fixed set."""
     if field.metadata.get("choices"):
         return tuple(str(c) for c in field.metadata["choices"])
-    members = _union_members(field.type)
+    members = _union_members(annotation)
     enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
     if enums:
         return tuple(str(e.value) for e in enums[0])
-    literals = [m for m in members if typing.get_origin(m) is typing.Literal]
-    if literals and str not in members:
-        return tuple(str(v) for m in literals for v in typing.get_args(m) if isinstance(v, str)) or None
+    values = [v for m in members if typing.get_origin(m) is typing.Literal for v in typing.get_args(m)]
+    strings = tuple(v for v in values if isinstance(v, str))
+    if strings and str not in members and not any("[" in v for v in strings):
+        return strings
     return None
 
 

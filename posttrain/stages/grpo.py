@@ -26,6 +26,7 @@ from posttrain.errors import PosttrainError
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import GRPOStage, PathModel, PresetModel, Recipe, trainer_defaults
 from posttrain.training import (
+    applying_lora,
     callbacks,
     lora_config,
     release,
@@ -51,7 +52,6 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
 
     from posttrain import moe
     from posttrain.guards import RewardGuard
-    from posttrain.lora_targets import literal_targets
     from posttrain.rewards import build_reward, reward_label
     from posttrain.samples import SamplesLog
 
@@ -72,7 +72,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
     samples = SamplesLog(ctx.out_dir / "samples.jsonl", Path(args.output_dir) / "completions")
     model = load_causal_lm(source)
     experts = moe.prepare(model, stage.moe, lora=stage.lora, default_router="freeze")
-    with literal_targets(stage.lora is not None and stage.lora.targets is not None):
+    with applying_lora(stage.lora, ctx.stage):
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=rewards,

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 from posttrain.data_tools import extract_answer, require_columns
 from posttrain.errors import PosttrainError
-from posttrain.lora_targets import literal_targets
 from posttrain.models import count_parameters, load_tokenizer, torch_dtype
 from posttrain.recipe import PathModel, RewardModelStage
 from posttrain.rewards.text import completion_text
 from posttrain.training import (
+    applying_lora,
     callbacks,
     lora_config,
     release,
@@ -65,7 +65,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> dict[str, Any]:
     tokenizer = load_tokenizer(source)
     model = load_reward_model(source)
     args = trainer_args("RewardConfig", stage.train, ctx)
-    with literal_targets(stage.lora is not None and stage.lora.targets is not None):
+    with applying_lora(stage.lora, ctx.stage):
         trainer = RewardTrainer(
             model=model,
             args=args,

@@ -22,9 +22,11 @@ from posttrain.errors import PosttrainError
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import SFTStage
 from posttrain.training import (
+    applying_lora,
     callbacks,
     lora_config,
     release,
+    require_rows_left,
     resume_checkpoint,
     save_final_model,
     train_metrics,
@@ -42,7 +44,6 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
     from trl import SFTTrainer
 
     from posttrain import moe
-    from posttrain.lora_targets import literal_targets
 
     set_seed(ctx.seed)
     dataset = require_text(sft_columns(ctx.data(stage.data)), describe(stage.data))
@@ -57,7 +58,7 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
         assistant_only_loss="messages" in dataset.column_names,
         **moe.train_defaults(stage.moe),
     )
-    with literal_targets(stage.lora is not None and stage.lora.targets is not None):
+    with applying_lora(stage.lora, ctx.stage):
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -66,6 +67,7 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
             peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
             callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard)],
         )
+    require_rows_left(trainer, len(dataset), ctx.stage)
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     save_final_model(trainer, tokenizer, ctx, stage.lora)
     metrics = {
