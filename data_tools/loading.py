@@ -18,7 +18,9 @@ another stage's `data/` folder, or a mixture of these. Then, in this order:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -168,13 +170,27 @@ def _load(builder: str, files: list[str], label: str | None, split: str | None) 
     from datasets import load_dataset
 
     try:
-        return load_dataset(builder, data_files=files, split=split or "train")
+        with _datasets_errors_unlogged():
+            return load_dataset(builder, data_files=files, split=split or "train")
     except Exception as e:  # datasets raises many types for malformed files
         for file in files if builder == "json" else []:
             if (problem := json_problem(Path(file))) is not None:
                 raise problem from None
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PosttrainError(f"{label or files[0]}: cannot read as {builder}: {reason}") from None
+
+
+@contextlib.contextmanager
+def _datasets_errors_unlogged() -> Iterator[None]:
+    """datasets logs a malformed file's traceback before it raises; the error we raise instead
+    names the file and line, so its log would only be noise above that line."""
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logger.setLevel(level)
 
 
 def _hub_rows(spec: FileData) -> Any:

@@ -333,7 +333,10 @@ def _print_live_run(recipe) -> None:
 
     holder = live_holder(recipe.run_dir)
     if holder is not None:
-        console.print(f"[yellow]a run is live in {recipe.run_dir} ({holder}): statuses change as it goes[/]")
+        console.print(
+            f"[yellow]a run is live in {recipe.run_dir} ({holder}): statuses change as it goes[/]",
+            soft_wrap=True,
+        )
 
 
 @app.command()

@@ -62,8 +62,15 @@ class RunLock:
     def acquire(self) -> Holder | None:
         """Take the lock, or raise naming its live holder. Returns the previous holder when it
         died without releasing the lock (a killed run), so the caller can say it took over."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise PosttrainError(
+                f"cannot write the run directory {self.path.parent}: {e.strerror}",
+                key="output_dir",
+                fix="pick a writable folder",
+            ) from None
         if not _lock(fd, fcntl.LOCK_EX, PROBE_GRACE_S):
             os.close(fd)
             holder = read_holder(self.path)

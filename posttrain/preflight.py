@@ -103,11 +103,26 @@ def stage_slot(stage: StageBase) -> Slot | None:
 def check_slot(recipe: Recipe, where: str, slot: Slot) -> list[Finding]:
     """Load the slot's data (unless a stage still has to write it), then check its columns and
     lengths and run its rewards on a few rows."""
-    rows = slot_rows(recipe, where, slot)
-    if rows is None:
-        return [Finding(where, f"data comes from stage '{slot.data}' (checked when it has run)")]
+    from posttrain.artifacts import completed_manifest
+    from posttrain.data_tools import describe, load_rows, require_columns
+
+    data = slot.data
+    if (
+        isinstance(data, str)
+        and data in recipe.stage_names()
+        and completed_manifest(recipe.run_dir / data) is None
+    ):
+        return [Finding(where, f"data comes from stage '{data}' (checked when it has run)")]
+    stage_dirs = {name: recipe.run_dir / name for name in recipe.stage_names()}
+    rows = load_rows(data, seed=recipe.seed, stage_dirs=stage_dirs)
+    if slot.columns is None:
+        from posttrain.stages.sft import require_text, sft_columns
+
+        require_text(sft_columns(rows), describe(data))
+    else:
+        require_columns(rows, slot.columns, where.removeprefix("stages."), f"{where}.data")
     found = [Finding(where, f"{len(rows)} rows; columns {', '.join(rows.column_names)}")]
-    found += repeat_findings(where, slot.data)
+    found += repeat_findings(where, data)
     found += length_findings(recipe, where, slot.model, rows, slot.new_tokens, slot.max_length)
     return found + run_rewards(where, list(slot.rewards), rows, slot.reward_kind)
 
@@ -132,45 +147,23 @@ def repeat_findings(where: str, data: Any) -> list[Finding]:
     ]
 
 
-def slot_rows(recipe: Recipe, where: str, slot: Slot) -> Any:
-    """The slot's rows with the columns the stage reads checked, or None while the stage that
-    writes them has not finished."""
-    from posttrain.artifacts import completed_manifest
-    from posttrain.data_tools import load_rows, require_columns
-
-    data = slot.data
-    if (
-        isinstance(data, str)
-        and data in recipe.stage_names()
-        and completed_manifest(recipe.run_dir / data) is None
-    ):
-        return None
-    stage_dirs = {name: recipe.run_dir / name for name in recipe.stage_names()}
-    rows = load_rows(data, seed=recipe.seed, stage_dirs=stage_dirs)
-    if slot.columns is None:
-        from posttrain.data_tools import describe
-        from posttrain.stages.sft import require_text, sft_columns
-
-        require_text(sft_columns(rows), describe(data))
-    else:
-        require_columns(rows, slot.columns, where.removeprefix("stages."), f"{where}.data")
-    return rows
-
-
 def require_working_rewards(recipe: Recipe) -> None:
     """Preflight's reward smoke test, which `posttrain run` runs before any weights load: every
     stage's rewards (and verifiers) on a few real rows. The first one that raises, or returns
-    the wrong number of scores, stops the run with one line."""
+    the wrong number of scores, stops the run with one line. Data that an earlier stage writes,
+    or that lacks a column, is left to the stage (its own check names the reward that needs it)."""
+    from posttrain.data_tools import load_rows
     from posttrain.runner import order_stages
 
+    stage_dirs = {name: recipe.run_dir / name for name in recipe.stage_names()}
     for stage in order_stages(recipe):
         slot = stage_slot(stage)
-        if slot is None or not slot.rewards:
+        if slot is None or not slot.rewards or (isinstance(slot.data, str) and slot.data in stage_dirs):
+            continue
+        rows = load_rows(slot.data, seed=recipe.seed, stage_dirs=stage_dirs)
+        if any(c not in rows.column_names for c in slot.columns or ()):
             continue
         where = f"stages.{stage.name}"
-        rows = slot_rows(recipe, where, slot)
-        if rows is None:  # written by an earlier stage: the guard watches its rewards in training
-            continue
         for finding in run_rewards(where, list(slot.rewards), rows, slot.reward_kind):
             if finding.problem:
                 raise PosttrainError(finding.message, key=where, fix=finding.fix)
