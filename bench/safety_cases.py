@@ -82,25 +82,20 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def recipe_file(folder: Path, stages: str, top: str = "", name: str = "case",
+                base: str = "{preset: tiny-deepseek-v3}") -> Path:  # fmt: skip
+    """folder/recipe.yaml: a name, a base model, `top` (more top-level keys) and the `stages` list."""
+    head = f"name: {name}\nbase_model: {base}\n{textwrap.dedent(top)}stages:\n"
+    return write(folder / "recipe.yaml", head + textwrap.indent(textwrap.dedent(stages), "  "))
+
+
 SFT_TRAIN = "{max_steps: 2, per_device_train_batch_size: 8, logging_steps: 1, save_strategy: 'no'}"
 
 
 def sft_recipe(folder: Path, data: str = "{synthetic: arithmetic, n: 32}", train: str = SFT_TRAIN,
-               extra: str = "", top: str = "", name: str = "case") -> Path:  # fmt: skip
-    return write(
-        folder / "recipe.yaml",
-        f"""\
-        name: {name}
-        base_model: {{preset: tiny-deepseek-v3}}
-        {top}
-        stages:
-          - name: sft
-            kind: sft
-            data: {data}
-            train: {train}
-            {extra}
-        """,
-    )
+               extra: str = "", name: str = "case") -> Path:  # fmt: skip
+    stage = f"- name: sft\n  kind: sft\n  data: {data}\n  train: {train}\n"
+    return recipe_file(folder, stage + (f"  {extra}\n" if extra else ""), name=name)
 
 
 # --------------------------------------------------------------------------- 1: user files
@@ -131,27 +126,13 @@ def user_folder_stray(tmp: Path) -> dict:
 
 
 def two_stage(tmp: Path, with_eval: bool = False) -> Path:
-    evaluation = (
-        "eval: {data: {synthetic: arithmetic, split: test, n: 4}, max_new_tokens: 4}" if with_eval else ""
-    )
-    return write(
-        tmp / "recipe.yaml",
-        f"""\
-        name: case
-        base_model: {{preset: tiny-deepseek-v3}}
-        stages:
-          - name: sft
-            kind: sft
-            data: {{synthetic: arithmetic, n: 32}}
-            train: {SFT_TRAIN}
-          - name: sft2
-            kind: sft
-            model: sft
-            data: {{synthetic: arithmetic, n: 16, seed: 1}}
-            train: {{max_steps: 1, per_device_train_batch_size: 8, save_strategy: 'no'}}
-        {evaluation}
-        """,
-    )
+    evaluation = "eval: {data: {synthetic: arithmetic, split: test, n: 4}, max_new_tokens: 4}\n"
+    sft2 = "{max_steps: 1, per_device_train_batch_size: 8, save_strategy: 'no'}"
+    stages = f"""\
+        - {{name: sft, kind: sft, data: {{synthetic: arithmetic, n: 32}}, train: {SFT_TRAIN}}}
+        - {{name: sft2, kind: sft, model: sft, data: {{synthetic: arithmetic, n: 16, seed: 1}}, train: {sft2}}}
+        """
+    return recipe_file(tmp, stages, top=evaluation if with_eval else "")
 
 
 _FINISHED: dict[bool, Path] = {}
@@ -308,20 +289,10 @@ def raising_reward(completions, **kwargs):
 
 def grpo_recipe(tmp: Path, reward: str) -> Path:
     write(tmp / "my_rewards.py", REWARDS)
-    return write(
-        tmp / "recipe.yaml",
-        f"""\
-        name: case
-        base_model: {{preset: tiny-deepseek-v3}}
-        stages:
-          - name: grpo
-            kind: grpo
-            data: {{synthetic: arithmetic, n: 32}}
-            rewards: [{{name: {reward}}}]
-            train: {{max_steps: 6, per_device_train_batch_size: 4, num_generations: 4, max_completion_length: 8,
-                     logging_steps: 1, save_strategy: 'no'}}
-        """,
-    )
+    train = "{max_steps: 6, per_device_train_batch_size: 4, num_generations: 4, max_completion_length: 8, " \
+            "logging_steps: 1, save_strategy: 'no'}"  # fmt: skip
+    return recipe_file(tmp, f"- {{name: grpo, kind: grpo, data: {{synthetic: arithmetic, n: 32}}, "
+                            f"rewards: [{{name: {reward}}}], train: {train}}}\n")  # fmt: skip
 
 
 def grpo_case(tmp: Path, reward: str) -> dict:
@@ -440,18 +411,8 @@ def reward_import_raises(tmp: Path) -> dict:
         tmp / "broken_rewards.py",
         "x = 1 / 0\n\ndef reward(completions, **kw):\n    return [0.0] * len(completions)\n",
     )
-    recipe = write(
-        tmp / "recipe.yaml",
-        """\
-        name: case
-        base_model: {preset: tiny-deepseek-v3}
-        stages:
-          - name: grpo
-            kind: grpo
-            data: {synthetic: arithmetic, n: 32}
-            rewards: [{name: broken_rewards:reward}]
-        """,
-    )
+    stage = "- {name: grpo, kind: grpo, data: {synthetic: arithmetic, n: 32}, rewards: [{name: broken_rewards:reward}]}\n"
+    recipe = recipe_file(tmp, stage)
     return posttrain(tmp, "validate", str(recipe))
 
 
@@ -475,18 +436,8 @@ def max_length_plan(tmp: Path) -> dict:
 
 
 def hub_recipe(tmp: Path) -> Path:
-    return write(
-        tmp / "recipe.yaml",
-        f"""\
-        name: case
-        base_model: {{path: posttrain-nobody/no-such-model}}
-        stages:
-          - name: sft
-            kind: sft
-            data: {{synthetic: arithmetic, n: 32}}
-            train: {SFT_TRAIN}
-        """,
-    )
+    stage = f"- {{name: sft, kind: sft, data: {{synthetic: arithmetic, n: 32}}, train: {SFT_TRAIN}}}\n"
+    return recipe_file(tmp, stage, base="{path: posttrain-nobody/no-such-model}")
 
 
 @case("6i hub id, HF_HUB_OFFLINE=1, not cached (run)")
@@ -514,18 +465,9 @@ def hub_network_plan(tmp: Path) -> dict:
 
 @case("7 eval n: 5000 on the 1-digit test split")
 def eval_size(tmp: Path) -> dict:
-    recipe = write(
-        tmp / "recipe.yaml",
-        """\
-        name: case
-        base_model: {preset: tiny-deepseek-v3}
-        stages:
-          - name: eval
-            kind: evaluate
-            data: {synthetic: arithmetic, split: test, digits: 1, n: 5000}
-            max_new_tokens: 2
-            batch_size: 512
-        """,
+    data = "{synthetic: arithmetic, split: test, digits: 1, n: 5000}"
+    recipe = recipe_file(
+        tmp, f"- {{name: eval, kind: evaluate, data: {data}, max_new_tokens: 2, batch_size: 512}}\n"
     )
     result = posttrain(tmp, "run", str(recipe))
     metrics = (
@@ -608,19 +550,9 @@ def score_short(tmp: Path) -> dict:
 
 
 def grpo_train(tmp: Path, train: str) -> Path:
-    return write(
-        tmp / "recipe.yaml",
-        f"""\
-        name: case
-        base_model: {{preset: tiny-deepseek-v3}}
-        stages:
-          - name: grpo
-            kind: grpo
-            data: {{synthetic: arithmetic, n: 32}}
-            rewards: [{{name: accuracy}}]
-            train: {{per_device_train_batch_size: 4, num_generations: 4, max_completion_length: 8, {train}}}
-        """,
-    )
+    train = f"{{per_device_train_batch_size: 4, num_generations: 4, max_completion_length: 8, {train}}}"
+    stage = f"- {{name: grpo, kind: grpo, data: {{synthetic: arithmetic, n: 32}}, rewards: [{{name: accuracy}}], train: {train}}}\n"
+    return recipe_file(tmp, stage)
 
 
 for _key, _value in (("loss_type", "not_a_loss"), ("scale_rewards", "grop"), ("importance_sampling_level", "tokn"),
