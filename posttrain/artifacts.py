@@ -125,12 +125,12 @@ def require_stage_dir(stage_dir: Path) -> None:
 
 
 def is_stage_dir(stage_dir: Path) -> bool:
-    """A folder posttrain made for a stage: its RUNNING marker, or a stage manifest (which
-    outlives COMPLETE when a re-run is cut short right after un-finishing the stage)."""
-    running = read_json(stage_dir / RUNNING)
-    manifest = read_json(stage_dir / MANIFEST)
-    return (isinstance(running, dict) and "fingerprint" in running) or (
-        isinstance(manifest, dict) and "fingerprint" in manifest and "completion_id" in manifest
+    """A folder posttrain made for a stage: its RUNNING marker, its COMPLETE marker, or a stage
+    manifest (which outlives COMPLETE when a re-run is cut short right after un-finishing it)."""
+    markers = {RUNNING: "fingerprint", COMPLETE: "completion_id", MANIFEST: "completion_id"}
+    return any(
+        isinstance(found := read_json(stage_dir / name), dict) and key in found
+        for name, key in markers.items()
     )
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from posttrain.artifacts import LOCK
-from posttrain.errors import PosttrainError
+from posttrain.errors import PosttrainError, warn
 
 PROBE_GRACE_S = 1.0  # a `plan` probing the lock holds it for microseconds; a run retries this long
 _HELD: set[int] = set()  # descriptors of the locks this process holds
@@ -71,7 +71,15 @@ class RunLock:
                 key="output_dir",
                 fix="pick a writable folder",
             ) from None
-        if not _lock(fd, fcntl.LOCK_EX, PROBE_GRACE_S):
+        try:
+            locked = _lock(fd, fcntl.LOCK_EX, PROBE_GRACE_S)
+        except OSError as e:  # a filesystem without locks (some NFS mounts): run, but say so
+            os.close(fd)
+            warn(
+                f"cannot lock {self.path} ({e.strerror}): a second run of this directory would not be refused"
+            )
+            return None
+        if not locked:
             os.close(fd)
             holder = read_holder(self.path)
             raise PosttrainError(
@@ -118,6 +126,8 @@ def live_holder(run_dir: Path) -> Holder | None:
         if _lock(fd, fcntl.LOCK_SH, 0.0):
             return None
         return read_holder(path) or Holder(0, "unknown host", "unknown time")
+    except OSError:  # a filesystem without locks: nothing can be known
+        return None
     finally:
         os.close(fd)  # also drops the probe's shared lock
 
