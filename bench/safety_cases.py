@@ -67,9 +67,10 @@ def posttrain(cwd: Path, *args: str, offline: bool = True, timeout: float = 600)
 
 def key_line(out: str) -> str:
     lines = [line.strip() for line in out.splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith(("error", "✗")):
-            return line
+    for prefixes in (("error", "✗"), ("warning:",)):
+        for line in lines:
+            if line.startswith(prefixes):
+                return line
     if any(line.startswith("Traceback") for line in lines):
         raised = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", line)]
         return "Traceback ... " + (raised[-1] if raised else lines[-1])
@@ -475,9 +476,7 @@ def eval_size(tmp: Path) -> dict:
         if (tmp / "runs/case/eval/metrics.json").exists()
         else {}
     )
-    result["observed"] = (
-        f"n={metrics.get('eval', {}).get('n')}, distinct={metrics.get('eval', {}).get('distinct')}"
-    )
+    result["observed"] = f"reported n={metrics.get('eval', {}).get('n')}"
     return result
 
 
@@ -609,10 +608,9 @@ def compare(before: Path, after: Path) -> None:
                 cells.append("-")
                 continue
             observed = f" [{result['observed']}]" if result.get("observed") else ""
+            line = result["line"].strip("─ ")  # a stage's title rule, as `run` prints it
             cells.append(
-                f"{result['rc']}: `{result['line'][:140]}`{observed} ({result['seconds']}s)".replace(
-                    "|", "\\|"
-                )
+                f"{result['rc']}: `{line[:140]}`{observed} ({result['seconds']}s)".replace("|", "\\|")
             )
         print(f"| {name} | {cells[0]} | {cells[1]} |")
 

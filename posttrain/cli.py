@@ -27,6 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from posttrain.errors import PosttrainError
+from posttrain.lock import live_holder
 
 app = typer.Typer(
     name="posttrain",
@@ -134,11 +135,12 @@ def _report(stage: str, event: str, details: dict) -> None:
         console.print(f"[yellow]↻ {stage}: eval changed, re-evaluating[/]")
     elif event == "rebuild":
         console.print(
-            f"[yellow]↻ {stage}: finished, but damaged ({details['why']}); rebuilding[/]", soft_wrap=True
+            f"[yellow]↻ {stage}: finished, but damaged ({escape(details['why'])}); rebuilding[/]",
+            soft_wrap=True,
         )
     elif event == "lock":
         console.print(f"[yellow]{details['dir']}: taking over the lock of a run that ended without releasing it "
-                      f"({details['holder']})[/]", soft_wrap=True)  # fmt: skip
+                      f"({escape(details['holder'])})[/]", soft_wrap=True)  # fmt: skip
     elif event == "done":
         console.print(f"[green]✓ {stage}[/] in {details['wall_time_s']:.1f}s: {_summary(details['metrics'])}")
 
@@ -208,8 +210,6 @@ def plan(
             for p in make_plan(loaded, tuple(force or ()))
         ]
         out = {"name": loaded.name, "run_dir": str(loaded.run_dir), "stages": rows}
-        from posttrain.lock import live_holder
-
         if (holder := live_holder(loaded.run_dir)) is not None:
             out["live_run"] = dataclasses.asdict(holder)
         if preflight:
@@ -329,12 +329,10 @@ def _print_plan(recipe, force: tuple[str, ...]) -> None:
 
 
 def _print_live_run(recipe) -> None:
-    from posttrain.lock import live_holder
-
     holder = live_holder(recipe.run_dir)
     if holder is not None:
         console.print(
-            f"[yellow]a run is live in {recipe.run_dir} ({holder}): statuses change as it goes[/]",
+            f"[yellow]a run is live in {escape(str(recipe.run_dir))} ({escape(str(holder))}): statuses change as it goes[/]",
             soft_wrap=True,
         )
 

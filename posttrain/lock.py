@@ -106,13 +106,6 @@ class RunLock:
         finally:
             os.close(fd)  # closing the last descriptor drops the flock
 
-    def __enter__(self) -> RunLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
 
 def live_holder(run_dir: Path) -> Holder | None:
     """The holder of the run directory's lock while a run holds it, else None. Never blocks:

@@ -309,7 +309,7 @@ def _require_intact(only: str, stage: StageBase, stage_dir: Path, hash_limit: in
 
 def require_training(stage: StageBase, metrics: dict[str, Any]) -> None:
     """A trainer stage that took no optimisation step produced nothing worth marking COMPLETE
-    (`num_train_epochs: -1`, `max_steps: 0`, or data too small for one batch)."""
+    (`num_train_epochs` at or below 0, or no rows left to batch)."""
     for where, steps in _train_steps(metrics):
         if steps == 0:
             raise PosttrainError(
