@@ -53,8 +53,9 @@ def long_context(tmp_path_factory):
 
 
 def test_yarn_sft_trains_on_rows_longer_than_the_original_positions(long_context) -> None:
-    recipe, _, results = long_context
-    lengths = [len(json.loads(line)["text"]) for line in Path(recipe.stages[0].data.path).open()]
+    recipe, _, _ = long_context
+    rows = Path(recipe.stages[0].data.path).read_text().splitlines()
+    lengths = [len(json.loads(line)["text"]) for line in rows]
     assert min(lengths) > ORIGINAL_POSITIONS
     metrics = artifacts.read_json(recipe.run_dir / "sft" / artifacts.METRICS)
     assert metrics["train"]["loss_last"] < metrics["train"]["loss_first"]
@@ -135,7 +136,9 @@ def test_grpo_reference_model_loads_like_the_policy(write_recipe, cli, tmp_path,
         ("{preset: tiny-deepseek-v3}", "{router_aux_loss_coef: 0.01}", "deepseek_v3 configs have no router_aux_loss_coef"),
     ],
 )  # fmt: skip
-def test_loading_options_that_would_fail_or_do_nothing_exit_2(write_recipe, cli, slot, train, message) -> None:
+def test_loading_options_that_would_fail_or_do_nothing_exit_2(
+    write_recipe, cli, slot, train, message
+) -> None:
     recipe = write_recipe(f"""
         name: bad
         base_model: {slot}
@@ -195,10 +198,19 @@ def test_default_lora_leaves_frozen_routers_alone(tiny_moe) -> None:
     spec = LoraSpec(r=4)
     experts = moe.prepare(model, MoESpec(), lora=spec)
     with literal_targets(named_targets(spec, model) is not None):  # as the stages build it
-        peft_model = get_peft_model(model, lora_config(spec, model=model, modules_to_save=experts.modules_to_save))
+        peft_model = get_peft_model(
+            model, lora_config(spec, model=model, modules_to_save=experts.modules_to_save)
+        )
     adapted = {n.split(".lora_A")[0] for n, _ in peft_model.named_modules() if ".lora_A" in n}
     adapted |= {n for n, _ in peft_model.named_parameters() if "lora" in n and "experts" in n}
     assert not [n for n in adapted if n.endswith((".mlp.gate", ".mlp.router"))], sorted(adapted)
-    for part in ("self_attn.q_a_proj", "mlp.shared_experts.down_proj", "layers.0.mlp.gate_proj", "mlp.experts"):
+    for part in (
+        "self_attn.q_a_proj",
+        "mlp.shared_experts.down_proj",
+        "layers.0.mlp.gate_proj",
+        "mlp.experts",
+    ):
         assert any(part in n for n in adapted), part
-    assert not [n for n, p in peft_model.named_parameters() if n.endswith("mlp.gate.weight") and p.requires_grad]
+    assert not [
+        n for n, p in peft_model.named_parameters() if n.endswith("mlp.gate.weight") and p.requires_grad
+    ]

@@ -67,7 +67,9 @@ def test_the_checkpoint_is_block_fp8(fp8_moe) -> None:
     assert models.quant_method(models.source_config(PathModel(path=str(fp8_moe)))) == "fp8"
 
 
-def test_on_an_fp8_gpu_the_trainable_copy_is_dequantised_and_the_frozen_one_stays_fp8(fp8_moe, tiny_moe) -> None:
+def test_on_an_fp8_gpu_the_trainable_copy_is_dequantised_and_the_frozen_one_stays_fp8(
+    fp8_moe, tiny_moe
+) -> None:
     """What transformers does on a GPU that runs FP8 (simulated: the weights stay on the CPU):
     a frozen copy (GRPO reference, judge, teacher) keeps FP8Linear layers; the copy a trainer
     updates is dequantised to bf16 Linear layers, with no quantization_config left."""
@@ -75,8 +77,9 @@ def test_on_an_fp8_gpu_the_trainable_copy_is_dequantised_and_the_frozen_one_stay
     from transformers.integrations.finegrained_fp8 import FP8Linear
 
     source = PathModel(path=str(fp8_moe))
-    with mock.patch("torch.cuda.is_available", return_value=True), mock.patch(
-        "torch.cuda.get_device_capability", return_value=(9, 0)
+    with (
+        mock.patch("torch.cuda.is_available", return_value=True),
+        mock.patch("torch.cuda.get_device_capability", return_value=(9, 0)),
     ):
         frozen = models.load_causal_lm(source)
         trainable = models.load_causal_lm(source, trainable=True)
@@ -119,7 +122,9 @@ def test_a_saved_model_never_claims_a_quantisation_its_weights_lack(tiny_dense, 
     claims = shutil.copytree(tiny_dense, tmp_path / "claims")
     config = artifacts.read_json(claims / artifacts.MODEL_CONFIG)
     for method in ("fp8", "bitsandbytes"):
-        artifacts.write_json(claims / artifacts.MODEL_CONFIG, {**config, "quantization_config": {"quant_method": method}})
+        artifacts.write_json(
+            claims / artifacts.MODEL_CONFIG, {**config, "quantization_config": {"quant_method": method}}
+        )
         assert models.drop_unbacked_quantization(claims)
         assert "quantization_config" not in artifacts.read_json(claims / artifacts.MODEL_CONFIG)
     assert not models.drop_unbacked_quantization(fp8_moe)  # real FP8 weights: the claim stays
