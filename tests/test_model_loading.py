@@ -214,3 +214,25 @@ def test_default_lora_leaves_frozen_routers_alone(tiny_moe) -> None:
     assert not [
         n for n, p in peft_model.named_parameters() if n.endswith("mlp.gate.weight") and p.requires_grad
     ]
+
+
+def test_students_take_loading_options(write_recipe, cli, tiny_moe, tiny_dense) -> None:
+    """A `path:` student loads with options like any model slot; a `dense_from:` student is
+    derived from the teacher's config as it loads (its `config:` overrides applied)."""
+    from posttrain.students import dense_config, load_config
+
+    teacher = PathModel(path=str(tiny_moe), config={"max_position_embeddings": 2048})
+    assert dense_config(load_config(teacher)).max_position_embeddings == 2048
+    recipe = write_recipe(f"""
+        name: students
+        base_model: {{path: {tiny_moe}}}
+        stages:
+          - name: distill
+            kind: distill
+            data: {{synthetic: arithmetic, n: 8}}
+            verifiers: [{{name: accuracy}}]
+            students:
+              - {{name: s, path: {{path: {tiny_dense}, dtype: float32, attn_implementation: eager}}}}
+        """)
+    code, _, err = cli("validate", recipe)
+    assert code == 0, err
