@@ -229,6 +229,7 @@ def test_students_take_loading_options(write_recipe, cli, tiny_moe, tiny_dense) 
         stages:
           - name: distill
             kind: distill
+            teacher: {{path: {tiny_moe}, dtype: float32}}
             data: {{synthetic: arithmetic, n: 8}}
             verifiers: [{{name: accuracy}}]
             students:
