@@ -164,9 +164,11 @@ stages:
     assert not torch.equal(dict(base.named_parameters())[name], dict(merged.named_parameters())[name])
 
 
-def test_quantized_load_is_a_4bit_model(tiny_dense) -> None:
+@pytest.mark.parametrize(("bits", "layer"), [(4, "Linear4bit"), (8, "Linear8bitLt")])
+def test_quantized_load_is_a_k_bit_model(tiny_dense, bits: int, layer: str) -> None:
     import bitsandbytes as bnb
 
-    model = models.load_causal_lm(PathModel(path=str(tiny_dense), quantization={"bits": 4}), trainable=True)
-    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
-    assert model.config.posttrain_loaded_with["quantization"]["bits"] == 4
+    source = PathModel(path=str(tiny_dense), quantization={"bits": bits})
+    model = models.load_causal_lm(source, trainable=True)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, getattr(bnb.nn, layer))
+    assert model.config.posttrain_loaded_with["quantization"]["bits"] == bits
