@@ -108,9 +108,15 @@ def check_model_slots(recipe: Recipe) -> None:
                 (*path, "quantization"), "quantization needs bitsandbytes, which is not installed",
                 "pip install bitsandbytes (0.48+ has a CPU backend), or remove `quantization:`",
             )  # fmt: skip
+        if slot.quantization is not None and "students" in path:
+            raise recipe.error(
+                (*path, "quantization"), "students are fully fine-tuned; k-bit weights take no gradient",
+                "remove `quantization:` from the student",
+            )  # fmt: skip
     for i, stage in enumerate(recipe.stages):
-        slot = own_slot(recipe, stage.starting_model())
-        if slot and slot.quantization and stage.trainer_config and getattr(stage, "lora", None) is None:
+        trains_it = stage.trainer_config and stage.start_field == "model"  # (a teacher is frozen)
+        slot = own_slot(recipe, stage.starting_model()) if trains_it else None
+        if slot and slot.quantization and getattr(stage, "lora", None) is None:
             raise recipe.error(
                 ("stages", i, "lora"), f"stage '{stage.name}' would fully fine-tune a quantised model",
                 "add `lora:` (QLoRA), or drop the model's `quantization:`",
@@ -120,7 +126,8 @@ def check_model_slots(recipe: Recipe) -> None:
 def check_model_train_keys(recipe: Recipe) -> None:
     """`train:` keys that set a model-config field name one the model's config has."""
     for i, stage in enumerate(recipe.stages):
-        keys = [k for k in MODEL_CONFIG_TRAIN_KEYS if k in (getattr(stage, "train", None) or {})]
+        train = (getattr(stage, "train", None) or {}) if stage.start_field == "model" else {}
+        keys = [k for k in MODEL_CONFIG_TRAIN_KEYS if k in train]
         config = model_config(recipe, stage.starting_model()) if keys else None
         if config is None:
             continue

@@ -137,9 +137,10 @@ def pretrained_kwargs(source: PathModel, trainable: bool = False) -> dict[str, A
     """`from_pretrained` keyword arguments for a model slot's loading options.
 
     `config:` overrides go in as config keyword arguments (dict values merged into the config's
-    own). A block-FP8 checkpoint (DeepSeek-V3/R1's `quant_method: fp8`) loads dequantised (to
-    its own dtype, bf16 for DeepSeek-V3/R1) when `trainable` (FP8 linear layers take no gradient); a frozen copy keeps transformers'
-    choice: FP8 on a GPU that runs it, dequantised elsewhere."""
+    own). A block-FP8 checkpoint (DeepSeek-V3/R1's `quant_method: fp8`) loads dequantised, to
+    its own dtype (bf16 for DeepSeek-V3/R1), when `trainable`: FP8 linear layers take no
+    gradient. A frozen copy keeps transformers' choice: FP8 on a GPU that runs it (compute
+    capability 8.9+), dequantised elsewhere."""
     kwargs: dict[str, Any] = {"trust_remote_code": source.trust_remote_code}
     if source.revision:
         kwargs["revision"] = source.revision
@@ -155,7 +156,6 @@ def pretrained_kwargs(source: PathModel, trainable: bool = False) -> dict[str, A
     elif trainable and quant_method(config) == "fp8":
         from transformers import FineGrainedFP8Config
 
-        # Into the checkpoint's own dtype (bf16 for DeepSeek-V3/R1) unless the slot sets one.
         kwargs["quantization_config"] = FineGrainedFP8Config(dequantize=True)
     return kwargs
 
@@ -272,14 +272,6 @@ def load_tokenizer(source: PathModel) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def torch_dtype(name: str | None) -> Any:
-    import torch
-
-    if name in (None, "auto"):
-        return "auto" if name == "auto" else None
-    return getattr(torch, name)
 
 
 def load_causal_lm(source: PathModel, trainable: bool = False, **kwargs: Any) -> Any:

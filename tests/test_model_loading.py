@@ -223,17 +223,20 @@ def test_students_take_loading_options(write_recipe, cli, tiny_moe, tiny_dense) 
 
     teacher = PathModel(path=str(tiny_moe), config={"max_position_embeddings": 2048})
     assert dense_config(load_config(teacher)).max_position_embeddings == 2048
-    recipe = write_recipe(f"""
+    text = f"""
         name: students
         base_model: {{path: {tiny_moe}}}
         stages:
           - name: distill
             kind: distill
-            teacher: {{path: {tiny_moe}, dtype: float32}}
+            teacher: {{path: {tiny_moe}, dtype: float32, quantization: {{bits: 4}}}}  # frozen: fine
             data: {{synthetic: arithmetic, n: 8}}
             verifiers: [{{name: accuracy}}]
             students:
               - {{name: s, path: {{path: {tiny_dense}, dtype: float32, attn_implementation: eager}}}}
-        """)
-    code, _, err = cli("validate", recipe)
+        """
+    code, _, err = cli("validate", write_recipe(text))
     assert code == 0, err
+    quantized = text.replace("attn_implementation: eager", "quantization: {bits: 4}")
+    code, _, err = cli("validate", write_recipe(quantized, name="quantized.yaml"))
+    assert code == 2 and "students.0.path.quantization" in err and "fully fine-tuned" in err, err
