@@ -45,8 +45,8 @@ from posttrain.students import parameter_counts, student_source, tokenizer_misma
 from posttrain.training import (
     callbacks,
     release,
-    resume_checkpoint,
     save_final_model,
+    train,
     train_metrics,
     trainer_args,
 )
@@ -55,6 +55,9 @@ if TYPE_CHECKING:
     from posttrain.recipe import Recipe
     from posttrain.runner import StageContext
     from posttrain.traces import Verifier
+
+# What the console shows of each student's logging steps (the full logs go to TensorBoard and metrics.json).
+CONSOLE = (("loss", "loss", ".4f"), ("learning_rate", "lr", ".2e"))
 
 
 def run(stage: DistillStage, ctx: StageContext) -> dict[str, Any]:
@@ -288,7 +291,7 @@ def on_policy_student(
 
 def fit(trainer: Any, tokenizer: Any, ctx: StageContext, *models: Any) -> dict[str, Any]:
     """Train (from the last checkpoint of an interrupted run), save `model/` atomically, free it all."""
-    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
+    train(trainer, ctx, CONSOLE)
     save_final_model(trainer, tokenizer, ctx, None)
     metrics = train_metrics(trainer)
     release(trainer, *models)

@@ -29,8 +29,8 @@ from posttrain.training import (
     callbacks,
     lora_config,
     release,
-    resume_checkpoint,
     save_final_model,
+    train,
     train_metrics,
     trainer_args,
 )
@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 GRPO_DEFAULTS = {"logging_steps": 5, "log_completions": True, "num_completions_to_print": 0}
 RL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/clipped_ratio",
               "completions/mean_length", "kl", "entropy")  # fmt: skip
+
+# What the console shows of each logging step (the full logs go to TensorBoard and metrics.json).
+CONSOLE = (("reward", "reward", ".3f"), ("reward_std", "±", ".3f"), ("kl", "kl", ".4f"),
+           ("completions/mean_length", "length", ".1f"), ("learning_rate", "lr", ".2e"))  # fmt: skip
 
 
 def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
@@ -81,7 +85,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
             peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
             callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard), samples],
         )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
+    train(trainer, ctx, CONSOLE)
     if ctx.is_main:
         samples.collect()
     save_final_model(trainer, tokenizer, ctx, stage.lora)

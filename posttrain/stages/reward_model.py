@@ -35,8 +35,8 @@ from posttrain.training import (
     callbacks,
     lora_config,
     release,
-    resume_checkpoint,
     save_final_model,
+    train,
     train_metrics,
     trainer_args,
 )
@@ -46,6 +46,10 @@ if TYPE_CHECKING:
 
 MAX_LABEL_P = 0.95  # soft labels above this give the same margin (logit(0.95) = 2.94)
 BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+# What the console shows of each logging step (the full logs go to TensorBoard and metrics.json).
+CONSOLE = (("accuracy", "accuracy", ".3f"), ("margin", "margin", ".3f"), ("loss", "loss", ".4f"),
+           ("learning_rate", "lr", ".2e"))  # fmt: skip
 
 
 def run(stage: RewardModelStage, ctx: StageContext) -> dict[str, Any]:
@@ -75,7 +79,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> dict[str, Any]:
             peft_config=lora_config(stage.lora, task_type="SEQ_CLS", model=model),
             callbacks=callbacks(ctx, stage.guard),
         )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
+    train(trainer, ctx, CONSOLE)
     saved = save_final_model(trainer, tokenizer, ctx, stage.lora)
     metrics = {
         "train": train_metrics(trainer),

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from posttrain import artifacts
 from posttrain.data_tools import require_columns
-from posttrain.errors import PosttrainError
 from posttrain.judges import build_judge, load_local_model, principles_hash
 from posttrain.judges.cache import JudgeCache
 from posttrain.judges.labels import (
@@ -39,6 +38,7 @@ from posttrain.judges.labels import (
     judge_columns,
     judge_pairs,
     label_metrics,
+    nothing_kept,
     preference_record,
     verified,
 )
@@ -112,11 +112,10 @@ def label(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
         "judge": {"id": judge.id, "cache_hits": cache.hits, "cache_misses": cache.misses},
         **judge_accuracy(rows, answers, judged, decisions, from_data=stage.policy is None),
     }
-    if not records:
-        raise PosttrainError(
-            f"the judge kept no pairs out of {len(judged)}: {metrics['dropped_by_reason']}",
-            fix="sample more diverse answers (sampling.temperature), or lower min_margin",
-        )
+    if not records:  # the counts stay on disk, to see why
+        error = nothing_kept(metrics, stage.min_margin, stage.max_disagreement)
+        artifacts.write_json(ctx.out_dir / artifacts.METRICS, {**metrics, "problem": str(error)})
+        raise error
     return metrics
 
 
@@ -167,6 +166,7 @@ def sample(stage: RlaifLabelStage, ctx: StageContext, prompts: list[Any]) -> tup
         do_sample=True,
         temperature=options.temperature,
         top_p=options.top_p,
+        description=f"candidates ({stage.samples_per_prompt} per prompt)",
     )
     release(model)
     distinct = sum(len(set(a)) for a in answers) / max(len(answers), 1)

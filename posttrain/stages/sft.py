@@ -24,8 +24,8 @@ from posttrain.training import (
     callbacks,
     lora_config,
     release,
-    resume_checkpoint,
     save_final_model,
+    train,
     train_metrics,
     trainer_args,
 )
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from posttrain.runner import StageContext
 
 SFT_FORMATS = (["messages"], ["prompt", "completion"], ["text"])
+
+# What the console shows of each logging step (the full logs go to TensorBoard and metrics.json).
+CONSOLE = (("loss", "loss", ".4f"), ("learning_rate", "lr", ".2e"))
 
 
 def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
@@ -65,7 +68,7 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
             peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
             callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard)],
         )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
+    train(trainer, ctx, CONSOLE)
     save_final_model(trainer, tokenizer, ctx, stage.lora)
     metrics = {
         "train": train_metrics(trainer),
