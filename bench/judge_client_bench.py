@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fake_openai import VERDICT_A  # noqa: E402
+from fake_openai import VERDICT_A, send_json  # noqa: E402
 
 from posttrain.judges import PairQuery  # noqa: E402
 from posttrain.recipe import OpenAIJudgeSpec  # noqa: E402
@@ -54,12 +54,7 @@ class Handler(BaseHTTPRequestHandler):
         return self.send(VERDICT_A)
 
     def send(self, reply: dict) -> None:
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, reply)
 
 
 SEEN: set = set()

@@ -171,30 +171,14 @@ def _report(stage: str, event: str, details: dict) -> None:
 
 
 def _summary(metrics: dict) -> str:
-    parts = []
-    train = metrics.get("train") or {}
-    reward = (metrics.get("rl") or {}).get("reward")
-    if reward:  # an RL loss says little (0 at beta 0 whatever happens): the reward says what changed
-        parts.append(f"reward {reward['first']:.3f} → {reward['last']:.3f}")
-    elif train.get("loss_first") is not None:
-        parts.append(f"loss {train['loss_first']:.3f} → {train['loss_last']:.3f}")
-    if metrics.get("pairs_judged") is not None:
-        parts.append(f"kept {metrics['kept']} of {metrics['pairs_judged']} pairs")
-        agreement = metrics.get("agreement_with_answer") or {}
-        if agreement.get("n"):
-            parts.append(f"agrees with the answer on {agreement['accuracy']:.3f} (n={agreement['n']})")
-    held_out = metrics.get("held_out") or {}
-    if held_out.get("accuracy") is not None:
-        parts.append(f"held-out accuracy {held_out['accuracy']:.3f} (n={held_out['n']})")
+    from posttrain.report import outcome
+
+    parts = outcome(metrics)
     evaluation = metrics.get("eval") or {}
     if "accuracy" in evaluation:
         parts.append(f"eval accuracy {evaluation['accuracy']:.3f} (n={evaluation['n']})")
     if "pass_at_1" in evaluation:
         parts.append(f"pass@1 {evaluation['pass_at_1']:.3f} (k={evaluation['k']})")
-    models = {"teacher": metrics.get("teacher") or {}, **(metrics.get("students") or {})}
-    if "students" in metrics and all("accuracy" in m for m in models.values()):
-        sizes = [f"{name} {m['accuracy']:.3f} ({m['parameters'] / 1e6:.2f}M)" for name, m in models.items()]
-        parts.append("accuracy " + ", ".join(sizes))
     return ", ".join(parts) or "ok"
 
 

@@ -10,6 +10,16 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def send_json(handler: BaseHTTPRequestHandler, reply: dict) -> None:
+    """Answer a request with a 200 and `reply` as JSON."""
+    data = json.dumps(reply).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class ScriptedServer:
     """An OpenAI-compatible /v1/chat/completions on 127.0.0.1 that plays a script: each request
     takes the next step (`("status", code)`, `("hang", seconds)`, `("reply", body)`); once the
@@ -58,13 +68,7 @@ class ScriptedServer:
                     self.end_headers()
                     self.wfile.write(b"no")
                     return
-                reply = value(body) if callable(value) else value
-                data = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, value(body) if callable(value) else value)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.connections: set[tuple] = set()

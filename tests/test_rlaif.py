@@ -291,6 +291,70 @@ def test_openai_judge_limits_concurrency(serve):
     assert len(verdicts) == 12 and 1 < server.peak <= 3
 
 
+def test_openai_judge_reuses_connections(serve):
+    server = serve(("reply", VERDICT_A))
+    judge = openai_judge(server.url, max_concurrency=2)
+    judge.compare([PairQuery("q", str(i), "x") for i in range(20)])
+    judge.close()
+    assert len(server.requests) == 20 and len(server.connections) <= 2  # keep-alive, not one per call
+
+
+def test_openai_judge_says_once_that_the_server_ignores_logprobs(serve, capsys):
+    server = serve(("reply", chat_reply("Verdict: A")))  # asked for logprobs, sent none
+    judge = openai_judge(server.url, max_concurrency=2)
+    verdicts = judge.compare([PairQuery("q", str(i), "x") for i in range(6)])
+    assert [v["p_first"] for v in verdicts] == [1.0] * 6 and all(v["mass"] is None for v in verdicts)
+    err = capsys.readouterr().err
+    assert err.count("returns no logprobs") == 1 and "Verdict:" in err
+    judge = openai_judge(server.url, logprobs=False)  # not asked: nothing to say
+    judge.compare([PairQuery("q", "a", "b")])
+    assert "logprobs" not in capsys.readouterr().err
+
+
+def test_openai_judge_stores_a_rationale_only_when_asked(serve):
+    server = serve(("reply", chat_reply("Both look fine to me, but the first is shorter.\nVerdict: A")))
+    [quiet] = openai_judge(server.url, logprobs=False).compare([PairQuery("q", "a", "b")])
+    [asked] = openai_judge(server.url, logprobs=False, rationale=True).compare([PairQuery("q", "a", "b")])
+    assert quiet == {"p_first": 1.0, "rationale": None, "mass": None}
+    assert asked["rationale"] == "Both look fine to me, but the first is shorter."
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason", "hint"),
+    [
+        ("I cannot decide.", "invalid", "no usable verdict on 6 of 6 pairs"),
+        (
+            "Verdict: A",
+            "inconsistent",
+            "two orders disagreed on 6 of 6 pairs (the answer shown first won 100%",
+        ),
+    ],
+)
+def test_a_label_stage_that_keeps_nothing_says_why_and_leaves_its_counts(
+    serve, write_recipe, cli, tmp_path: Path, reply: str, reason: str, hint: str
+):
+    server = serve(("reply", chat_reply(reply)))
+    data = tmp_path / "answers.jsonl"
+    rows = [{"prompt": f"{i}+1=", "responses": [f"<answer>{i + 1}</answer>", f"<answer>{i}</answer>", "?"]}
+            for i in range(2)]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(f"""
+        name: nothing-kept
+        base_model: {{preset: tiny-dense}}
+        stages:
+          - name: label
+            kind: rlaif_label
+            data: {{path: {data}}}
+            judge: {{backend: openai, base_url: "{server.url}", model: m, api_key_env: null, logprobs: false}}
+        """)
+    code, _, err = cli("run", recipe)
+    assert code == 2 and hint in err and "Traceback" not in err, err
+    metrics = json.loads((tmp_path / "runs" / "label" / "metrics.json").read_text())
+    assert metrics["pairs_judged"] == 6 and metrics["kept"] == 0
+    assert metrics["dropped_by_reason"][reason] == 6 and hint in metrics["problem"]
+    assert not (tmp_path / "runs" / "label" / "COMPLETE").exists()
+
+
 # --------------------------------------------------------------------------- local judges on a tiny model
 
 
@@ -466,7 +530,7 @@ def test_label_then_reward_model_and_a_rerun_that_hits_the_cache(
     assert "✓ label in " in err and f"kept {label['kept']} of 72 pairs" in err
     steps = [line for line in lines if line.startswith("  rm  step ")]
     assert len(steps) >= 2 and all("accuracy " in line and "margin " in line for line in steps)
-    assert any(line.startswith("✓ rm in ") and "held-out accuracy" in line for line in lines)
+    assert any(line.startswith("✓ rm in ") and "held-out pairwise accuracy" in line for line in lines)
     assert label["pairs_judged"] == 72 and label["kept"] == len(records) > 30
     assert label["kept"] + label["dropped"] == label["pairs_judged"]
     assert label["position_consistency"] == 1.0  # a pointwise judge has no positions
