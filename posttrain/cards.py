@@ -50,7 +50,8 @@ def lineage(recipe: dict[str, Any], name: str) -> list[dict[str, Any]]:
     stages = {s["name"]: s for s in recipe.get("stages", [])}
     chain = [stages[name]]
     while True:
-        up = next((chain[0].get(k) for k in UPSTREAM if chain[0].get(k) in stages), None)
+        refs = [chain[0].get(k) for k in UPSTREAM]  # a stage's name, else a {path: ...} / {preset: ...} slot
+        up = next((ref for ref in refs if isinstance(ref, str) and ref in stages), None)
         if up is None or stages[up] in chain:
             return chain
         chain.insert(0, stages[up])

@@ -129,8 +129,9 @@ def run(
 ) -> None:
     """Run a recipe: every stage in order, skipping finished ones and resuming interrupted ones."""
     console.print(f"[dim]posttrain run {escape(str(recipe))}: checking the recipe…[/]", soft_wrap=True)
-    _quiet_libraries()
-    loaded = _load(recipe, set_)
+    with console.status("[dim]loading trl and transformers, checking every stage…[/]"):  # ~10 s
+        _quiet_libraries()
+        loaded = _load(recipe, set_)
     if dry_run:
         _print_plan(loaded, tuple(force or ()))
         _print_preflight(loaded, with_memory=True)
