@@ -362,7 +362,9 @@ def plot_accuracy(stages: list[StageSummary], path: Path) -> bool:
         container = axes.bar(xs, [v for _, v in shown], width, label=label)
         axes.bar_label(container, fmt="%.2f", fontsize=7, padding=1)
     axes.set_xticks(range(len(bars)), [name for name, _ in bars], rotation=20 if len(bars) > 5 else 0)
-    axes.set(ylim=(0, 1.08), ylabel="held-out", title="evaluation per model")
+    axes.set(
+        ylim=(0, 1.22), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0], ylabel="held-out", title="evaluation per model"
+    )
     axes.legend(fontsize=8, ncols=len(keys))
     _save(figure, path)
     return True
