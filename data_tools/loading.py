@@ -204,7 +204,7 @@ def _hub_rows(spec: FileData) -> Any:
     try:
         return load_dataset(spec.path, spec.name, split=spec.split or "train")
     except ConnectionError as e:  # datasets' "Couldn't reach ... on the Hub" (offline mode included)
-        raise HubUnreachable(f"cannot reach hub dataset '{spec.path}': {str(e).splitlines()[0]}") from None
+        raise HubUnreachable(f"cannot load hub dataset '{spec.path}': {str(e).splitlines()[0]}") from None
     except Exception as e:  # unknown id, unknown split: all surface as one line
         raise PosttrainError(f"cannot load hub dataset '{spec.path}': {str(e).splitlines()[0]}") from None
 

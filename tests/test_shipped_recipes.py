@@ -19,7 +19,7 @@ def test_shipped_recipe_plans_offline(cli, name: str, tmp_path: Path) -> None:
     shown = out + err
     assert code == 0 and "preflight: ok" in shown, shown
     if name != "demo.yaml":  # the real-scale recipes read hub datasets: preflight says what it skipped
-        assert "columns, lengths and rewards not checked: cannot reach hub dataset" in shown, shown
+        assert "columns, lengths and rewards not checked: cannot load hub dataset" in shown, shown
 
 
 def test_r1_zero_fits_its_models_4096_positions(cli, tmp_path: Path) -> None:
