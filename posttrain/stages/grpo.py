@@ -93,10 +93,11 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
         stage.train,
         ctx,
         reward_weights=[r.weight for r in stage.rewards],
-        model_init_kwargs=reference_kwargs(source),  # trl loads the reference model with them
         **GRPO_DEFAULTS,
         **moe.train_defaults(stage.moe, aux_loss_coef=0.0),  # aux losses hurt RL (NeMo-RL)
     )
+    if args.beta and stage.lora is None:  # trl loads a reference model itself: like the policy
+        args.model_init_kwargs = reference_kwargs(source)
     check_lengths(dataset, tokenizer, source, args.max_completion_length, ctx.stage)
     rewards = [build_reward(spec, ctx) for spec in stage.rewards]
     samples = SamplesLog(ctx.out_dir / artifacts.SAMPLES, Path(args.output_dir) / TRL_COMPLETIONS)
