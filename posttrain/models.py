@@ -298,9 +298,9 @@ def prepared(model: Any, source: PathModel, trainable: bool) -> Any:
     """`model` with its loading options recorded in its config (saved with it: a later stage that
     starts from this model inherits dtype and attention), and, for a trainable k-bit model, peft's
     k-bit preparation (norms in float32, input gradients for the adapters)."""
-    setattr(
-        model.config, LOADING_RECORD, {**getattr(model.config, LOADING_RECORD, {}), **source.load_options()}
-    )
+    record = {**getattr(model.config, LOADING_RECORD, {}), **source.load_options()}
+    if record:  # nothing set: the saved config stays as transformers writes it
+        setattr(model.config, LOADING_RECORD, record)
     if trainable and source.quantization is not None:
         from peft import prepare_model_for_kbit_training
 
