@@ -17,9 +17,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from posttrain.data_tools.shapes import ROLES
 from posttrain.errors import PosttrainError, did_you_mean
-
-ROLES = ("system", "user", "assistant", "tool")
 
 
 def builtin_templates() -> dict[str, Path]:
@@ -73,7 +72,9 @@ def check_turns(messages: Any, label: str, row: int) -> None:
             problem,
             file=label,
             line=row,
-            fix="store each conversation as a list of {role: system|user|assistant, content: text} turns",
+            fix="store each conversation as a list of {role, content} turns (roles: "
+            + ", ".join(ROLES)
+            + ")",
         )
 
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from families import FAMILIES, build_family, family_tokenizer, template_tokenizer
+from families import FAMILIES, build_family, family_tokenizer
 
 from posttrain.data_tools.chat_mask import (
     DERIVED,
