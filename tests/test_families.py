@@ -129,3 +129,24 @@ def test_every_stage_runs_on_the_family(family, tmp_path):
         assert any("experts" in k for k in changed), "LoRA merged into the routed experts"
         assert any(k.startswith("moe/") and k.endswith("/load_cv") for k in metrics["sft"]), "router metrics"
         assert not any(k.endswith(".gate.weight") and k in changed for k in before), "routers stay frozen"
+
+
+@pytest.mark.parametrize(
+    ("preset", "model_type", "moe_layers"), [("tiny-llama", "llama", 0), ("tiny-qwen3-moe", "qwen3_moe", 3)]
+)
+def test_the_new_presets_train(preset, model_type, moe_layers, tmp_path, write_recipe, cli):
+    recipe = write_recipe(
+        f"""
+        name: {preset}
+        base_model: {{preset: {preset}}}
+        stages:
+          - {{name: sft, kind: sft, data: {{synthetic: arithmetic, n: 16}}, train: {{max_steps: 2, {TRAIN}}}}}
+        """
+    )
+    code, _, err = cli("run", recipe)
+    assert code == 0, err
+    stage = tmp_path / "runs" / "sft"
+    config = json.loads((stage / "model" / "config.json").read_text())
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert config["model_type"] == model_type and metrics["train"]["steps"] == 2
+    assert len({k.split("/")[1] for k in metrics if k.startswith("moe/layer_")}) == moe_layers
