@@ -31,7 +31,7 @@ from posttrain.data_tools.chat_mask import (
 from posttrain.data_tools.chat_template import read_chat_template, render_chat
 from posttrain.errors import PosttrainError
 from posttrain.memory import Workload, trainer_workload
-from posttrain.metrics import Evaluated, MoESummary, ParameterCounts, TrainMetrics
+from posttrain.metrics import Curves, Evaluated, MoESummary, ParameterCounts, TrainMetrics, trained
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import Recipe, SFTStage, trainer_settings
 from posttrain.rewards.text import completion_text
@@ -42,13 +42,16 @@ from posttrain.training import (
     lora_config,
     release,
     require_rows_left,
-    resume_checkpoint,
     save_final_model,
+    train,
     train_metrics,
     trainer_args,
 )
 
 SFT_FORMATS = (["messages"], ["prompt", "completion"], ["text"])
+
+# What the console shows of each logging step (the full logs go to TensorBoard and metrics.json).
+CONSOLE = (("loss", "loss", ".4f"), ("learning_rate", "lr", ".2e"))
 
 
 class Metrics(Evaluated, MoESummary):
@@ -91,7 +94,7 @@ def run(stage: SFTStage, ctx: StageContext) -> Metrics:
             callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard)],
         )
     require_rows_left(trainer, len(dataset), ctx.stage)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
+    train(trainer, ctx, CONSOLE)
     save_final_model(trainer, tokenizer, ctx, stage.lora)
     metrics: Metrics = {
         "train": train_metrics(trainer),
@@ -171,6 +174,11 @@ def workload(stage: SFTStage, recipe: Recipe, shapes: dict) -> Workload | str:
 
 
 headline = None  # the report's table row says it all: loss, evaluation
+loss_panel = "SFT: token cross-entropy"
+
+
+def outcome(metrics: Metrics, curves: Curves) -> list[str]:
+    return trained(metrics.get("train"), curves)
 
 
 def sft_rows(dataset: Any, data: Any) -> Any:
