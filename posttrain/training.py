@@ -243,6 +243,18 @@ def train_metrics(trainer: Any) -> dict[str, Any]:
     return metrics
 
 
+def logged_first_last(history: list[dict[str, Any]], keys: list[str]) -> dict[str, dict[str, float]]:
+    """{key: {first, last}} for each key a trainer logged: the mean of its first (up to) 3 logged
+    values and of its last 3, so one noisy step does not stand for the start or the end."""
+    out: dict[str, dict[str, float]] = {}
+    for key in keys:
+        values = [h[key] for h in history if isinstance(h.get(key), int | float)]
+        if values:
+            window = min(3, len(values))
+            out[key] = {"first": sum(values[:window]) / window, "last": sum(values[-window:]) / window}
+    return out
+
+
 def release(held: list[Any] | None = None) -> None:
     """Free a finished stage's trainer and models so the next stage (or student) starts clean.
 

@@ -13,9 +13,9 @@ name, or else a path / hub id; `references()` lists them so the runner can order
 
 The schema is split by topic: base.py (`Strict`, references, model slots, `tagged_union`),
 data.py (data blocks and row options), training.py (LoRA, MoE, rewards), evaluation.py (eval,
-gates, harness), stages.py (`StageBase`, guard, sft / evaluate / grpo), distill.py, rlaif.py
-(judges, labels, reward model), schema.py (STAGE_REGISTRY, `Recipe`); source.py reads YAML with
-line numbers, loading.py is `load_recipe`, checks.py the cross-checks. Import from
+gates, harness), stages.py (`StageBase`, guard, sft / evaluate / grpo / rloo), distill.py, rlaif.py
+(judges, labels, reward model), preference.py (dpo, kto), schema.py (STAGE_REGISTRY, `Recipe`);
+source.py reads YAML with line numbers, loading.py is `load_recipe`, checks.py the cross-checks. Import from
 `posttrain.recipe`; every public name is re-exported here.
 """
 
@@ -66,6 +66,7 @@ from posttrain.recipe.distill import (
 )
 from posttrain.recipe.evaluation import EvalOptions, EvalSpec, GateSpec, HarnessSpec, fill_eval_defaults
 from posttrain.recipe.loading import load_recipe
+from posttrain.recipe.preference import SMOOTHED_LOSSES, DPOStage, KTOStage, PreferenceStage
 from posttrain.recipe.rlaif import (
     CONSTITUTIONS,
     ENV_NAME,
@@ -91,6 +92,7 @@ from posttrain.recipe.training import LoraSpec, LoraTarget, MoESpec, RewardSpec
 __all__ = [
     "CONSTITUTIONS",
     "DENSE_SIZE_KEYS",
+    "SMOOTHED_LOSSES",
     "ENV_NAME",
     "JUDGE_BACKENDS",
     "STAGE_KINDS",
@@ -102,6 +104,7 @@ __all__ = [
     "DataSpec",
     "DecontaminateSpec",
     "DedupSpec",
+    "DPOStage",
     "DistillStage",
     "EvalOptions",
     "EvalSpec",
@@ -114,6 +117,7 @@ __all__ = [
     "HFJudgeSpec",
     "HarnessSpec",
     "JudgeSpec",
+    "KTOStage",
     "Labels",
     "LikelihoodJudgeSpec",
     "LoraSpec",
@@ -126,6 +130,7 @@ __all__ = [
     "ModelReference",
     "OpenAIJudgeSpec",
     "PathModel",
+    "PreferenceStage",
     "PresetModel",
     "Principles",
     "Recipe",

@@ -33,6 +33,7 @@ from posttrain.rewards import build_reward, reward_columns, reward_label
 from posttrain.stages import Slot
 from posttrain.training import (
     callbacks,
+    logged_first_last,
     lora_config,
     release,
     resume_checkpoint,
@@ -259,10 +260,4 @@ def rl_metrics(history: list[dict[str, Any]], labels: list[str]) -> dict[str, An
     """First and last logged value (mean of up to 3 log steps each) of the RL signals."""
     keys = [*RL_METRICS, *(f"rewards/{label}/{s}" for label in labels for s in ("mean", "std"))]
     keys += sorted({k for h in history for k in h if k.startswith("rewards/") and k not in keys})
-    out: dict[str, Any] = {}
-    for key in keys:
-        values = [h[key] for h in history if isinstance(h.get(key), int | float)]
-        if values:
-            window = min(3, len(values))
-            out[key] = {"first": sum(values[:window]) / window, "last": sum(values[-window:]) / window}
-    return out
+    return logged_first_last(history, keys)
