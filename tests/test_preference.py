@@ -4,6 +4,7 @@ labels, and tiny runs that learn a clear preference and resume after a kill."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -74,8 +75,205 @@ def test_dpo_learns_a_clear_preference_on_held_out_prompts(write_recipe, cli, ti
     assert held["pairwise_accuracy"] >= 0.8 > held["start_accuracy"] + 0.2, held
     assert held["mean_margin"] > 0
     assert metrics["train"]["loss_last"] < metrics["train"]["loss_first"]
-    assert metrics["preference"]["rewards/margins"]["last"] > metrics["preference"]["rewards/margins"]["first"]
-    assert metrics["soft_labels"] == {"mode": "filter", "min_p_chosen": 0.75, "mean_p_chosen": pytest.approx(0.9)}
+    assert (
+        metrics["preference"]["rewards/margins"]["last"] > metrics["preference"]["rewards/margins"]["first"]
+    )
+    assert metrics["soft_labels"] == {
+        "mode": "filter",
+        "min_p_chosen": 0.75,
+        "mean_p_chosen": pytest.approx(0.9),
+    }
     assert declared(tmp_path / "runs") == []
     report = (tmp_path / "runs" / "report.md").read_text()
     assert "implicit reward ranks the chosen answer first" in report
+
+
+def test_every_dpo_loss_type_of_the_installed_trl_trains(tiny_dense, tmp_path):
+    """All of trl's loss types at once (trl sums them with `loss_weights`): every branch runs, and
+    the loss stays finite."""
+    import math
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from posttrain.models import load_tokenizer
+    from posttrain.recipe import PathModel
+    from posttrain.stages.dpo import preference_rows, trl_loss_types
+
+    losses = list(trl_loss_types())
+    assert {"sigmoid", "ipo", "hinge", "robust", "apo_zero", "discopop"} <= set(losses)
+    rows = Dataset.from_list(
+        [json.loads(line) for line in clear_pairs(tmp_path / "p.jsonl", 16).read_text().splitlines()]
+    )
+    args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8, use_cpu=True,
+                     bf16=False, report_to="none", logging_steps=1, gradient_checkpointing=False, loss_type=losses,
+                     label_smoothing=0.1, save_strategy="no")  # fmt: skip
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_dense), args=args,
+                         train_dataset=preference_rows(rows), processing_class=load_tokenizer(PathModel(path=str(tiny_dense))))  # fmt: skip
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all(math.isfinite(v) for v in logged)
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ("    train: {loss_type: sigmoidd}\n", "did you mean 'sigmoid'"),
+        ("    train: {loss_type: [sigmoid, hinje]}\n", "did you mean 'hinge'"),
+        ("    train: {betta: 0.1}\n", "did you mean 'beta'"),
+        ("    soft_labels: smooth\n", "loss_type ['sigmoid'] ignores"),
+        (
+            "    soft_labels: smooth\n    train: {loss_type: robust, label_smoothing: 0.1}\n",
+            "set one of them",
+        ),
+        ("    min_p_chosen: 0.4\n", "greater than or equal to 0.5"),
+        ("    train: {max_length: 4096}\n", "max_position_embeddings (512)"),
+        ("    moe: {bias_update_rate: 0.001}\n", "moe"),
+    ],
+)
+def test_bad_dpo_recipes_exit_2_with_one_line(write_recipe, cli, tiny_dense, tmp_path, stage, message):
+    data = clear_pairs(tmp_path / "pairs.jsonl", 4)
+    head = f"name: bad\nbase_model: {{path: {tiny_dense}}}\nstages:\n  - name: dpo\n    kind: dpo\n"
+    recipe = write_recipe(head + f"    data: {{path: {data}}}\n" + stage)
+    code, _, err = cli("validate", recipe)
+    assert code == 2, err
+    assert message in err and "recipe.yaml:" in err and "Traceback" not in err
+
+
+def test_soft_labels_filter_smooth_or_are_ignored():
+    from datasets import Dataset
+
+    from posttrain.recipe import DPOStage
+    from posttrain.stages.dpo import apply_soft_labels
+
+    rows = Dataset.from_dict({"prompt": ["a", "b", "c", "d"], "chosen": ["x"] * 4, "rejected": ["y"] * 4,
+                              "p_chosen": [0.55, 0.7, 0.9, 1.0]})  # fmt: skip
+
+    def stage(**options):
+        return DPOStage(name="d", kind="dpo", data={"path": "x.jsonl"}, **options)
+
+    kept, soft, unsure = apply_soft_labels(rows, stage())
+    assert kept["prompt"] == ["c", "d"] and unsure == 2 and soft["mean_p_chosen"] == pytest.approx(0.95)
+    kept, soft, unsure = apply_soft_labels(rows, stage(soft_labels="smooth", train={"loss_type": "robust"}))
+    assert len(kept) == 4 and unsure == 0 and soft["label_smoothing"] == pytest.approx(1 - 0.7875)
+    kept, soft, _ = apply_soft_labels(rows, stage(soft_labels="ignore"))
+    assert len(kept) == 4 and "label_smoothing" not in soft
+    assert apply_soft_labels(rows.remove_columns("p_chosen"), stage())[1] == {"mode": "none"}
+    with pytest.raises(Exception, match="no pair has p_chosen >= 1"):
+        apply_soft_labels(rows.select([0, 1]), stage(min_p_chosen=1.0))
+
+
+def test_pairs_without_a_prompt_column_share_their_prompt():
+    """Anthropic HH (text) and UltraFeedback (whole conversations) carry the prompt inside each answer."""
+    from datasets import Dataset
+
+    from posttrain.recipe import DPOStage
+    from posttrain.stages.dpo import pairs
+
+    stage = DPOStage(name="d", kind="dpo", data={"path": "x.jsonl"})
+    hh = Dataset.from_dict({"chosen": ["\n\nHuman: hi\n\nAssistant: hello!"],
+                            "rejected": ["\n\nHuman: hi\n\nAssistant: go away"]})  # fmt: skip
+    row = pairs(hh, stage)[0]
+    assert row["prompt"] == "\n\nHuman: hi\n\nAssistant:" and row["chosen"] == " hello!"
+    user = {"role": "user", "content": "hi"}
+    ultra = Dataset.from_list([{"prompt": "hi", "chosen": [user, {"role": "assistant", "content": "hello!"}],
+                                "rejected": [user, {"role": "assistant", "content": "go away"}]}])  # fmt: skip
+    row = pairs(ultra, stage)[0]
+    assert row["prompt"] == [user] and row["chosen"] == [{"role": "assistant", "content": "hello!"}]
+
+
+def test_memory_plan_counts_the_reference_model_unless_lora_or_precomputed():
+    from posttrain import loading  # noqa: F401  (the registry's modules load through it)
+    from posttrain.recipe import Recipe
+    from posttrain.stages.dpo import workload
+
+    def frozen(**options):
+        recipe = Recipe.model_validate({"name": "m", "base_model": {"preset": "tiny-deepseek-v3"}, "stages": [
+            {"name": "d", "kind": "dpo", "data": {"path": "x.jsonl"}, **options}]})  # fmt: skip
+        return workload(recipe.stages[0], recipe, {})
+
+    full = frozen()
+    assert len(full.frozen) == 1 and full.frozen[0] == full.model.total and full.batch == 16
+    assert frozen(lora={"r": 4}).frozen == ()
+    assert frozen(train={"precompute_ref_log_probs": True}).frozen == ()
+
+
+def test_dpo_with_lora_on_moe_trains_the_routers_only_when_asked(write_recipe, cli, tiny_moe, tmp_path):
+    from safetensors.torch import load_file
+
+    data = clear_pairs(tmp_path / "pairs.jsonl", 32)
+    extra = "    lora: {r: 4, alpha: 8, targets: [attention, shared_experts]}\n    moe: {router: train}\n"
+    code, _, err = cli("run", dpo_recipe(write_recipe, tiny_moe, data, steps=3, extra=extra))
+    assert code == 0, err
+    stage = tmp_path / "runs" / "dpo"
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["parameters"]["trainable"] < metrics["parameters"]["total"] and "moe/load_cv" in metrics
+    assert not (stage / "model" / "adapter_config.json").exists()  # merged: a plain model
+    before, after = (
+        load_file(tiny_moe / "model.safetensors"),
+        load_file(stage / "model" / "model.safetensors"),
+    )
+    routers = [k for k in before if k.endswith("mlp.gate.weight")]
+    assert routers and all(
+        not before[k].equal(after[k]) for k in routers
+    )  # trained in full (modules_to_save)
+
+
+def test_dpo_resumes_after_a_kill(write_recipe, cli, tmp_path, declared):
+    data = clear_pairs(tmp_path / "pairs.jsonl", 64)
+    recipe = dpo_recipe(write_recipe, "x", data, steps=20, save=4).read_text()
+    recipe = write_recipe(recipe.replace("{path: x}", "{preset: tiny-deepseek-v3}"))
+    stage = tmp_path / "runs" / "dpo"
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "run", str(recipe)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (stage / "checkpoints/checkpoint-4/trainer_state.json").exists():
+            time.sleep(0.02)
+        assert proc.poll() is None, "training finished before it could be killed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (stage / artifacts.COMPLETE).exists()
+    code, _, err = cli("run", recipe)
+    assert code == 0 and "resuming" in err, err
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 20 and metrics["held_out"]["pairwise_accuracy"] > 0.5
+    assert declared(tmp_path / "runs") == []
+
+
+def test_kto_learns_from_the_same_pairs_or_from_unpaired_labels(
+    write_recipe, cli, tiny_dense, tmp_path, declared
+):
+    data = clear_pairs(tmp_path / "pairs.jsonl", 64)
+    recipe = dpo_recipe(write_recipe, tiny_dense, data, steps=8).read_text().replace("kind: dpo", "kind: kto")
+    code, _, err = cli("run", write_recipe(recipe))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "runs/dpo/metrics.json").read_text())
+    assert (
+        metrics["held_out"]["pairwise_accuracy"] > 0.7
+        and metrics["train"]["loss_last"] < metrics["train"]["loss_first"]
+    )
+    assert "kl" in metrics["preference"]
+    unpaired = tmp_path / "unpaired.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    unpaired.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[key], "label": key == "chosen"}) + "\n"
+                                for r in rows for key in ("chosen", "rejected")))  # fmt: skip
+    code, _, err = cli("run", write_recipe(recipe.replace(str(data), str(unpaired)).replace("name: tiny-dpo", "name: unpaired")
+                                           .replace(str(tmp_path / "runs"), str(tmp_path / "runs2"))))  # fmt: skip
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "runs2/dpo/metrics.json").read_text())
+    assert metrics["rows"] == 128 and "held_out" not in metrics and metrics["soft_labels"] == {"mode": "none"}
+    assert declared(tmp_path / "runs") == declared(tmp_path / "runs2") == []
+
+
+def test_bad_kto_recipes_exit_2_with_one_line(write_recipe, cli, tiny_dense, tmp_path):
+    data = clear_pairs(tmp_path / "pairs.jsonl", 4)
+    head = f"name: bad\nbase_model: {{path: {tiny_dense}}}\nstages:\n  - name: kto\n    kind: kto\n    data: {{path: {data}}}\n"
+    for stage, message in [("    train: {loss_type: ktoo}\n", "did you mean 'kto'"),
+                           ("    train: {per_device_train_batch_size: 1}\n", "at least 2 a batch"),
+                           ("    soft_labels: smooth\n", "soft_labels"),
+                           ("    train: {desirable_weigth: 1.0}\n", "did you mean 'desirable_weight'")]:  # fmt: skip
+        code, _, err = cli("validate", write_recipe(head + stage))
+        assert code == 2 and message in err and "Traceback" not in err, err

@@ -278,15 +278,22 @@ def _text(answer: Any) -> str:
 
 def check(stage: PreferenceStage, recipe: Recipe, path: tuple) -> None:
     """Recipe-time: every loss_type is one the installed trl has, MoE options fit, max_length fits."""
-    losses = stage.train.get("loss_type", "sigmoid")
+    check_loss_types(stage, recipe, path, "trl.trainer.dpo_trainer")
+    check_common(stage, recipe, path)
+
+
+def check_loss_types(stage: PreferenceStage, recipe: Recipe, path: tuple, trainer_module: str) -> None:
+    """`train.loss_type` (one, or a list) against the loss types the installed trainer has a branch for."""
+    losses = stage.train.get("loss_type")
+    if losses is None:
+        return
+    known = trl_loss_types(trainer_module)
     for i, loss in enumerate([losses] if isinstance(losses, str) else losses):
-        known = trl_loss_types()
         if known and loss not in known:
             where = (*path, "train", "loss_type") + (() if isinstance(losses, str) else (i,))
             hint = did_you_mean(str(loss), known)
-            raise recipe.error(where, f"'{loss}' is not a DPO loss_type of the installed trl",
+            raise recipe.error(where, f"'{loss}' is not a {stage.kind} loss_type of the installed trl",
                                f"{hint + ' ' if hint else ''}one of: {', '.join(known)}")  # fmt: skip
-    check_common(stage, recipe, path)
 
 
 def check_common(stage: PreferenceStage, recipe: Recipe, path: tuple) -> None:
@@ -304,22 +311,20 @@ def check_common(stage: PreferenceStage, recipe: Recipe, path: tuple) -> None:
 
 
 @functools.cache
-def trl_loss_types() -> tuple[str, ...]:
-    """The loss types the installed DPOTrainer has a branch for (`loss_type == "..."` in its source),
+def trl_loss_types(trainer_module: str = "trl.trainer.dpo_trainer") -> tuple[str, ...]:
+    """The loss types an installed trl trainer has a branch for (`loss_type == "..."` in its source),
     read from disk so that checking a recipe imports no trainer."""
-    spec = importlib.util.find_spec("trl.trainer.dpo_trainer")
+    spec = importlib.util.find_spec(trainer_module)
     if spec is None or spec.origin is None or not os.path.exists(spec.origin):
         return ()
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-    found = [
-        node.comparators[0].value
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Compare)
-        and isinstance(node.left, ast.Name)
-        and node.left.id == "loss_type"
-        and isinstance(node.ops[0], ast.Eq)
-        and isinstance(node.comparators[0], ast.Constant)
-    ]
+    found = []
+    for node in ast.walk(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))):
+        if not (isinstance(node, ast.Compare) and isinstance(node.ops[0], ast.Eq)):
+            continue
+        name = getattr(node.left, "id", None) or getattr(node.left, "attr", None)
+        value = node.comparators[0]
+        if name == "loss_type" and isinstance(value, ast.Constant) and isinstance(value.value, str):
+            found.append(value.value)
     return tuple(dict.fromkeys(found))
 
 
