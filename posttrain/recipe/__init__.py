@@ -86,7 +86,16 @@ from posttrain.recipe.rlaif import (
 )
 from posttrain.recipe.schema import STAGE_KINDS, STAGE_REGISTRY, Recipe, Stage
 from posttrain.recipe.source import RecipeLoader, SourceMap, apply_override, parse_value, read_yaml
-from posttrain.recipe.stages import STAGE_NAME, EvaluateStage, GRPOStage, GuardSpec, SFTStage, StageBase
+from posttrain.recipe.stages import (
+    STAGE_NAME,
+    EvaluateStage,
+    GRPOStage,
+    GuardSpec,
+    RLOOStage,
+    RLStage,
+    SFTStage,
+    StageBase,
+)
 from posttrain.recipe.training import LoraSpec, LoraTarget, MoESpec, RewardSpec
 
 __all__ = [
@@ -138,6 +147,8 @@ __all__ = [
     "RewardJudgeSpec",
     "RewardModelStage",
     "RewardSpec",
+    "RLOOStage",
+    "RLStage",
     "RlaifLabelStage",
     "RowOptions",
     "SFTStage",

@@ -17,7 +17,7 @@ from posttrain.recipe.evaluation import EvalSpec, fill_eval_defaults
 from posttrain.recipe.preference import DPOStage, KTOStage
 from posttrain.recipe.rlaif import RewardModelStage, RlaifLabelStage
 from posttrain.recipe.source import SourceMap
-from posttrain.recipe.stages import EvaluateStage, GRPOStage, SFTStage, StageBase
+from posttrain.recipe.stages import EvaluateStage, GRPOStage, RLOOStage, SFTStage, StageBase
 
 # kind -> (schema class, the module that runs it). The module is named, not imported: the schema
 # stays importable on its own, and posttrain.stages imports a kind's module when it is needed.
@@ -30,6 +30,7 @@ STAGE_REGISTRY: dict[str, tuple[type[StageBase], str]] = {
     "distill": (DistillStage, "posttrain.stages.distill"),
     "dpo": (DPOStage, "posttrain.stages.dpo"),
     "kto": (KTOStage, "posttrain.stages.kto"),
+    "rloo": (RLOOStage, "posttrain.stages.rloo"),
 }
 STAGE_KINDS: dict[str, type[StageBase]] = {kind: schema for kind, (schema, _) in STAGE_REGISTRY.items()}
 

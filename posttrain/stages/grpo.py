@@ -28,7 +28,7 @@ from posttrain.lora_targets import literal_targets
 from posttrain.memory import Workload, trainer_workload
 from posttrain.metrics import Evaluated, MoESummary, ParameterCounts, TrainMetrics, TypedDict
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
-from posttrain.recipe import GRPOStage, PathModel, Recipe, trainer_settings
+from posttrain.recipe import GRPOStage, PathModel, Recipe, RLStage, trainer_settings
 from posttrain.rewards import build_reward, reward_columns, reward_label
 from posttrain.stages import Slot
 from posttrain.training import (
@@ -65,8 +65,19 @@ class Metrics(Evaluated, MoESummary):
 
 
 def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
-    from transformers import set_seed
     from trl import GRPOTrainer
+
+    return reinforce(stage, ctx, GRPOTrainer)
+
+
+def reinforce(
+    stage: RLStage, ctx: StageContext, trainer_class: Any, in_memory_samples: bool = False
+) -> Metrics:
+    """The body the online RL kinds share: prompts, rewards, `trainer_class` (trl's GRPOTrainer or
+    RLOOTrainer, configured by the stage's trl config), samples.jsonl, save, metrics.
+    `in_memory_samples`: the trainer keeps its table of logged completions in memory (RLOO)
+    rather than writing it to parquet files (GRPO)."""
+    from transformers import set_seed
 
     from posttrain import moe  # loads transformers (its callbacks subclass TrainerCallback)
     from posttrain.samples import SamplesLog  # loads transformers (a TrainerCallback)
@@ -76,7 +87,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
     source = ctx.model(stage.model)
     tokenizer = load_tokenizer(source)
     args = trainer_args(
-        "GRPOConfig",
+        stage.trainer_config,
         stage.train,
         ctx,
         reward_weights=[r.weight for r in stage.rewards],
@@ -85,11 +96,12 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
     )
     check_lengths(dataset, tokenizer, source, args.max_completion_length, ctx.stage)
     rewards = [build_reward(spec, ctx) for spec in stage.rewards]
-    samples = SamplesLog(ctx.out_dir / artifacts.SAMPLES, Path(args.output_dir) / TRL_COMPLETIONS)
+    parquet = None if in_memory_samples else Path(args.output_dir) / TRL_COMPLETIONS
+    samples = SamplesLog(ctx.out_dir / artifacts.SAMPLES, parquet)
     model = load_causal_lm(source)
     experts = moe.prepare(model, stage.moe, lora=stage.lora, default_router="freeze")
     with literal_targets(stage.lora is not None and stage.lora.targets is not None):
-        trainer = GRPOTrainer(
+        trainer = trainer_class(
             model=model,
             reward_funcs=rewards,
             args=args,
@@ -98,6 +110,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
             peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
             callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard), samples],
         )
+    samples.trainer = trainer if in_memory_samples else None
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     if ctx.is_main:
         samples.collect()
@@ -118,7 +131,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
     return metrics
 
 
-def grpo_columns(dataset: Any, stage: GRPOStage) -> Any:
+def grpo_columns(dataset: Any, stage: RLStage) -> Any:
     """Keep `prompt` and the columns the rewards read; say which are missing, before any model loads."""
     problem = missing_column(stage, dataset.column_names)
     if problem:
@@ -141,14 +154,14 @@ def with_system_prompt(dataset: Any, system_prompt: str | None) -> Any:
     return dataset.map(conversation)
 
 
-def reward_data_columns(stage: GRPOStage) -> list[str]:
+def reward_data_columns(stage: RLStage) -> list[str]:
     """The dataset columns the stage's rewards read, each once."""
     return list(dict.fromkeys(c for spec in stage.rewards for c in reward_columns(spec)))
 
 
-def missing_column(stage: GRPOStage, columns: list[str]) -> str | None:
+def missing_column(stage: RLStage, columns: list[str]) -> str | None:
     """'<who> needs column <c>, but the data has: ...' for the first missing column, else None."""
-    needs = [("GRPO", "prompt")] + [
+    needs = [(stage.kind.upper(), "prompt")] + [
         (f"reward '{reward_label(r)}'", c) for r in stage.rewards for c in reward_columns(r)
     ]
     for who, column in needs:
@@ -165,7 +178,7 @@ def _column_fix(problem: str) -> str:
 # --------------------------------------------------------------------------- checks
 
 
-def check(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
+def check(stage: RLStage, recipe: Recipe, path: tuple) -> None:
     """Recipe-time checks (no weights, no data loading beyond a peek): batch, columns, MoE, lengths."""
     train = trainer_settings(stage, **GRPO_DEFAULTS)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -195,7 +208,7 @@ def check(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
         )
 
 
-def _check_columns(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
+def _check_columns(stage: RLStage, recipe: Recipe, path: tuple) -> None:
     columns = peek_columns(stage.data)
     problem = missing_column(stage, columns) if columns is not None else None
     if problem:  # unknown columns are checked again at stage start, before the model loads
@@ -224,7 +237,7 @@ def check_lengths(
 # --------------------------------------------------------------------------- preflight, memory, report
 
 
-def slot(stage: GRPOStage) -> Slot:
+def slot(stage: RLStage) -> Slot:
     """Preflight: prompts with the rewards' columns, each followed by max_completion_length new
     tokens; the rewards run on a few rows."""
     columns = ("prompt", *reward_data_columns(stage))
@@ -232,7 +245,7 @@ def slot(stage: GRPOStage) -> Slot:
     return Slot(stage.model, stage.data, columns, new_tokens, rewards=tuple(stage.rewards))
 
 
-def workload(stage: GRPOStage, recipe: Recipe, shapes: dict) -> Workload | str:
+def workload(stage: RLStage, recipe: Recipe, shapes: dict) -> Workload | str:
     return trainer_workload(recipe, shapes, stage.model, trainer_settings(stage), stage.lora, stage.moe)
 
 
