@@ -66,7 +66,10 @@ def callbacks(ctx: StageContext, guard: GuardSpec | None = None) -> list[Any]:
     from posttrain.guards import GracefulStop, TrainingGuard  # loads transformers (TrainerCallbacks)
 
     guard = guard or GuardSpec()
-    found: list[Any] = [GracefulStop(), TrainingGuard(ctx.stage, **guard.model_dump())]
+    watched = guard.model_dump(
+        include=set(GuardSpec.model_fields)
+    )  # an RL guard's other checks are the stage's
+    found: list[Any] = [GracefulStop(), TrainingGuard(ctx.stage, **watched)]
     if ctx.is_main:
         found.append(TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out_dir / artifacts.LOGS))))
     return found

@@ -27,6 +27,16 @@ class GuardSpec(Strict):
     constant_reward: Literal["stop", "warn"] = "warn"  # group scored alike (no learning signal)
 
 
+class RLGuardSpec(GuardSpec):
+    """An RL stage's guard: also watches a learned reward (a reward model, a judge: any reward with
+    a `model:`) mixed with verifiable ones for reward hacking (posttrain/reward_hacking.py)."""
+
+    # Logged steps over which the learned reward rising while the verifiable rewards fall counts as
+    # hacking (None: not watched). Only where the stage mixes the two.
+    reward_hacking_steps: int | None = Field(8, ge=3)
+    reward_hacking: Literal["stop", "warn"] = "warn"
+
+
 class StageBase(Strict):
     name: str
     kind: str
@@ -103,7 +113,8 @@ class RLStage(StageBase):
     system_prompt: str | None = None  # sent before every prompt (a plain-text prompt becomes a user turn)
     lora: LoraSpec | None = None
     moe: MoESpec = MoESpec()  # routers frozen and no aux loss unless set here (MoE models)
-    guard: GuardSpec = GuardSpec(constant_reward_steps=10)  # NaN/inf loss; 10 logged steps without signal
+    # NaN/inf loss; 10 logged steps without signal; reward hacking over 8 logged steps (warn)
+    guard: RLGuardSpec = RLGuardSpec(constant_reward_steps=10)
     train: dict[str, Any] = {}  # keys of the kind's trl config
 
     @model_validator(mode="after")

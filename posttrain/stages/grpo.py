@@ -26,7 +26,7 @@ from posttrain.errors import PosttrainError
 from posttrain.generation import render_prompts
 from posttrain.lora_targets import literal_targets
 from posttrain.memory import Workload, trainer_workload
-from posttrain.metrics import Evaluated, MoESummary, ParameterCounts, TrainMetrics, TypedDict
+from posttrain.metrics import Evaluated, MoESummary, NotRequired, ParameterCounts, TrainMetrics, TypedDict
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import GRPOStage, PathModel, Recipe, RLStage, trainer_settings
 from posttrain.rewards import build_reward, reward_columns, reward_label
@@ -55,6 +55,15 @@ class FirstLast(TypedDict):
     last: float  # and of the last 3
 
 
+class HackingSummary(TypedDict):
+    action: str | None  # stop | warn when the reward-hacking guard tripped, else None
+    step: NotRequired[int]
+    reason: NotRequired[str]
+    learned: NotRequired[list[str]]
+    verifiable: NotRequired[list[str]]
+    curves: dict[str, list[list[float]]]  # learned | verifiable: [step, weighted mean] per logged step
+
+
 class Metrics(Evaluated, MoESummary):
     train: TrainMetrics
     rl: dict[str, FirstLast]  # RL_METRICS and rewards/<label>/mean|std, as trl logs them
@@ -62,6 +71,7 @@ class Metrics(Evaluated, MoESummary):
     parameters: ParameterCounts
     rows: int  # prompts
     samples_logged: int  # rows of samples.jsonl
+    guard: NotRequired[HackingSummary]  # when a learned reward is mixed with verifiable ones
 
 
 def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
@@ -96,6 +106,7 @@ def reinforce(
     )
     check_lengths(dataset, tokenizer, source, args.max_completion_length, ctx.stage)
     rewards = [build_reward(spec, ctx) for spec in stage.rewards]
+    hacking = hacking_guard(stage, ctx)
     parquet = None if in_memory_samples else Path(args.output_dir) / TRL_COMPLETIONS
     samples = SamplesLog(ctx.out_dir / artifacts.SAMPLES, parquet)
     model = load_causal_lm(source)
@@ -108,7 +119,7 @@ def reinforce(
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
-            callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard), samples],
+            callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard), samples, *hacking],
         )
     samples.trainer = trainer if in_memory_samples else None
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
@@ -124,11 +135,28 @@ def reinforce(
         "rows": len(dataset),
         "samples_logged": samples.rows,
         **experts.summary(ctx.out_dir if ctx.is_main else None),
+        **({"guard": hacking[0].summary()} if hacking else {}),
     }
     held = [trainer, model]
     del trainer, model  # `held` keeps the last references: release() drops them
     release(held)
     return metrics
+
+
+def hacking_guard(stage: RLStage, ctx: StageContext) -> list[Any]:
+    """The reward-hacking guard, when the stage mixes a learned reward (one with a `model:`: a reward
+    model, a judge) with verifiable ones and its guard watches for it; else nothing."""
+    from posttrain.reward_hacking import HackingGuard  # loads transformers (a TrainerCallback)
+
+    learned = {reward_label(r): r.weight for r in stage.rewards if r.model is not None and r.weight > 0}
+    verifiable = {reward_label(r): r.weight for r in stage.rewards if r.model is None and r.weight > 0}
+    if not (learned and verifiable and stage.guard.reward_hacking_steps):
+        return []
+    return [
+        HackingGuard(
+            ctx.stage, learned, verifiable, stage.guard.reward_hacking_steps, stage.guard.reward_hacking
+        )
+    ]
 
 
 def grpo_columns(dataset: Any, stage: RLStage) -> Any:
@@ -250,11 +278,14 @@ def workload(stage: RLStage, recipe: Recipe, shapes: dict) -> Workload | str:
 
 
 def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:
-    """Did RL beat the model it started from, on held-out accuracy (and sampled pass@1)?"""
+    """Did RL beat the model it started from, on held-out accuracy (and sampled pass@1)? And did the
+    reward-hacking guard stop or warn, and why?"""
+    tripped = (metrics.get("guard") or {}).get("reason")
+    lines = [f"- **{name}**: {tripped}"] if tripped else []
     before = (start[1].get("eval") or {}) if start else {}
     after = metrics.get("eval") or {}
     if start is None or before.get("accuracy") is None or after.get("accuracy") is None:
-        return []
+        return lines
     sampled = (before.get("pass_at_1"), after.get("pass_at_1"))
     pass_at_1 = (
         f"; pass@1 {sampled[0]:.3f} → {sampled[1]:.3f} ({(sampled[1] - sampled[0]) * 100:+.1f})"
@@ -262,8 +293,8 @@ def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -
         else ""
     )
     gain = (after["accuracy"] - before["accuracy"]) * 100
-    return [f"- **{name}** lifted held-out accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f} "
-            f"({gain:+.1f} points over {start[0]}{pass_at_1})"]  # fmt: skip
+    return [*lines, f"- **{name}** lifted held-out accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f} "
+                    f"({gain:+.1f} points over {start[0]}{pass_at_1})"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- logging
