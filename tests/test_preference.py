@@ -267,3 +267,27 @@ def test_bad_kto_recipes_exit_2_with_one_line(write_recipe, cli, tiny_dense, tmp
                            ("    train: {desirable_weigth: 1.0}\n", "did you mean 'desirable_weight'")]:  # fmt: skip
         code, _, err = cli("validate", write_recipe(head + stage))
         assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_orpo_runs_on_the_installed_trl_without_a_reference(
+    write_recipe, cli, tiny_dense, tmp_path, declared
+):
+    from posttrain.recipe import Recipe
+    from posttrain.stages.orpo import workload
+
+    data = clear_pairs(tmp_path / "pairs.jsonl", 64)
+    recipe = (
+        dpo_recipe(write_recipe, tiny_dense, data, steps=8).read_text().replace("kind: dpo", "kind: orpo")
+    )
+    code, _, err = cli("run", write_recipe(recipe))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "runs/dpo/metrics.json").read_text())
+    assert metrics["held_out"]["pairwise_accuracy"] > 0.7 and "nll_loss" in metrics["preference"]
+    assert (
+        metrics["train"]["loss_last"] < metrics["train"]["loss_first"] and declared(tmp_path / "runs") == []
+    )
+    plan = Recipe.model_validate({"name": "m", "base_model": {"preset": "tiny-dense"},
+                                  "stages": [{"name": "o", "kind": "orpo", "data": {"path": "x.jsonl"}}]})  # fmt: skip
+    assert workload(plan.stages[0], plan, {}).frozen == ()  # no reference model
+    code, _, err = cli("validate", write_recipe(recipe.replace("beta: 0.1", "betta: 0.1")))
+    assert code == 2 and "did you mean 'beta'" in err and "ORPOConfig" in err

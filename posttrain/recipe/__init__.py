@@ -14,7 +14,7 @@ name, or else a path / hub id; `references()` lists them so the runner can order
 The schema is split by topic: base.py (`Strict`, references, model slots, `tagged_union`),
 data.py (data blocks and row options), training.py (LoRA, MoE, rewards), evaluation.py (eval,
 gates, harness), stages.py (`StageBase`, guard, sft / evaluate / grpo / rloo), distill.py, rlaif.py
-(judges, labels, reward model), preference.py (dpo, kto), schema.py (STAGE_REGISTRY, `Recipe`);
+(judges, labels, reward model), preference.py (dpo, kto, orpo), schema.py (STAGE_REGISTRY, `Recipe`);
 source.py reads YAML with line numbers, loading.py is `load_recipe`, checks.py the cross-checks. Import from
 `posttrain.recipe`; every public name is re-exported here.
 """
@@ -66,7 +66,7 @@ from posttrain.recipe.distill import (
 )
 from posttrain.recipe.evaluation import EvalOptions, EvalSpec, GateSpec, HarnessSpec, fill_eval_defaults
 from posttrain.recipe.loading import load_recipe
-from posttrain.recipe.preference import SMOOTHED_LOSSES, DPOStage, KTOStage, PreferenceStage
+from posttrain.recipe.preference import SMOOTHED_LOSSES, DPOStage, KTOStage, ORPOStage, PreferenceStage
 from posttrain.recipe.rlaif import (
     CONSTITUTIONS,
     ENV_NAME,
@@ -138,6 +138,7 @@ __all__ = [
     "MoESpec",
     "ModelRef",
     "ModelReference",
+    "ORPOStage",
     "OpenAIJudgeSpec",
     "PathModel",
     "PreferenceStage",

@@ -1,6 +1,6 @@
 """Preference optimisation of the policy itself, on pairs (an `rlaif_label` stage's, or any
 prompt/chosen/rejected data): `dpo` (trl's DPOTrainer), `kto` (KTOTrainer: the same pairs
-unpaired, or rows with a boolean `label`) and `orpo` (trl.experimental.orpo, reference-free).
+unpaired, or rows with a boolean `label`) and `orpo` (trl.experimental.orpo: no reference model).
 
 They share what they read and how the judge's soft labels `p_chosen` are used
 (`PreferenceStage`); each kind adds only its `kind` and its trl config."""
@@ -75,3 +75,14 @@ class KTOStage(PreferenceStage):
     soft_labels: Literal["filter", "ignore"] = "filter"  # KTO has no label smoothing
     train: dict[str, Any] = {}  # keys of trl's KTOConfig
     trainer_config: ClassVar[str | None] = "KTOConfig"
+
+
+class ORPOStage(PreferenceStage):
+    """Odds-ratio preference optimisation (Hong et al. 2024) with trl's experimental ORPOTrainer:
+    SFT on the chosen answers plus a log-odds-ratio penalty on the rejected ones, with no reference
+    model (half DPO's memory). Experimental in trl 1.16 (`trl.experimental.orpo`)."""
+
+    kind: Literal["orpo"]
+    soft_labels: Literal["filter", "ignore"] = "filter"  # ORPO has no label smoothing
+    train: dict[str, Any] = {}  # keys of trl's experimental ORPOConfig
+    trainer_config: ClassVar[str | None] = "experimental.orpo.ORPOConfig"

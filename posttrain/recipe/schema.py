@@ -14,7 +14,7 @@ from posttrain.errors import PosttrainError, did_you_mean
 from posttrain.recipe.base import PathModel, PresetModel, Strict, _tag, tagged_union
 from posttrain.recipe.distill import DistillStage
 from posttrain.recipe.evaluation import EvalSpec, fill_eval_defaults
-from posttrain.recipe.preference import DPOStage, KTOStage
+from posttrain.recipe.preference import DPOStage, KTOStage, ORPOStage
 from posttrain.recipe.rlaif import RewardModelStage, RlaifLabelStage
 from posttrain.recipe.source import SourceMap
 from posttrain.recipe.stages import EvaluateStage, GRPOStage, RLOOStage, SFTStage, StageBase
@@ -30,6 +30,7 @@ STAGE_REGISTRY: dict[str, tuple[type[StageBase], str]] = {
     "distill": (DistillStage, "posttrain.stages.distill"),
     "dpo": (DPOStage, "posttrain.stages.dpo"),
     "kto": (KTOStage, "posttrain.stages.kto"),
+    "orpo": (ORPOStage, "posttrain.stages.orpo"),
     "rloo": (RLOOStage, "posttrain.stages.rloo"),
 }
 STAGE_KINDS: dict[str, type[StageBase]] = {kind: schema for kind, (schema, _) in STAGE_REGISTRY.items()}

@@ -35,7 +35,7 @@ from posttrain.lora_targets import literal_targets
 from posttrain.memory import Workload, trainer_workload
 from posttrain.metrics import Evaluated, MoESummary, NotRequired, ParameterCounts, TrainMetrics, TypedDict
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
-from posttrain.recipe import PathModel, PreferenceStage, Recipe, trainer_settings
+from posttrain.recipe import PathModel, PreferenceStage, Recipe, trainer_defaults, trainer_settings
 from posttrain.stages import Slot
 from posttrain.stages.reward_model import split_by_prompt, trainer_rows
 from posttrain.training import (
@@ -53,7 +53,7 @@ DEFAULTS = {"logging_steps": 5}
 MAX_SMOOTHING = 0.45  # robust DPO divides by 1 - 2 * label_smoothing: keep it well below 0.5
 # What trl logs of the implicit reward each step (first and last values go to metrics.json).
 LOGGED = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-          "logps/chosen", "logps/rejected", "kl", "rewards/kl")  # fmt: skip
+          "logps/chosen", "logps/rejected", "kl", "nll_loss", "log_odds_ratio")  # fmt: skip
 
 
 class Pairs(TypedDict):
@@ -93,11 +93,17 @@ def run(stage: PreferenceStage, ctx: StageContext) -> Metrics:
 
 
 def optimise(
-    stage: PreferenceStage, ctx: StageContext, trainer_class: Any, to_rows: Any, read: Any = None
+    stage: PreferenceStage,
+    ctx: StageContext,
+    trainer_class: Any,
+    to_rows: Any,
+    read: Any = None,
+    reference_free: bool = False,
 ) -> Metrics:
     """The body every preference kind shares: pairs, split, soft labels, the trainer, save, metrics.
     `read` turns the loaded data into rows (default: `pairs`); `to_rows` turns the kept rows into
-    what `trainer_class` reads. Only paired rows have a held-out split to score."""
+    what `trainer_class` reads. Only paired rows have a held-out split to score; `reference_free`
+    kinds (ORPO) score it by the policy alone."""
     from transformers import set_seed
 
     from posttrain import moe  # loads transformers (its callbacks subclass TrainerCallback)
@@ -120,7 +126,9 @@ def optimise(
         **DEFAULTS,
         **fitted_max_length(stage, source),
         **smoothing,
-        **moe.train_defaults(stage.moe, aux_loss_coef=0.0),  # as in RL: aux losses fight a small signal
+        **_known(
+            stage, moe.train_defaults(stage.moe, aux_loss_coef=0.0)
+        ),  # as in RL: aux losses fight a small signal
     )
     with literal_targets(stage.lora is not None and stage.lora.targets is not None):
         trainer = trainer_class(
@@ -148,9 +156,15 @@ def optimise(
     if len(held_out):
         beta = float(getattr(args, "beta", 0.1) or 0.1)
         metrics["held_out"] = implicit_reward_metrics(
-            saved, source, held_out, beta, args.per_device_eval_batch_size
+            saved, source, held_out, beta, args.per_device_eval_batch_size, reference_free
         )
     return metrics
+
+
+def _known(stage: PreferenceStage, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The defaults the stage's trl config has fields for (ORPO's has no router_aux_loss_coef)."""
+    fields = trainer_defaults(stage.trainer_config)
+    return {key: value for key, value in defaults.items() if key in fields}
 
 
 # --------------------------------------------------------------------------- data
@@ -231,10 +245,12 @@ def preference_rows(rows: Any) -> Any:
 
 
 def implicit_reward_metrics(
-    saved: Path, reference: PathModel, rows: Any, beta: float, batch_size: int
+    saved: Path, reference: PathModel, rows: Any, beta: float, batch_size: int, reference_free: bool = False
 ) -> HeldOut:
-    """Pairwise accuracy and mean margin of the implicit reward beta * log(pi / pi_ref) on held-out
-    pairs: the saved policy against its reference (the model the stage started from)."""
+    """Pairwise accuracy and mean margin of the implicit reward on held-out pairs: beta * log(pi /
+    pi_ref) of the saved policy against its reference (the model the stage started from); for a
+    reference-free kind (ORPO), beta * the policy's mean token log-probability. `start_accuracy`
+    is the same ranking by the starting model alone."""
     from posttrain.judges.likelihood import logprob_sums
 
     items = [(p, _text(c)) for p, c in zip(rows["prompt"], rows["chosen"], strict=True)]
@@ -242,12 +258,16 @@ def implicit_reward_metrics(
     scores = []
     for source in (PathModel(path=str(saved)), reference):
         tokenizer, model = load_tokenizer(source), load_policy(source)
-        scores.append([total for total, _ in logprob_sums(model, tokenizer, items, max(batch_size, 8))])
+        sums = logprob_sums(model, tokenizer, items, max(batch_size, 8))
+        scores.append([total / max(count, 1) if reference_free else total for total, count in sums])
         del model
         release()
     n = len(rows)
     policy, ref = scores
-    margins = [beta * ((policy[i] - ref[i]) - (policy[n + i] - ref[n + i])) for i in range(n)]
+    if reference_free:
+        margins = [beta * (policy[i] - policy[n + i]) for i in range(n)]
+    else:
+        margins = [beta * ((policy[i] - ref[i]) - (policy[n + i] - ref[n + i])) for i in range(n)]
     return {
         "n": n,
         "pairwise_accuracy": sum(m > 0 for m in margins) / n,
@@ -339,11 +359,16 @@ def slot(stage: PreferenceStage) -> Slot:
 
 
 def workload(stage: PreferenceStage, recipe: Recipe, shapes: dict) -> Workload | str:
-    """The policy trains on chosen and rejected in one batch (twice the rows), and holds a frozen
-    reference copy unless LoRA (adapter off) or precomputed reference log-probs make it unneeded."""
+    """A frozen reference copy of the policy, unless LoRA (adapter off) or precomputed reference
+    log-probs make it unneeded."""
+    precomputed = trainer_settings(stage).get("precompute_ref_log_probs")
+    return pair_workload(stage, recipe, shapes, reference=stage.lora is None and not precomputed)
+
+
+def pair_workload(stage: PreferenceStage, recipe: Recipe, shapes: dict, reference: bool) -> Workload | str:
+    """The policy trains on chosen and rejected in one batch: twice the rows of the batch size."""
     train = trainer_settings(stage, **DEFAULTS)
     batch = {**train, "per_device_train_batch_size": 2 * int(train.get("per_device_train_batch_size") or 8)}
-    reference = stage.lora is None and not train.get("precompute_ref_log_probs")
     return trainer_workload(recipe, shapes, stage.model, batch, stage.lora, stage.moe, reference=reference)
 
 

@@ -19,7 +19,6 @@ from typing import Any
 from posttrain.context import StageContext
 from posttrain.data_tools import require_columns
 from posttrain.errors import PosttrainError
-from posttrain.memory import Workload
 from posttrain.recipe import KTOStage, Recipe, trainer_settings
 from posttrain.stages import Slot, dpo
 
@@ -90,9 +89,7 @@ def _row_format(rows: Any) -> Any:
     return rows
 
 
-def workload(stage: KTOStage, recipe: Recipe, shapes: dict) -> Workload | str:
-    """As dpo: each row and its KL completion go through the policy and the reference together."""
-    return dpo.workload(stage, recipe, shapes)
+workload = dpo.workload  # each row and its KL completion go through policy and reference together
 
 
 headline = dpo.headline
