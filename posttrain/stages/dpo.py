@@ -37,7 +37,7 @@ from posttrain.metrics import Evaluated, MoESummary, NotRequired, ParameterCount
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import PathModel, PreferenceStage, Recipe, trainer_defaults, trainer_settings
 from posttrain.stages import Slot
-from posttrain.stages.reward_model import split_by_prompt, trainer_rows
+from posttrain.stages.reward_model import Agreement, right_vs_wrong, split_by_prompt, trainer_rows
 from posttrain.training import (
     callbacks,
     logged_first_last,
@@ -74,6 +74,7 @@ class HeldOut(TypedDict):
     pairwise_accuracy: float  # the implicit reward ranks the chosen answer first
     mean_margin: float  # beta * (chosen - rejected log-ratio), mean over the pairs
     start_accuracy: float  # the reference's log-probabilities alone (the starting model's ranking)
+    right_vs_wrong: NotRequired[Agreement]  # pairs with exactly one right answer (rows with `answer`)
 
 
 class Metrics(Evaluated, MoESummary):
@@ -268,12 +269,15 @@ def implicit_reward_metrics(
         margins = [beta * (policy[i] - policy[n + i]) for i in range(n)]
     else:
         margins = [beta * ((policy[i] - ref[i]) - (policy[n + i] - ref[n + i])) for i in range(n)]
-    return {
+    metrics: HeldOut = {
         "n": n,
         "pairwise_accuracy": sum(m > 0 for m in margins) / n,
         "mean_margin": sum(margins) / n,
         "start_accuracy": sum(ref[i] > ref[n + i] for i in range(n)) / n,
     }
+    if "answer" in rows.column_names:
+        metrics["right_vs_wrong"] = right_vs_wrong(rows, margins)
+    return metrics
 
 
 def load_policy(source: PathModel) -> Any:
@@ -372,6 +376,11 @@ def pair_workload(stage: PreferenceStage, recipe: Recipe, shapes: dict, referenc
     return trainer_workload(recipe, shapes, stage.model, batch, stage.lora, stage.moe, reference=reference)
 
 
+def _right_vs_wrong(held_out: HeldOut) -> str:
+    rvw = held_out.get("right_vs_wrong") or {}
+    return f"; right above wrong on {rvw['accuracy']:.3f} of {rvw['n']} pairs" if rvw.get("n") else ""
+
+
 def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:
     """Does the policy's implicit reward rank the chosen answer first on unseen prompts, and did
     held-out task accuracy move from the model it started from?"""
@@ -381,7 +390,7 @@ def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -
         lines.append(
             f"- **{name}**'s implicit reward ranks the chosen answer first on {held_out['pairwise_accuracy']:.3f} "
             f"of {held_out['n']} held-out pairs (its starting model: {held_out['start_accuracy']:.3f}; "
-            f"chance 0.5), mean margin {held_out['mean_margin']:.3f}"
+            f"chance 0.5), mean margin {held_out['mean_margin']:.3f}{_right_vs_wrong(held_out)}"
         )
     before = (start[1].get("eval") or {}) if start else {}
     after = metrics.get("eval") or {}
