@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from rich.console import Console
 from transformers import TrainerCallback
 
 TREND = 0.6  # |correlation with the step| of each curve over the window (pure noise: p < 0.04 each)

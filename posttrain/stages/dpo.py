@@ -39,10 +39,12 @@ from posttrain.recipe import PathModel, PreferenceStage, Recipe, trainer_default
 from posttrain.stages import Slot
 from posttrain.stages.reward_model import Agreement, right_vs_wrong, split_by_prompt, trainer_rows
 from posttrain.training import (
+    applying_lora,
     callbacks,
     logged_first_last,
     lora_config,
     release,
+    require_rows_left,
     resume_checkpoint,
     save_final_model,
     train_metrics,
@@ -131,7 +133,7 @@ def optimise(
             stage, moe.train_defaults(stage.moe, aux_loss_coef=0.0)
         ),  # as in RL: aux losses fight a small signal
     )
-    with literal_targets(stage.lora is not None and stage.lora.targets is not None):
+    with applying_lora(stage.lora, ctx.stage):
         trainer = trainer_class(
             model=model,
             args=args,
@@ -140,6 +142,7 @@ def optimise(
             peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
             callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard)],
         )
+    require_rows_left(trainer, len(train_rows), ctx.stage)
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     saved = save_final_model(trainer, tokenizer, ctx, stage.lora)
     metrics: Metrics = {
