@@ -49,9 +49,7 @@ class HackingGuard(TrainerCallback):
         self.curves["verifiable"].append((state.global_step, verifiable))
         if self.tripped is None and pulling_apart(self.curves, self.steps):
             self.tripped = self._record(state.global_step)
-            Console(stderr=True).print(
-                f"[yellow]warning:[/] stages.{self.stage}: {self.tripped['reason']}", soft_wrap=True
-            )
+            warn(f"stages.{self.stage}: {self.tripped['reason']}")
             if self.action == "stop":
                 control.should_training_stop = True
                 control.should_save = False
