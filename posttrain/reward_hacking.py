@@ -18,6 +18,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from posttrain.errors import warn
+
 TREND = 0.6  # |correlation with the step| of each curve over the window (pure noise: p < 0.04 each)
 
 
