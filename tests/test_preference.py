@@ -136,6 +136,24 @@ def test_bad_dpo_recipes_exit_2_with_one_line(write_recipe, cli, tiny_dense, tmp
     assert message in err and "recipe.yaml:" in err and "Traceback" not in err
 
 
+def test_missing_columns_fail_at_validation_and_in_plan(write_recipe, cli, tiny_dense, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"question": "1+1=", "good": "2", "bad": "3"}) + "\n")
+    head = f"name: cols\nbase_model: {{path: {tiny_dense}}}\nstages:\n  - name: dpo\n    kind: dpo\n"
+    code, _, err = cli("validate", write_recipe(head + f"    data: {{path: {data}}}\n"))
+    assert code == 2 and "needs column 'chosen'" in err and "question, good, bad" in err, err
+    mapped = write_recipe(
+        head + f"    data: {{path: {data}, columns: {{prompt: question, chosen: good, rejected: bad}}}}\n"
+    )
+    code, out, err = cli("plan", mapped)
+    assert code == 0 and "1 rows; columns prompt, chosen, rejected" in out + err, out + err
+    kto = write_recipe(
+        head.replace("kind: dpo", "kind: kto") + f"    data: {{path: {data}, columns: {{label: good}}}}\n"
+    )
+    code, _, err = cli("validate", kto)
+    assert code == 2 and "needs column 'prompt'" in err, err
+
+
 def test_soft_labels_filter_smooth_or_are_ignored():
     from datasets import Dataset
 

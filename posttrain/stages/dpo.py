@@ -30,6 +30,7 @@ from posttrain import artifacts
 from posttrain.architecture import check_moe, config_positions, model_max_positions
 from posttrain.context import StageContext
 from posttrain.data_tools import require_columns
+from posttrain.data_tools.peek import peek_columns
 from posttrain.errors import PosttrainError, did_you_mean
 from posttrain.lora_targets import literal_targets
 from posttrain.memory import Workload, trainer_workload
@@ -323,9 +324,17 @@ def check_loss_types(stage: PreferenceStage, recipe: Recipe, path: tuple, traine
                                f"{hint + ' ' if hint else ''}one of: {', '.join(known)}")  # fmt: skip
 
 
-def check_common(stage: PreferenceStage, recipe: Recipe, path: tuple) -> None:
-    """What every preference kind checks: MoE options, max_length against the model's positions,
-    and the batch a rank sees."""
+def check_common(stage: PreferenceStage, recipe: Recipe, path: tuple, unpaired: tuple[str, ...] = ()) -> None:
+    """What every preference kind checks: the data's columns (by a peek: chosen and rejected, or
+    `unpaired` ones where the kind reads those when there is a `label`), MoE options, and
+    max_length against the model's positions."""
+    columns = peek_columns(stage.data)
+    if columns is not None:
+        needed = unpaired if unpaired and "label" in columns else ("chosen", "rejected")
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise recipe.error((*path, "data"), f"a {stage.kind} stage needs column '{missing[0]}', but the data "
+                               f"has: {', '.join(columns)}", f"map it with `columns: {{{missing[0]}: <your column>}}`")  # fmt: skip
     check_moe(stage.moe, stage.model, recipe, path)
     max_length = stage.train.get("max_length")
     positions = model_max_positions(recipe, stage.model)

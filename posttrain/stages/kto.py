@@ -66,7 +66,7 @@ def check(stage: KTOStage, recipe: Recipe, path: tuple) -> None:
     """Recipe-time: loss_type, MoE, max_length (as dpo), and a batch of more than one example
     where the loss estimates KL from the other completions of the batch."""
     dpo.check_loss_types(stage, recipe, path, "trl.trainer.kto_trainer")
-    dpo.check_common(stage, recipe, path)
+    dpo.check_common(stage, recipe, path, unpaired=UNPAIRED)
     train = trainer_settings(stage, **dpo.DEFAULTS)
     if train.get("loss_type") != "apo_zero_unpaired" and int(train["per_device_train_batch_size"]) < 2:
         raise recipe.error(
