@@ -60,7 +60,9 @@ def dpo_recipe(write_recipe, model, data, steps=12, save=100, more="", extra="")
 
 def test_dpo_learns_a_clear_preference_on_held_out_prompts(write_recipe, cli, tiny_dense, tmp_path, declared):
     data = clear_pairs(tmp_path / "pairs.jsonl")
-    code, _, err = cli("run", dpo_recipe(write_recipe, tiny_dense, data))
+    recipe = dpo_recipe(write_recipe, tiny_dense, data).read_text()
+    evaluated = "eval: {data: {synthetic: arithmetic, split: test, n: 4}, max_new_tokens: 8}\n"
+    code, _, err = cli("run", write_recipe(recipe + evaluated))
     assert code == 0, err
     stage = tmp_path / "runs" / "dpo"
     assert (stage / "COMPLETE").exists() and (stage / "model" / "config.json").exists()
@@ -78,6 +80,8 @@ def test_dpo_learns_a_clear_preference_on_held_out_prompts(write_recipe, cli, ti
         "min_p_chosen": 0.75,
         "mean_p_chosen": pytest.approx(0.9),
     }
+    assert metrics["eval"]["n"] == 4 and 0 <= metrics["eval"]["accuracy"] <= 1  # eval after the stage
+    assert held["right_vs_wrong"]["n"] == held["n"]  # every pair has one right answer
     assert declared(tmp_path / "runs") == []
     report = (tmp_path / "runs" / "report.md").read_text()
     assert "implicit reward ranks the chosen answer first" in report
