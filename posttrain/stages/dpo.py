@@ -36,7 +36,7 @@ from posttrain.lora_targets import literal_targets
 from posttrain.memory import Workload, trainer_workload
 from posttrain.metrics import Evaluated, MoESummary, NotRequired, ParameterCounts, TrainMetrics, TypedDict
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
-from posttrain.recipe import PathModel, PreferenceStage, Recipe, trainer_defaults, trainer_settings
+from posttrain.recipe import DPOStage, PathModel, PreferenceStage, Recipe, trainer_defaults, trainer_settings
 from posttrain.stages import Slot
 from posttrain.stages.reward_model import Agreement, right_vs_wrong, split_by_prompt, trainer_rows
 from posttrain.training import (
@@ -90,7 +90,7 @@ class Metrics(Evaluated, MoESummary):
     held_out: NotRequired[HeldOut]  # when eval_fraction holds some prompts out
 
 
-def run(stage: PreferenceStage, ctx: StageContext) -> Metrics:
+def run(stage: DPOStage, ctx: StageContext) -> Metrics:
     from trl import DPOTrainer
 
     return optimise(stage, ctx, DPOTrainer, preference_rows)
@@ -123,6 +123,7 @@ def optimise(
     model = load_causal_lm(source)
     experts = moe.prepare(model, stage.moe, lora=stage.lora, default_router="freeze")
     smoothing = {"label_smoothing": soft["label_smoothing"]} if "label_smoothing" in soft else {}
+    routers = _known(stage, moe.train_defaults(stage.moe, aux_loss_coef=0.0))  # as in RL: no aux loss
     args = trainer_args(
         stage.trainer_config,
         stage.train,
@@ -130,9 +131,7 @@ def optimise(
         **DEFAULTS,
         **fitted_max_length(stage, source),
         **smoothing,
-        **_known(
-            stage, moe.train_defaults(stage.moe, aux_loss_coef=0.0)
-        ),  # as in RL: aux losses fight a small signal
+        **routers,
     )
     with applying_lora(stage.lora, ctx.stage):
         trainer = trainer_class(
