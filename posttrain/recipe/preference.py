@@ -54,7 +54,9 @@ class DPOStage(PreferenceStage):
     @model_validator(mode="after")
     def _smoothing(self) -> DPOStage:
         losses = self.train.get("loss_type", "sigmoid")
-        losses = [losses] if isinstance(losses, str) else list(losses)
+        losses = [losses] if isinstance(losses, str) else losses
+        if not (isinstance(losses, list) and all(isinstance(loss, str) for loss in losses)):
+            raise ValueError(f"train.loss_type must be a loss name or a list of them, got {losses!r}")
         if self.soft_labels == "smooth":
             if "label_smoothing" in self.train:
                 raise ValueError("soft_labels: smooth sets train.label_smoothing; set one of them")

@@ -315,6 +315,10 @@ def check_loss_types(stage: PreferenceStage, recipe: Recipe, path: tuple, traine
     if losses is None:
         return
     known = trl_loss_types(trainer_module)
+    if not isinstance(losses, str | list):
+        raise recipe.error(
+            (*path, "train", "loss_type"), f"expects a loss name or a list of them, got {losses!r}"
+        )
     for i, loss in enumerate([losses] if isinstance(losses, str) else losses):
         if known and loss not in known:
             where = (*path, "train", "loss_type") + (() if isinstance(losses, str) else (i,))
