@@ -300,7 +300,8 @@ def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -
         else ""
     )
     gain = (after["accuracy"] - before["accuracy"]) * 100
-    return [*lines, f"- **{name}** lifted held-out accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f} "
+    verb = "lowered" if gain < 0 else "lifted"
+    return [*lines, f"- **{name}** {verb} held-out accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f} "
                     f"({gain:+.1f} points over {start[0]}{pass_at_1})"]  # fmt: skip
 
 
