@@ -34,7 +34,16 @@ from posttrain.data_tools.peek import peek_columns
 from posttrain.errors import PosttrainError, did_you_mean
 from posttrain.lora_targets import literal_targets
 from posttrain.memory import Workload, trainer_workload
-from posttrain.metrics import Evaluated, MoESummary, NotRequired, ParameterCounts, TrainMetrics, TypedDict
+from posttrain.metrics import (
+    Curves,
+    Evaluated,
+    MoESummary,
+    NotRequired,
+    ParameterCounts,
+    TrainMetrics,
+    TypedDict,
+    trained,
+)
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import DPOStage, PathModel, PreferenceStage, Recipe, trainer_defaults, trainer_settings
 from posttrain.stages import Slot
@@ -46,13 +55,16 @@ from posttrain.training import (
     lora_config,
     release,
     require_rows_left,
-    resume_checkpoint,
     save_final_model,
+    train,
     train_metrics,
     trainer_args,
 )
 
 DEFAULTS = {"logging_steps": 5}
+# What the console shows of each logging step (the full logs go to TensorBoard and metrics.json).
+CONSOLE = (("loss", "loss", ".4f"), ("rewards/margins", "margin", ".3f"), ("rewards/accuracies", "ranked", ".3f"),
+           ("learning_rate", "lr", ".2e"))  # fmt: skip
 MAX_SMOOTHING = 0.45  # robust DPO divides by 1 - 2 * label_smoothing: keep it well below 0.5
 # What trl logs of the implicit reward each step (first and last values go to metrics.json).
 LOGGED = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -143,7 +155,7 @@ def optimise(
             callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard)],
         )
     require_rows_left(trainer, len(train_rows), ctx.stage)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
+    train(trainer, ctx, CONSOLE)
     saved = save_final_model(trainer, tokenizer, ctx, stage.lora)
     metrics: Metrics = {
         "train": train_metrics(trainer),
@@ -389,6 +401,20 @@ def pair_workload(stage: PreferenceStage, recipe: Recipe, shapes: dict, referenc
     train = trainer_settings(stage, **DEFAULTS)
     batch = {**train, "per_device_train_batch_size": 2 * int(train.get("per_device_train_batch_size") or 8)}
     return trainer_workload(recipe, shapes, stage.model, batch, stage.lora, stage.moe, reference=reference)
+
+
+loss_panel = "preference optimisation: pairwise loss"
+
+
+def outcome(metrics: Metrics, curves: Curves) -> list[str]:
+    """The loss, the steps, and the implicit reward's held-out pairwise accuracy."""
+    held_out = metrics.get("held_out")
+    ranked = (
+        [f"held-out pairwise accuracy {held_out['pairwise_accuracy']:.3f} (n={held_out['n']})"]
+        if held_out
+        else []
+    )
+    return trained(metrics.get("train"), curves) + ranked
 
 
 def _right_vs_wrong(held_out: HeldOut) -> str:

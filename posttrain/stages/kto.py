@@ -93,3 +93,5 @@ workload = dpo.workload  # each row and its KL completion go through policy and 
 
 
 headline = dpo.headline
+outcome = dpo.outcome
+loss_panel = dpo.loss_panel

@@ -31,6 +31,8 @@ def run(stage: ORPOStage, ctx: StageContext) -> Metrics:
 check = dpo.check_common  # ORPO has one loss; MoE and max_length as for dpo
 slot = dpo.slot
 headline = dpo.headline
+outcome = dpo.outcome
+loss_panel = dpo.loss_panel
 
 
 def workload(stage: ORPOStage, recipe: Recipe, shapes: dict) -> Workload | str:

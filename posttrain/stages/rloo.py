@@ -32,3 +32,5 @@ check = grpo.check
 slot = grpo.slot
 workload = grpo.workload
 headline = grpo.headline
+outcome = grpo.outcome
+loss_panel = grpo.loss_panel
