@@ -107,7 +107,7 @@ def test_tiny_grpo_run_logs_samples_and_reward_metrics(
     # The console: one compact line per logging step with GRPO's signals, no raw metric dicts, and a
     # closing line that says what moved (the reward), not "loss 0.000 -> 0.000".
     lines = err.splitlines()
-    assert any("stage 1/1 · grpo (grpo): running" in line for line in lines)
+    assert any(f"stage 1/1 · grpo ({kind}): running" in line for line in lines)
     steps = [line for line in lines if line.startswith("  grpo  step ")]
     assert [line.split()[2] for line in steps] == ["1/2", "2/2"], err
     assert all("reward " in line and "± " in line and "length " in line for line in steps)
