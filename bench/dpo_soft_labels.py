@@ -91,7 +91,9 @@ def cli() -> None:
         for seed in args.seeds:
             for mode, option in MODES.items():
                 results[(mode, seed)] = run(mode, option, seed, args.pairs, args.steps, Path(tmp))
-    print("| soft labels | seed | pairs trained | label smoothing | held-out pairwise accuracy | mean margin |")
+    print(
+        "| soft labels | seed | pairs trained | label smoothing | held-out pairwise accuracy | mean margin |"
+    )
     print("|---|---|---|---|---|---|")
     for (mode, seed), r in results.items():
         smoothing = r["soft_labels"].get("label_smoothing")
