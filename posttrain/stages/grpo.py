@@ -38,13 +38,8 @@ from posttrain.metrics import (
     first_last,
     trained,
 )
-<<<<<<< HEAD
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, reference_kwargs
-from posttrain.recipe import GRPOStage, PathModel, Recipe, trainer_settings
-=======
-from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import GRPOStage, PathModel, Recipe, RLStage, trainer_settings
->>>>>>> main
 from posttrain.rewards import build_reward, reward_columns, reward_label
 from posttrain.stages import Slot
 from posttrain.training import (
