@@ -145,7 +145,7 @@ def optimise(
         **smoothing,
         **routers,
     )
-    if stage.lora is None:  # trl loads the reference model itself: like the policy
+    if stage.lora is None and not reference_free:  # trl loads the reference itself: like the policy
         args.model_init_kwargs = reference_kwargs(source)
     with applying_lora(stage.lora, ctx.stage, model):
         trainer = trainer_class(
