@@ -193,12 +193,19 @@ def _datasets_errors_unlogged() -> Iterator[None]:
         datasets_logger.setLevel(level)
 
 
+class HubUnreachable(PosttrainError):
+    """A hub dataset that cannot be fetched from here (offline, or no network) and is not cached:
+    preflight skips the checks that need its rows rather than calling the recipe wrong."""
+
+
 def _hub_rows(spec: FileData) -> Any:
     from datasets import load_dataset
 
     try:
         return load_dataset(spec.path, spec.name, split=spec.split or "train")
-    except Exception as e:  # offline, unknown id, unknown split: all surface as one line
+    except ConnectionError as e:  # datasets' "Couldn't reach ... on the Hub" (offline mode included)
+        raise HubUnreachable(f"cannot load hub dataset '{spec.path}': {str(e).splitlines()[0]}") from None
+    except Exception as e:  # unknown id, unknown split: all surface as one line
         raise PosttrainError(f"cannot load hub dataset '{spec.path}': {str(e).splitlines()[0]}") from None
 
 

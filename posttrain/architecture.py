@@ -22,7 +22,7 @@ from typing import Any
 
 from posttrain import artifacts
 from posttrain.errors import PosttrainError
-from posttrain.models import TOKENIZER_DIR, count_parameters, preset_spec
+from posttrain.models import TOKENIZER_DIR, config_overrides, count_parameters, preset_spec
 from posttrain.recipe import MoESpec, PathModel, PresetModel, Recipe
 
 # The config keys that hold the number of routed experts per layer, by model family.
@@ -70,17 +70,26 @@ def model_config(recipe: Recipe, ref: Any, _seen: tuple[str, ...] = ()) -> Any |
 
     if ref is None:
         ref = recipe.base_model
-    if isinstance(ref, PresetModel):
-        return preset_model_config(ref.preset)
     if isinstance(ref, str) and ref in recipe.stage_names() and ref not in _seen:
         return model_config(recipe, recipe.stage(ref).starting_model(), (*_seen, ref))
-    source = ref if isinstance(ref, PathModel) else PathModel(path=str(ref))
-    try:
-        return AutoConfig.from_pretrained(
-            source.path, revision=source.revision, trust_remote_code=source.trust_remote_code
-        )
-    except (OSError, ValueError):  # not local and not in the hub cache (offline), or not a model
-        return None
+    if isinstance(ref, PresetModel):
+        config = preset_model_config(ref.preset)
+    else:
+        source = ref if isinstance(ref, PathModel) else PathModel(path=str(ref))
+        try:
+            config = AutoConfig.from_pretrained(
+                source.path, revision=source.revision, trust_remote_code=source.trust_remote_code
+            )
+        except (OSError, ValueError):  # not local and not in the hub cache (offline), or not a model
+            return None
+    return with_overrides(config, ref.config if isinstance(ref, PresetModel | PathModel) else {})
+
+
+def with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """`config` with a slot's `config:` overrides applied, as the model will load (each key checked)."""
+    for key, value in config_overrides(config, overrides).items():
+        setattr(config, key, value)
+    return config
 
 
 def model_source(recipe: Recipe, ref: Any) -> PresetModel | PathModel:
@@ -98,12 +107,42 @@ def model_source(recipe: Recipe, ref: Any) -> PresetModel | PathModel:
     return ref if isinstance(ref, PresetModel | PathModel) else PathModel(path=str(ref))
 
 
+def own_slot(recipe: Recipe, ref: Any) -> PresetModel | PathModel | None:
+    """The slot whose loading options apply where `ref` loads: the base model for None, the slot
+    itself for a path or preset; None for a stage's name (its saved model carries its config)."""
+    if ref is None:
+        return recipe.base_model
+    return ref if isinstance(ref, PresetModel | PathModel) else None
+
+
+def root_slot(recipe: Recipe, ref: Any) -> PresetModel | PathModel:
+    """The preset or path a model slot comes from at the root, following stage names to the model
+    each starts from (what the manifest records the loading options of)."""
+    seen: set[str] = set()
+    while isinstance(ref, str) and ref in recipe.stage_names() and ref not in seen:
+        seen.add(ref)
+        ref = recipe.stage(ref).starting_model()
+    slot = own_slot(recipe, ref)
+    return slot if slot is not None else PathModel(path=str(ref))
+
+
 def model_max_positions(recipe: Recipe, ref: Any) -> int | None:
-    """The policy's max_position_embeddings from its config alone (preset file, local config.json,
-    or by following a stage's own `model:`); None when it cannot be known without the hub."""
+    """The policy's max_position_embeddings from its config alone (the slot's `config:` override,
+    preset file, local config.json, or by following a stage's own `model:`); None when it cannot
+    be known without the hub."""
     source = model_source(recipe, ref)
     if isinstance(source, PresetModel):
-        return preset_spec(source.preset).get("max_position_embeddings")
+        return source.config.get("max_position_embeddings") or preset_spec(source.preset).get(
+            "max_position_embeddings"
+        )
+    return source_positions(source)
+
+
+def source_positions(source: PathModel) -> int | None:
+    """A local model's max_position_embeddings as it will load: the slot's `config:` override,
+    else its config.json; None for a hub model (not read here)."""
+    if "max_position_embeddings" in source.config:
+        return source.config["max_position_embeddings"]
     path = Path(source.path).expanduser() / artifacts.MODEL_CONFIG
     return config_positions(path) if path.exists() else None
 

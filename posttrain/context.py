@@ -34,14 +34,15 @@ class StageContext:
     eval: Any = None
 
     def model(self, ref: Any) -> PathModel:
-        """A model slot resolved to a path: a stage's `model/`, a materialised preset, or as given."""
+        """A model slot resolved to a path: a stage's `model/`, a materialised preset (with the
+        slot's loading options), or as given."""
         if ref is None:
             ref = self.base_model
         if isinstance(ref, PresetModel):
             dest = self.run_dir / artifacts.PRESETS / f"{ref.preset}-seed{self.seed}"
             with unsharded_loading():
                 on_main(materialize_preset, ref.preset, self.seed, dest)
-            return PathModel(path=str(dest))
+            return PathModel(path=str(dest), **ref.load_options())
         if isinstance(ref, PathModel):
             return ref
         if ref in self.stage_dirs:

@@ -16,7 +16,8 @@ issue #3711), so a LoRA meant for shared experts or dense MLPs lands on the rout
 `literal_targets()` turns that rewrite off while named targets are applied and while saved
 adapters (whose config is already in v5 terms) are reloaded.
 
-Routers and embeddings are never LoRA targets (`moe.router: train` trains routers in full).
+Routers and embeddings are never LoRA targets (`moe.router: train` trains routers in full); on an
+MoE model peft's default `all-linear` means `all` here (`named_targets`), so it too leaves them out.
 `count` gives the exact number of LoRA parameters without building adapters, so it works on
 a model built on the `meta` device (see posttrain.architecture).
 """
@@ -70,6 +71,19 @@ def find(model: Any, targets: Iterable[str] | str) -> tuple[list[str], list[str]
             if len(_shape(param)) == 3 and group_of(full) in wanted:
                 params.append(full)
     return modules, params
+
+
+def named_targets(spec: Any, model: Any) -> list[str] | str | None:
+    """The named target groups a `lora:` block (`LoraSpec`) stands for on `model`: its `targets`,
+    or `all` for peft's default `all-linear` on an MoE model, so that the routers get no LoRA (a
+    frozen router stays frozen; `moe.router: train` trains it in full) and the shared experts and
+    dense MLPs keep theirs, which peft's v4-name rewrite would move onto the routed experts. None
+    when peft's own targets apply: a dense model, or target_modules listed by hand."""
+    if spec is None or spec.targets is not None:
+        return None if spec is None else spec.targets
+    modules = spec.target_modules
+    all_linear = isinstance(modules, str) and modules.lower() == "all-linear" and not spec.target_parameters
+    return "all" if all_linear and find(model, ["routed_experts"]) != ([], []) else None
 
 
 def peft_targets(model: Any, targets: Iterable[str] | str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from typing import Any
 
 from posttrain.architecture import ModelShape, model_config, shape
 from posttrain.errors import PosttrainError
-from posttrain.lora_targets import count, count_modules
+from posttrain.lora_targets import count, count_modules, named_targets
 from posttrain.models import PRESETS
 
 GIB = 1024**3
@@ -293,8 +293,9 @@ def _shape(recipe: Any, ref: Any, shapes: dict[int, ModelShape]) -> ModelShape |
 
 def _trainable(model: ModelShape, lora: Any, moe: Any) -> int:
     if lora is not None:
-        if lora.targets is not None:
-            return count(model.model, lora.targets, lora.r)["total"]
+        targets = named_targets(lora, model.model)
+        if targets is not None:
+            return count(model.model, targets, lora.r)["total"]
         return count_modules(model.model, lora.target_modules, lora.target_parameters, lora.r)
     frozen_routers = moe is not None and moe.router == "freeze"
     return model.total - (model.routers if frozen_routers else 0)

@@ -16,7 +16,7 @@ from typing import Any
 
 from posttrain.architecture import model_max_positions, model_source
 from posttrain.artifacts import completed_manifest
-from posttrain.data_tools import describe, load_rows, require_columns
+from posttrain.data_tools import HubUnreachable, describe, load_rows, require_columns
 from posttrain.data_tools.arithmetic import split_size
 from posttrain.data_tools.chat_template import render_chat
 from posttrain.errors import PosttrainError
@@ -31,6 +31,10 @@ from posttrain.stages import Slot, stage_module
 
 SAMPLE_ROWS = 2000  # rows tokenised per data slot for the length checks
 REWARD_ROWS = 4  # rows each reward is run on
+SKIPPED_POSITIONS = (
+    "max_position_embeddings check skipped: the model's config cannot be read here "
+    "(a hub model not in the cache; HF_HUB_OFFLINE)"
+)
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,10 @@ def check_slot(recipe: Recipe, where: str, slot: Slot) -> list[Finding]:
     ):
         return [Finding(where, f"data comes from stage '{data}' (checked when it has run)")]
     stage_dirs = {name: recipe.run_dir / name for name in recipe.stage_names()}
-    rows = load_rows(data, seed=recipe.seed, stage_dirs=stage_dirs)
+    try:
+        rows = load_rows(data, seed=recipe.seed, stage_dirs=stage_dirs)
+    except HubUnreachable as e:  # offline: the recipe may be right; say what was not checked
+        return [Finding(where, f"columns, lengths and rewards not checked: {e.message}")]
     if slot.row_format is not None:
         slot.row_format(rows)
     else:
@@ -160,6 +167,7 @@ def length_findings(
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return [Finding(where, f"length checks skipped: no tokenizer can be loaded here ({reason})")]
     positions = model_max_positions(recipe, model)
+    skipped = [] if positions is not None else [Finding(where, SKIPPED_POSITIONS)]
     sample = rows.select(range(min(len(rows), SAMPLE_ROWS)))
     lengths = [len(ids) for ids in token_ids(tokenizer, sample, new_tokens is not None, label)]
     if not lengths:
@@ -199,7 +207,7 @@ def length_findings(
                     fix="shorten the prompts or generate fewer tokens" if budget else "set train.max_length",
                 )
             )
-    return found
+    return found + skipped
 
 
 def token_ids(tokenizer: Any, rows: Any, prompt_only: bool, label: str = "data") -> list[list[int]]:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from posttrain import artifacts, cards
+from posttrain.architecture import root_slot
 from posttrain.context import StageContext
 from posttrain.distributed import launch_info, on_main, state
 from posttrain.errors import PosttrainError
@@ -381,6 +382,9 @@ def _manifest(recipe: Recipe, stage: StageBase, fp: str, finished: dict, wall: f
         "fingerprint": fp,
         "config_hash": artifacts.canonical_hash(fingerprint_config(recipe, stage)),
         "config": stage.model_dump(mode="json"),
+        # How the model it starts from loads (at the root of its chain of stages): dtype,
+        # attention, quantisation, config overrides, ...
+        "model_loading": root_slot(recipe, stage.starting_model()).load_options(),
         "inputs": {
             d: {"path": str(recipe.run_dir / d), "completion_id": finished[d]["completion_id"]} for d in deps
         },

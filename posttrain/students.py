@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import artifacts
-from posttrain.architecture import text_config
+from posttrain.architecture import text_config, with_overrides
 from posttrain.context import StageContext
 from posttrain.errors import PosttrainError
 from posttrain.models import count_parameters, load_tokenizer, save_random_init
@@ -113,9 +113,13 @@ def _rope_theta(config: Any) -> float:
 
 
 def load_config(source: PathModel) -> Any:
+    """The model's config as it loads: its slot's `config:` overrides applied."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        source.path, revision=source.revision, trust_remote_code=source.trust_remote_code
+    )
+    return with_overrides(config, source.config)
 
 
 def student_source(spec: StudentSpec, ctx: StageContext) -> PathModel:

@@ -198,7 +198,11 @@ class TeacherSampler:
         if self.vllm:
             from vllm import LLM
 
-            pinned = {"dtype": self.teacher.dtype, "revision": self.teacher.revision}
+            pinned = {
+                "dtype": self.teacher.dtype,
+                "revision": self.teacher.revision,
+                "hf_overrides": self.teacher.config or None,  # vLLM's name for config overrides
+            }
             self.model = LLM(
                 model=self.teacher.path,
                 trust_remote_code=self.teacher.trust_remote_code,

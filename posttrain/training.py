@@ -22,8 +22,9 @@ from posttrain.artifacts import read_json
 from posttrain.context import StageContext
 from posttrain.distributed import has_accelerator, unsharded_loading
 from posttrain.errors import PosttrainError
-from posttrain.lora_targets import literal_targets, peft_targets
-from posttrain.recipe import GuardSpec, LoraSpec, trainer_config_class
+from posttrain.lora_targets import literal_targets, named_targets, peft_targets
+from posttrain.models import drop_unbacked_quantization, prepared, pretrained_kwargs, with_inherited_options
+from posttrain.recipe import GuardSpec, LoraSpec, PathModel, trainer_config_class
 
 
 def trainer_args(config: str, train: dict[str, Any], ctx: StageContext, **defaults: Any) -> Any:
@@ -89,8 +90,9 @@ def lora_config(
     from peft import LoraConfig
 
     kwargs = spec.peft_kwargs()
-    if spec.targets is not None:
-        kwargs.update(peft_targets(model, spec.targets))
+    targets = named_targets(spec, model)
+    if targets is not None:
+        kwargs.update(peft_targets(model, targets))
     if modules_to_save:
         kwargs["modules_to_save"] = [*(kwargs.get("modules_to_save") or []), *modules_to_save]
     try:
@@ -100,14 +102,14 @@ def lora_config(
 
 
 @contextlib.contextmanager
-def applying_lora(spec: LoraSpec | None, stage: str) -> Iterator[None]:
-    """Around building a trainer with `lora_config(spec)`: named targets apply as written
-    (lora_targets.literal_targets), and targets that match no module of the model are one line
-    instead of peft's traceback."""
+def applying_lora(spec: LoraSpec | None, stage: str, model: Any) -> Iterator[None]:
+    """Around building a trainer with `lora_config(spec, model=model)`: named targets (also the
+    ones `all-linear` stands for on an MoE model) apply as written (lora_targets.literal_targets),
+    and targets that match no module of the model are one line instead of peft's traceback."""
     from peft import NoMatchingPeftModuleError
 
     try:
-        with literal_targets(spec is not None and spec.targets is not None):
+        with literal_targets(named_targets(spec, model) is not None):
             yield
     except NoMatchingPeftModuleError as e:
         raise PosttrainError(
@@ -238,11 +240,15 @@ def _checkpoint_keys(checkpoint: Path) -> set[str] | None:
         return set(f.keys())
 
 
-def save_final_model(trainer: Any, tokenizer: Any, ctx: StageContext, lora: LoraSpec | None) -> Path:
+def save_final_model(
+    trainer: Any, tokenizer: Any, ctx: StageContext, lora: LoraSpec | None, source: PathModel | None = None
+) -> Path:
     """Write the trained model to `<stage>/model/` atomically (LoRA merged unless `merge: false`).
 
     `trainer.save_model` gathers sharded (ZeRO-3) weights; merging reloads the saved adapter
-    on the main process, so it works the same however training was distributed."""
+    on the main process, so it works the same however training was distributed. The merge loads
+    the base as `source` (the slot it trained from) says, in full precision: a QLoRA or FP8 base
+    is merged dequantised, and the saved config claims no quantisation its weights lack."""
     dest = ctx.out_dir / artifacts.MODEL
     partial = ctx.out_dir / artifacts.MODEL_PARTIAL
     if ctx.is_main:
@@ -259,26 +265,34 @@ def save_final_model(trainer: Any, tokenizer: Any, ctx: StageContext, lora: Lora
             (partial / junk).unlink(missing_ok=True)
         tokenizer.save_pretrained(str(partial))
         if lora is not None and lora.merge:
-            merge_adapter(partial, tokenizer)
+            merge_adapter(partial, tokenizer, source)
+        drop_unbacked_quantization(partial)
         shutil.rmtree(dest, ignore_errors=True)
         partial.rename(dest)
     ctx.barrier()
     return dest
 
 
-def merge_adapter(folder: Path, tokenizer: Any) -> None:
-    """Replace the LoRA adapter in `folder` by its base model with the adapter merged in."""
-
+def merge_adapter(folder: Path, tokenizer: Any, source: PathModel | None = None) -> None:
+    """Replace the LoRA adapter in `folder` by its base model with the adapter merged in; the base
+    loads as `source` (the slot it trained from) says, in full precision (a QLoRA or FP8 base is
+    merged dequantised), or as the adapter's config names it."""
     from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
+    source = source or PathModel(path=str(folder))
+    base = with_inherited_options(source).model_copy(update={"quantization": None})
+    kwargs = pretrained_kwargs(base, trainable=True)
     with unsharded_loading(), literal_targets():  # main process only: no ZeRO-3 partitioning
         if json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS":
             # A reward model: one scalar label, and the pad id that locates each sequence's last token.
-            merged = AutoPeftModelForSequenceClassification.from_pretrained(str(folder), num_labels=1)
+            merged = AutoPeftModelForSequenceClassification.from_pretrained(
+                str(folder), num_labels=1, **kwargs
+            )
             merged = merged.merge_and_unload()
             merged.config.pad_token_id = tokenizer.pad_token_id
         else:
-            merged = AutoPeftModelForCausalLM.from_pretrained(str(folder)).merge_and_unload()
+            merged = AutoPeftModelForCausalLM.from_pretrained(str(folder), **kwargs).merge_and_unload()
+    merged = prepared(merged, source, trainable=False)  # records the loading options in its config
     shutil.rmtree(folder)
     merged.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from posttrain.models import load_tokenizer
+from posttrain.models import load_tokenizer, pretrained_kwargs, with_inherited_options
 from posttrain.rewards.registry import RewardFunc, register
 from posttrain.rewards.text import completion_text
 
@@ -33,11 +33,8 @@ def reward_model(
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(model)
-    scorer = AutoModelForSequenceClassification.from_pretrained(
-        model.path,
-        trust_remote_code=model.trust_remote_code,
-        **({"revision": model.revision} if model.revision else {}),
-    ).eval()
+    model = with_inherited_options(model)
+    scorer = AutoModelForSequenceClassification.from_pretrained(model.path, **pretrained_kwargs(model)).eval()
     if torch.cuda.is_available():
         scorer = scorer.to("cuda")
     if scorer.config.pad_token_id is None:

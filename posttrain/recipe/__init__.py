@@ -21,10 +21,12 @@ source.py reads YAML with line numbers, loading.py is `load_recipe`, checks.py t
 
 from posttrain.recipe.base import (
     DataReference,
+    LoadOptions,
     ModelRef,
     ModelReference,
     PathModel,
     PresetModel,
+    Quantization,
     Strict,
     tagged_union,
 )
@@ -136,6 +138,7 @@ __all__ = [
     "MixSpec",
     "MixtureData",
     "MoESpec",
+    "LoadOptions",
     "ModelRef",
     "ModelReference",
     "ORPOStage",
@@ -144,6 +147,7 @@ __all__ = [
     "PreferenceStage",
     "PresetModel",
     "Principles",
+    "Quantization",
     "Recipe",
     "RecipeLoader",
     "RewardJudgeSpec",

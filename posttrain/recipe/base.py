@@ -54,20 +54,48 @@ def _tag(value: Any) -> str:
     return "path"
 
 
-class PresetModel(Strict):
+class Quantization(Strict):
+    """bitsandbytes k-bit loading, for QLoRA: the frozen base in 4 or 8 bits, LoRA adapters on top
+    (peft's k-bit preparation runs before training). Needs `pip install bitsandbytes`."""
+
+    bits: Literal[4, 8]
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit only: NormalFloat4 (QLoRA's) or plain FP4
+    double_quant: bool = True  # 4-bit only: quantise the quantisation constants too (QLoRA)
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # 4-bit matmuls run in it
+
+
+class LoadOptions(Strict):
+    """How a model slot loads: what `from_pretrained` is told, for this model wherever it loads
+    (policy, GRPO reference, reward model, judge, teacher, student, evaluation).
+
+    A stage that starts from another stage's model inherits `dtype` and `attn_implementation`
+    (recorded in that model's saved config); `config:` overrides are part of the saved config."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    attn_implementation: str | None = None  # eager | sdpa | flash_attention_2 | flex_attention | ...
+    trust_remote_code: bool = False  # off unless the recipe turns it on: remote code runs on your machine
+    quantization: Quantization | None = None  # QLoRA: trainable stages then need `lora:`
+    # Model-config overrides, any key of the model's config.json (max_position_embeddings,
+    # rope_parameters for YaRN, ...); a dict value is merged into the config's own dict.
+    config: dict[str, Any] = {}
+
+    def load_options(self) -> dict[str, Any]:
+        """The options the recipe set (what the manifest and the saved config record)."""
+        return self.model_dump(mode="json", include=set(LoadOptions.model_fields) & self.model_fields_set)
+
+
+class PresetModel(LoadOptions):
     """A tiny random-initialised model built from `recipes/models/<preset>.json` (offline, seconds)."""
 
     preset: str
     slot_tag: ClassVar[str] = "preset"
 
 
-class PathModel(Strict):
+class PathModel(LoadOptions):
     """A model on disk or on the Hugging Face Hub."""
 
     path: str
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
-    trust_remote_code: bool = False  # off unless the recipe turns it on: remote code runs on your machine
+    revision: str | None = None  # a hub branch, tag or commit
 
 
 ModelRef = Annotated[

@@ -95,6 +95,15 @@ def trainer_settings(stage: StageBase, **defaults: Any) -> dict[str, Any]:
     return {**trainer_defaults(stage.trainer_config), **defaults, **stage.train}
 
 
+# trl config keys that load models from a name: posttrain hands trl loaded models, so they would do
+# nothing (the GRPO reference model's are set from the policy's slot).
+LOADED_BY_POSTTRAIN = ("model_init_kwargs", "teacher_model_init_kwargs", "ref_model_init_kwargs")
+LOAD_FIX = (
+    "set loading options on the model slot instead, e.g. base_model: {path: ..., dtype: bfloat16, "
+    "attn_implementation: sdpa, quantization: {bits: 4}, config: {...}}"
+)
+
+
 def check_trainer_keys(recipe: Recipe) -> None:
     """Trainer blocks' keys (`train:`) must be fields of their trl config, with values of the field's
     type; `lora:` extras must be fields of peft's LoraConfig."""
@@ -103,6 +112,10 @@ def check_trainer_keys(recipe: Recipe) -> None:
             fields = {f.name: f for f in dataclasses.fields(trainer_config_class(config))}
             for key, value in (getattr(stage, block, None) or {}).items():
                 path = ("stages", i, block, key)
+                if key in LOADED_BY_POSTTRAIN:
+                    raise recipe.error(
+                        path, f"posttrain loads the models itself, so trl ignores {key}", LOAD_FIX
+                    )
                 if key not in fields:
                     hint = did_you_mean(key, fields) or f"see trl's {config}"
                     raise recipe.error(path, f"not a field of trl.{config}", hint)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, Field, model_validator
 
 from posttrain.errors import PosttrainError
-from posttrain.recipe.base import ModelRef, ModelReference, Strict
+from posttrain.recipe.base import ModelRef, ModelReference, PathModel, Strict
 from posttrain.recipe.data import DataSpec
 from posttrain.recipe.stages import GuardSpec, StageBase
 from posttrain.recipe.training import RewardSpec
@@ -54,8 +54,9 @@ class StudentSpec(Strict):
     override the derived width and depth (see posttrain/students.py)."""
 
     name: str
-    # A stage or any causal LM (hub id, folder), trained from its own weights and tokenizer.
-    path: Annotated[str, AfterValidator(ModelReference)] | None = None
+    # A stage or any causal LM (hub id, folder), trained from its own weights and tokenizer;
+    # `{path: ..., dtype: ..., quantization: ...}` loads it with options (see PathModel).
+    path: Annotated[str, AfterValidator(ModelReference)] | PathModel | None = None
     preset: str | None = None  # a tiny preset from recipes/models/
     dense_from: ModelRef | None = None
     architecture: Literal["llama", "qwen2"] = "llama"  # the dense family of a `dense_from` student

@@ -329,7 +329,7 @@ def sft_student(source: PathModel, traces: Any, stage: DistillStage, ctx: StageC
     from trl import SFTTrainer
 
     tokenizer = load_tokenizer(source)
-    model = load_causal_lm(source)
+    model = load_causal_lm(source, trainable=True)
     trainer = SFTTrainer(
         model=model,
         args=trainer_args("SFTConfig", stage.train, ctx),
@@ -356,7 +356,7 @@ def on_policy_student(
 
     tokenizer = load_tokenizer(source)
     tokenizer.padding_side = "left"
-    model = load_causal_lm(source)
+    model = load_causal_lm(source, trainable=True)
     teacher_model = load_causal_lm(teacher)
     args = trainer_args(
         "DistillationConfig", train, ctx, max_completion_length=stage.generation.max_new_tokens
@@ -388,7 +388,7 @@ def fit(held: list[Any], tokenizer: Any, ctx: StageContext) -> dict[str, Any]:
 
 def _init_of(spec: StudentSpec) -> str:
     if spec.path is not None:
-        return f"path {spec.path}"
+        return f"path {spec.path.path if isinstance(spec.path, PathModel) else spec.path}"
     if spec.preset is not None:
         return f"preset {spec.preset}"
     return f"{spec.architecture} dense_from {spec.dense_from} {spec.size_overrides() or ''}".strip()

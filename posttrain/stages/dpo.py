@@ -44,7 +44,7 @@ from posttrain.metrics import (
     TypedDict,
     trained,
 )
-from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, reference_kwargs
 from posttrain.recipe import DPOStage, PathModel, PreferenceStage, Recipe, trainer_defaults, trainer_settings
 from posttrain.stages import Slot
 from posttrain.stages.reward_model import Agreement, right_vs_wrong, split_by_prompt, trainer_rows
@@ -132,7 +132,7 @@ def optimise(
     train_rows, soft, unsure = apply_soft_labels(train_rows, stage)
     source = ctx.model(stage.model)
     tokenizer = load_tokenizer(source)
-    model = load_causal_lm(source)
+    model = load_causal_lm(source, trainable=True)
     experts = moe.prepare(model, stage.moe, lora=stage.lora, default_router="freeze")
     smoothing = {"label_smoothing": soft["label_smoothing"]} if "label_smoothing" in soft else {}
     routers = _known(stage, moe.train_defaults(stage.moe, aux_loss_coef=0.0))  # as in RL: no aux loss
@@ -145,7 +145,9 @@ def optimise(
         **smoothing,
         **routers,
     )
-    with applying_lora(stage.lora, ctx.stage):
+    if stage.lora is None and not reference_free:  # trl loads the reference itself: like the policy
+        args.model_init_kwargs = reference_kwargs(source)
+    with applying_lora(stage.lora, ctx.stage, model):
         trainer = trainer_class(
             model=model,
             args=args,
@@ -156,7 +158,7 @@ def optimise(
         )
     require_rows_left(trainer, len(train_rows), ctx.stage)
     train(trainer, ctx, CONSOLE)
-    saved = save_final_model(trainer, tokenizer, ctx, stage.lora)
+    saved = save_final_model(trainer, tokenizer, ctx, stage.lora, source)
     metrics: Metrics = {
         "train": train_metrics(trainer),
         "preference": logged_first_last(trainer.state.log_history, list(LOGGED)),

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import artifacts
-from posttrain.architecture import check_moe, config_positions, model_max_positions
+from posttrain.architecture import check_moe, model_max_positions, own_slot, source_positions
 from posttrain.context import StageContext
 from posttrain.data_tools import describe
 from posttrain.data_tools.peek import peek_columns
@@ -38,7 +38,7 @@ from posttrain.metrics import (
     first_last,
     trained,
 )
-from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
+from posttrain.models import count_parameters, load_causal_lm, load_tokenizer, reference_kwargs
 from posttrain.recipe import GRPOStage, PathModel, Recipe, RLStage, trainer_settings
 from posttrain.rewards import build_reward, reward_columns, reward_label
 from posttrain.stages import Slot
@@ -121,15 +121,17 @@ def reinforce(
         **GRPO_DEFAULTS,
         **moe.train_defaults(stage.moe, aux_loss_coef=0.0),  # aux losses hurt RL (NeMo-RL)
     )
+    if args.beta and stage.lora is None:  # trl loads a reference model itself: like the policy
+        args.model_init_kwargs = reference_kwargs(source)
     render_prompts(tokenizer, list(dataset["prompt"]), describe(stage.data))  # a refused turn: one line, now
     check_lengths(dataset, tokenizer, source, args.max_completion_length, ctx.stage)
     rewards = [build_reward(spec, ctx) for spec in stage.rewards]
     hacking = hacking_guard(stage, ctx)
     parquet = None if in_memory_samples else Path(args.output_dir) / TRL_COMPLETIONS
     samples = SamplesLog(ctx.out_dir / artifacts.SAMPLES, parquet)
-    model = load_causal_lm(source)
+    model = load_causal_lm(source, trainable=True)
     experts = moe.prepare(model, stage.moe, lora=stage.lora, default_router="freeze")
-    with applying_lora(stage.lora, ctx.stage):
+    with applying_lora(stage.lora, ctx.stage, model):
         trainer = trainer_class(
             model=model,
             reward_funcs=rewards,
@@ -149,7 +151,7 @@ def reinforce(
     train(trainer, ctx, CONSOLE)
     if ctx.is_main:
         samples.collect()
-    save_final_model(trainer, tokenizer, ctx, stage.lora)
+    save_final_model(trainer, tokenizer, ctx, stage.lora, source)
     labels = [reward_label(spec) for spec in stage.rewards]
     metrics: Metrics = {
         "train": train_metrics(trainer),
@@ -249,6 +251,12 @@ def check(stage: RLStage, recipe: Recipe, path: tuple) -> None:
         )
     _check_columns(stage, recipe, path)
     check_moe(stage.moe, stage.model, recipe, path)
+    slot = own_slot(recipe, stage.model)
+    if train.get("use_vllm") and slot is not None and slot.config:
+        raise recipe.error(
+            (*path, "train", "use_vllm"), "trl's vLLM generation loads the model without `config:` overrides",
+            "bake them into the model's config.json, or set use_vllm: false",
+        )  # fmt: skip
     max_positions = model_max_positions(recipe, stage.model)
     completion = train["max_completion_length"]
     if max_positions is not None and completion is not None and completion >= max_positions:
@@ -271,7 +279,7 @@ def check_lengths(
     dataset: Any, tokenizer: Any, source: PathModel, max_completion: int | None, stage: str
 ) -> None:
     """The longest prompt plus max_completion_length must fit the model's positions."""
-    positions = config_positions(Path(source.path) / artifacts.MODEL_CONFIG)
+    positions = source_positions(source)
     if positions is None or max_completion is None:
         return
     sample = dataset.select(range(min(len(dataset), 2000)))

@@ -36,7 +36,13 @@ from posttrain.metrics import (
     TypedDict,
     trained,
 )
-from posttrain.models import count_parameters, load_tokenizer, torch_dtype
+from posttrain.models import (
+    count_parameters,
+    load_tokenizer,
+    prepared,
+    pretrained_kwargs,
+    with_inherited_options,
+)
 from posttrain.recipe import PathModel, Recipe, RewardModelStage, trainer_settings
 from posttrain.rewards.reward_model import reward_model
 from posttrain.rewards.text import completion_text
@@ -102,7 +108,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> Metrics:
     tokenizer = load_tokenizer(source)
     model = load_reward_model(source)
     args = trainer_args("RewardConfig", stage.train, ctx)
-    with applying_lora(stage.lora, ctx.stage):
+    with applying_lora(stage.lora, ctx.stage, model):
         trainer = RewardTrainer(
             model=model,
             args=args,
@@ -113,7 +119,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> Metrics:
             callbacks=callbacks(ctx, stage.guard),
         )
     train(trainer, ctx, CONSOLE)
-    saved = save_final_model(trainer, tokenizer, ctx, stage.lora)
+    saved = save_final_model(trainer, tokenizer, ctx, stage.lora, source)
     metrics: Metrics = {
         "train": train_metrics(trainer),
         "parameters": count_parameters(trainer.model),
@@ -168,12 +174,11 @@ def load_reward_model(source: PathModel) -> Any:
     from transformers import AutoModelForSequenceClassification
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    kwargs: dict[str, Any] = {"num_labels": 1, "trust_remote_code": source.trust_remote_code}
-    if source.revision:
-        kwargs["revision"] = source.revision
-    kwargs["dtype"] = torch_dtype(source.dtype) or torch_dtype("float32")
+    source = with_inherited_options(source)
+    kwargs = {"dtype": "float32", **pretrained_kwargs(source, trainable=True), "num_labels": 1}
     with suppress_seqcls_warning():  # the new head is missing from the checkpoint, as it should be
-        return AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs)
+    return prepared(model, source, trainable=True)
 
 
 def split_by_prompt(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:

@@ -76,7 +76,7 @@ def run(stage: SFTStage, ctx: StageContext) -> Metrics:
         )
     masking = conversation_masking(stage, tokenizer, dataset.column_names)
     dataset = prepare_conversations(dataset, tokenizer, masking, describe(stage.data))
-    model = load_causal_lm(source)
+    model = load_causal_lm(source, trainable=True)
     experts = moe.prepare(model, stage.moe, lora=stage.lora)
     args = trainer_args(
         "SFTConfig",
@@ -84,7 +84,7 @@ def run(stage: SFTStage, ctx: StageContext) -> Metrics:
         ctx,
         **moe.train_defaults(stage.moe),
     )
-    with applying_lora(stage.lora, ctx.stage):
+    with applying_lora(stage.lora, ctx.stage, model):
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -95,7 +95,7 @@ def run(stage: SFTStage, ctx: StageContext) -> Metrics:
         )
     require_rows_left(trainer, len(dataset), ctx.stage)
     train(trainer, ctx, CONSOLE)
-    save_final_model(trainer, tokenizer, ctx, stage.lora)
+    save_final_model(trainer, tokenizer, ctx, stage.lora, source)
     metrics: Metrics = {
         "train": train_metrics(trainer),
         "parameters": count_parameters(trainer.model),
