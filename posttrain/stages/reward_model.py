@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from posttrain.data_tools import extract_answer, require_columns
 from posttrain.errors import PosttrainError
 from posttrain.lora_targets import literal_targets
-from posttrain.models import count_parameters, load_tokenizer, torch_dtype
+from posttrain.models import count_parameters, cpu_threads, load_tokenizer, torch_dtype
 from posttrain.recipe import PathModel, RewardModelStage
 from posttrain.rewards.text import completion_text
 from posttrain.training import (
@@ -99,7 +99,7 @@ def load_reward_model(source: PathModel) -> Any:
         kwargs["revision"] = source.revision
     kwargs["dtype"] = torch_dtype(source.dtype) or torch_dtype("float32")
     with suppress_seqcls_warning():  # the new head is missing from the checkpoint, as it should be
-        return AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs)
+        return cpu_threads(AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs))
 
 
 def split_by_prompt(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
