@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import CPU_ARGS, alternate, median, print_table, tiny_model
+from common import CPU_ARGS, alternate, machine, median, paired_ratio, print_table, tiny_model
 
 SETTINGS = {
     "num_train_epochs": 1,
@@ -84,7 +84,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--json", nargs="?", const="-", help="write the figures as JSON (to a file, or stdout)"
+    )
     args = parser.parse_args()
 
     from posttrain.cli import _quiet_libraries
@@ -109,10 +111,14 @@ def main() -> None:
         }
         for name, runs in results.items()
     }
-    base = figures["trl (padding)"]
+    base_tps = [{"tps": r["tokens"] / r["train_s"]} for r in results["trl (padding)"]]
+    for name, runs in results.items():
+        tps = [{"tps": r["tokens"] / r["train_s"]} for r in runs]
+        figures[name]["tokens_per_s_vs_trl"] = paired_ratio(tps, base_tps, "tps")
+        figures[name]["wall_vs_trl"] = paired_ratio(runs, results["trl (padding)"], "wall_s")
     if args.json:
-        print(json.dumps(figures, indent=2))
-        return
+        text = json.dumps({"machine": machine(), "figures": figures, "runs": results}, indent=2)
+        print(text) if args.json == "-" else Path(args.json).write_text(text)
     print_table(
         f"SFT, tiny-deepseek-v3, {args.rows} rows x 1 epoch, median of {args.repeats}",
         ["variant", "tokens/s", "vs trl", "wall s", "wall vs trl"],
@@ -120,9 +126,9 @@ def main() -> None:
             [
                 name,
                 f"{f['tokens_per_s']:.0f}",
-                f"{f['tokens_per_s'] / base['tokens_per_s']:.3f}",
+                f"{f['tokens_per_s_vs_trl']:.3f}",
                 f"{f['wall_s']:.1f}",
-                f"{f['wall_s'] / base['wall_s']:.3f}",
+                f"{f['wall_vs_trl']:.3f}",
             ]
             for name, f in figures.items()
         ],
