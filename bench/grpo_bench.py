@@ -12,7 +12,13 @@ and the variants take turns (A B C A B C ...). The figures:
 - cpu_step_s: CPU seconds of the training process per step (all its threads), which other jobs
   on a shared machine disturb far less than wall time;
 - startup_s: the rest of the run's wall time (model load, data, reward set-up, save, report);
-- the ratios against trl pair each run with the trl run of the same round, median over rounds.
+- the ratios against trl pair each run with the trl run of the same round, median over rounds;
+  `min cpu vs trl` is the ratio of the fastest runs (the ones other jobs disturbed least);
+- layer %: CPU time inside posttrain's own per-step code (its callbacks, the router-metric
+  hooks, the completions table its `log_completions` makes trl write, the reward wrapper) as a
+  share of the training run's CPU time, clocked inside the run: a direct measure of the layer's
+  cost that other jobs on the machine hardly move; rewards % - trl: the reward functions' share
+  of the run, less plain trl's (what the verified `accuracy` costs over an exact-match regex).
 The variants:
 - trl: a plain GRPOTrainer with two small reward functions written in the script
   (exact match of the <answer>, and the R1 format by regex);
@@ -160,14 +166,83 @@ def posttrain_grpo(policy: Path, rewards: list[dict], steps: int, out: Path) -> 
     return {"step_s": train["runtime_s"] / steps}
 
 
+# Where posttrain's own per-step work runs, and trl work that only posttrain's settings cause
+# (the completions table that `log_completions` writes); timed in CPU seconds inside each run.
+LEDGER = {
+    "callbacks": [
+        ("posttrain.samples", "SamplesLog", "on_log"),
+        ("posttrain.guards", "TrainingGuard", "on_log"),
+        ("posttrain.guards", "GracefulStop", "on_step_end"),
+        ("posttrain.moe", "RouterMetrics", "on_step_end"),
+        ("posttrain.moe", "RouterMetrics", "on_log"),
+        ("transformers.integrations", "TensorBoardCallback", "on_log"),
+    ],
+    "router_hooks": [
+        ("posttrain.moe", "RouterLoad", "_count"),
+        ("posttrain.moe", "RouterLoad", "_on_model_call"),
+    ],
+    "completions_table": [("pandas", "DataFrame", "to_parquet")],
+    "rewards": [("posttrain.rewards.guard", "Reward", "__call__")],
+    "reward_functions": [("grpo_bench", None, "exact"), ("grpo_bench", None, "r1_format")],
+}
+
+
+class Ledger:
+    """CPU seconds spent in each LEDGER category during this process's training run."""
+
+    def __init__(self) -> None:
+        import importlib
+
+        self.seconds = dict.fromkeys(LEDGER, 0.0)
+        for category, places in LEDGER.items():
+            for module, owner, name in places:
+                try:  # a place an older (--baseline) commit lacks is left out
+                    target = importlib.import_module(module)
+                    target = getattr(target, owner) if owner else target
+                    setattr(target, name, self._timed(category, getattr(target, name)))
+                except (ImportError, AttributeError):
+                    continue
+        main = sys.modules["__main__"]  # plain_trl hands trl this script's own reward functions
+        for name in ("exact", "r1_format"):
+            setattr(main, name, self._timed("reward_functions", getattr(main, name)))
+
+    def _timed(self, category: str, fn: Any) -> Any:
+        import functools
+
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[category] += time.process_time() - started
+
+        return timed
+
+    def layer_s(self) -> float:
+        """posttrain's own per-step work: callbacks, router hooks, the completions table, and the
+        reward wrapper around the reward functions (Reward.__call__ less the functions it calls)."""
+        wrapper = (
+            max(0.0, self.seconds["rewards"] - self.seconds["reward_functions"])
+            if self.seconds["rewards"]
+            else 0.0
+        )
+        return (
+            self.seconds["callbacks"]
+            + self.seconds["router_hooks"]
+            + self.seconds["completions_table"]
+            + wrapper
+        )
+
+
 def one_run(variant: str, policy: Path, steps: int, out: Path) -> dict[str, Any]:
     """One run of `variant` in this process (the parent starts a fresh interpreter for each)."""
     from posttrain.cli import _quiet_libraries
 
     _quiet_libraries()
-    import trl  # noqa: F401  (imported before the clock starts, as a script would be)
+    from trl import GRPOConfig, GRPOTrainer  # noqa: F401  (imports paid before the clock, for both)
 
-    clock = TrainClock()
+    clock, ledger = TrainClock(), Ledger()
     started = time.perf_counter()
     rewards = VARIANTS[variant.partition("@")[0]]
     figures = (
@@ -175,24 +250,31 @@ def one_run(variant: str, policy: Path, steps: int, out: Path) -> dict[str, Any]
     )
     wall = time.perf_counter() - started
     train = clock.last()
+    reward_s = ledger.seconds["rewards"] or ledger.seconds["reward_functions"]
     return {
         **figures,
         "cpu_step_s": train["cpu_s"] / steps,
         "wall_s": wall,
         "startup_s": wall - train["wall_s"],
+        "layer_cpu_frac": ledger.layer_s() / train["cpu_s"],
+        "reward_cpu_frac": reward_s / train["cpu_s"],
+        "ledger_cpu_s": ledger.seconds,
     }
 
 
 def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
     base = results["trl"]
     figures = {}
+    keys = ("step_s", "cpu_step_s", "wall_s", "startup_s", "layer_cpu_frac", "reward_cpu_frac")
     for name, runs in results.items():
-        figures[name] = {key: median(runs, key) for key in ("step_s", "cpu_step_s", "wall_s", "startup_s")}
+        figures[name] = {key: median(runs, key) for key in keys}
         figures[name].update(
             step_vs_trl=paired_ratio(runs, base, "step_s"),
             cpu_step_vs_trl=paired_ratio(runs, base, "cpu_step_s"),
+            min_cpu_step_vs_trl=min(r["cpu_step_s"] for r in runs) / min(b["cpu_step_s"] for b in base),
             wall_vs_trl=paired_ratio(runs, base, "wall_s"),
             startup_minus_trl_s=median(runs, "startup_s") - median(base, "startup_s"),
+            rewards_minus_trl_cpu_frac=median(runs, "reward_cpu_frac") - median(base, "reward_cpu_frac"),
         )
     return figures
 
@@ -238,7 +320,18 @@ def main() -> None:
     print_table(
         f"GRPO, tiny-deepseek-v3 after a short SFT, {args.steps} steps x 16 completions (2 prompts x 8), "
         f"median of {args.repeats} interleaved rounds",
-        ["variant", "s/step", "vs trl", "cpu s/step", "cpu vs trl", "start-up s", "wall vs trl"],
+        [
+            "variant",
+            "s/step",
+            "vs trl",
+            "cpu s/step",
+            "cpu vs trl",
+            "min cpu vs trl",
+            "layer %",
+            "rewards % - trl",
+            "start-up s",
+            "wall vs trl",
+        ],
         [
             [
                 name,
@@ -246,6 +339,9 @@ def main() -> None:
                 f"{f['step_vs_trl']:.3f}",
                 f"{f['cpu_step_s']:.3f}",
                 f"{f['cpu_step_vs_trl']:.3f}",
+                f"{f['min_cpu_step_vs_trl']:.3f}",
+                f"{100 * f['layer_cpu_frac']:.2f}",
+                f"{100 * f['rewards_minus_trl_cpu_frac']:.2f}",
                 f"{f['startup_s']:.1f}",
                 f"{f['wall_vs_trl']:.3f}",
             ]
