@@ -209,7 +209,7 @@ def train_args(setup: Setup) -> dict[str, Any]:
 
 def posttrain_stage(setup: Setup, name: str, model: Path, stage: dict[str, Any]) -> dict[str, Any]:
     """Run one stage through posttrain's runner (a fresh run directory); its metrics."""
-    from posttrain.recipe import load_recipe
+    from posttrain import loading
     from posttrain.runner import run
 
     folder = setup.folder / "runs" / name
@@ -225,7 +225,7 @@ def posttrain_stage(setup: Setup, name: str, model: Path, stage: dict[str, Any])
             }
         )
     )
-    loaded = load_recipe(recipe)
+    loaded = loading.load(recipe)
     metrics = run(loaded, force=("stage",))["stage"]
     release()
     return {"metrics": metrics, "recipe": loaded}
@@ -513,7 +513,8 @@ def memory_planner(setup: Setup, dense: Path, measured: dict[str, dict[str, Any]
     """posttrain.memory's estimate for one GPU (DDP row, what `posttrain plan --gpu-memory` prints)
     against the measured peak of the same posttrain run; the planner's 2 GiB for the CUDA context
     and fragmentation is outside max_memory_allocated, so it is taken off before the ratio."""
-    from posttrain.memory import RUNTIME_OVERHEAD, Cluster, plan_recipe
+    from posttrain.memory import RUNTIME_OVERHEAD, Cluster
+    from posttrain.preflight import memory_plan
 
     if "lora" not in measured:
         data = write_jsonl(
@@ -525,7 +526,7 @@ def memory_planner(setup: Setup, dense: Path, measured: dict[str, dict[str, Any]
         )
     out: dict[str, Any] = {}
     for name, run in measured.items():
-        plan = plan_recipe(run["_recipe"], Cluster(gpus_per_node=1, nodes=1, gpu_memory=80 * GIB))
+        plan = memory_plan(run["_recipe"], Cluster(gpus_per_node=1, nodes=1, gpu_memory=80 * GIB))
         estimate = plan["stages"][0]["estimates"]["ddp"]
         row = {
             "estimate_gib": _gib(estimate["total"]),

@@ -85,7 +85,7 @@ def r1_format(completions: list, **kwargs: Any) -> list[float]:
 
 def cold_start(model_dir: Path, out: Path) -> Path:
     """A few hundred SFT steps so the policy writes R1-shaped answers of realistic length."""
-    from posttrain.recipe import load_recipe
+    from posttrain import loading
     from posttrain.runner import run
 
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def cold_start(model_dir: Path, out: Path) -> Path:
             }
         )
     )
-    run(load_recipe(recipe))
+    run(loading.load(recipe))
     return out / "runs" / "sft" / "model"
 
 
@@ -139,7 +139,7 @@ def plain_trl(policy: Path, steps: int, out: Path) -> dict[str, Any]:
 
 
 def posttrain_grpo(policy: Path, rewards: list[dict], steps: int, out: Path) -> dict[str, Any]:
-    from posttrain.recipe import load_recipe
+    from posttrain import loading
     from posttrain.runner import run
 
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ def posttrain_grpo(policy: Path, rewards: list[dict], steps: int, out: Path) -> 
             }
         )
     )
-    train = run(load_recipe(recipe), force=("grpo",))["grpo"]["train"]
+    train = run(loading.load(recipe), force=("grpo",))["grpo"]["train"]
     return {"step_s": train["runtime_s"] / steps}
 
 

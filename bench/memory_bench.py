@@ -82,9 +82,9 @@ class PeakHeap:
 
 def model_config(preset: str, scale: int):
     """The preset's config with hidden and intermediate sizes (and MLA ranks) times `scale`."""
-    from posttrain.architecture import preset_config
+    from posttrain.architecture import preset_model_config
 
-    config = preset_config(preset)
+    config = preset_model_config(preset)
     derived_head_dim = getattr(config, "head_dim", None) == config.hidden_size // config.num_attention_heads
     for key in ("hidden_size", "intermediate_size", "moe_intermediate_size", "q_lora_rank", "kv_lora_rank"):
         if getattr(config, key, None):

@@ -60,7 +60,7 @@ def plain_trl(model_dir: Path, rows: list[dict], out: Path, packing: bool) -> di
 
 def posttrain_run(model_dir: Path, rows: int, out: Path) -> dict[str, Any]:
     """The same job as a one-stage recipe, through the runner (fresh each time: --force)."""
-    from posttrain.recipe import load_recipe
+    from posttrain import loading
     from posttrain.runner import run
 
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def posttrain_run(model_dir: Path, rows: int, out: Path) -> dict[str, Any]:
             }
         )
     )
-    metrics = run(load_recipe(recipe), force=("sft",))["sft"]["train"]
+    metrics = run(loading.load(recipe), force=("sft",))["sft"]["train"]
     return {"tokens": metrics["tokens"], "train_s": metrics["runtime_s"]}
 
 

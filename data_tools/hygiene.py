@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from posttrain.artifacts import read_json, write_json
+from posttrain.errors import PosttrainError
 from posttrain.recipe import DecontaminateSpec, DedupSpec
 
 TEXT_COLUMNS = ("prompt", "messages", "completion", "chosen", "rejected", "text")
@@ -44,8 +46,6 @@ class DataReport:
 
     def save(self, path: Path) -> None:
         """Merge into `path`, replacing earlier entries of the same step and source (a resumed stage)."""
-        from posttrain.artifacts import read_json, write_json
-
         if not self.steps:
             return
         mine = {(s["step"], s["source"]) for s in self.steps}
@@ -148,8 +148,6 @@ def deduplicate(dataset: Any, spec: DedupSpec, report: DataReport, source: str) 
     columns = spec.on or [c for c in TEXT_COLUMNS if c in dataset.column_names]
     missing = [c for c in columns if c not in dataset.column_names]
     if missing or not columns:
-        from posttrain.errors import PosttrainError
-
         raise PosttrainError(
             f"{source}: dedup needs text columns, but the data has: {', '.join(dataset.column_names)}",
             fix="set `dedup: {on: [<your text columns>]}`",

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from posttrain import artifacts
+from posttrain.data_tools.arithmetic import arithmetic_rows
 from posttrain.data_tools.chat import add_system, apply_template, as_conversation
 from posttrain.data_tools.curriculum import apply_curriculum
 from posttrain.data_tools.hygiene import DataReport, decontaminate, deduplicate
@@ -40,7 +42,7 @@ def load_rows(
     report = DataReport() if report is None else report
     if isinstance(spec, DataReference | str):
         if spec in stage_dirs:
-            return _stage_rows(str(spec), stage_dirs[spec] / "data")
+            return _stage_rows(str(spec), stage_dirs[spec] / artifacts.DATA)
         spec = FileData(path=str(spec))
     label = describe(spec)
 
@@ -77,8 +79,6 @@ def _source_rows(spec: SyntheticData | FileData, seed: int) -> Any:
     from datasets import Dataset
 
     if isinstance(spec, SyntheticData):
-        from posttrain.data_tools.arithmetic import arithmetic_rows
-
         options = spec.model_dump(include={"n", "split", "digits", "min_digits", "ops", "cot"})
         return Dataset.from_list(arithmetic_rows(**options, seed=seed if spec.seed is None else spec.seed))
     dataset = _file_rows(spec)

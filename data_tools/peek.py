@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from posttrain.data_tools.arithmetic import arithmetic_rows
 from posttrain.recipe import DataReference, FileData, MixtureData, SyntheticData, template_fields
 
 PEEK_LINES = 100  # JSONL lines read (a column missing from the first row may appear later)
@@ -23,8 +24,6 @@ def peek_columns(spec: Any) -> list[str] | None:
     """The canonical column names the spec's rows will have (after `template:` and `columns:`),
     or None if unknown."""
     if isinstance(spec, SyntheticData):
-        from posttrain.data_tools.arithmetic import arithmetic_rows
-
         options = spec.model_dump(include={"split", "digits", "min_digits", "ops", "cot"})
         return list(arithmetic_rows(1, **options)[0])
     if isinstance(spec, MixtureData):

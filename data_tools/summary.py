@@ -15,6 +15,7 @@ from typing import Any
 from posttrain.data_tools.hygiene import find_duplicates, row_text
 from posttrain.data_tools.loading import load_rows
 from posttrain.errors import PosttrainError
+from posttrain.models import TOKENIZER_DIR, load_tokenizer, preset_names
 from posttrain.recipe import DedupSpec, FileData, PathModel
 
 PERCENTILES = (50, 90, 95, 99)
@@ -34,8 +35,6 @@ def parse_columns(text: str | None) -> dict[str, str]:
 
 def load_tokenizer_for(model: str | None) -> Any:
     """A preset's tokenizer (the shipped one) or that of a model path / hub id."""
-    from posttrain.models import TOKENIZER_DIR, load_tokenizer, preset_names
-
     name = model or DEFAULT_TOKENIZER
     if name in preset_names():
         from transformers import AutoTokenizer

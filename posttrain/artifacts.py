@@ -2,6 +2,8 @@
 
     runs/<name>/<stage>/  model/  data/  metrics.json  manifest.json  COMPLETE
 
+(the names are the constants below: every module uses them, none spells them again).
+
 A stage is done only when COMPLETE exists; it is written last, atomically, after the
 manifest, so a crash at any moment leaves either a finished stage or an unfinished one,
 never a stage that looks finished with files missing. RUNNING marks a stage in progress
@@ -17,18 +19,46 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterable, Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+# The run directory's names, used by every module that reads or writes it (nowhere spelled twice).
+RESOLVED_RECIPE = "recipe.resolved.yaml"  # the recipe as run: defaults and --set overrides filled in
+REPORT = "report.md"
+PRESETS = "presets"  # <run>/presets/<preset>-seed<seed>/: materialised tiny models
+CACHE = "cache"  # <run>/cache/judges/<judge id>.jsonl: judge verdicts, shared by stages and re-runs
+JUDGE_CACHE = "judges"
+# A stage's folder, <run>/<stage>/:
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 RUNNING = "RUNNING"
+MODEL = "model"  # the stage's model (a distill student's: <stage>/<student>/model/)
+MODEL_PARTIAL = "model.partial"  # model/ while it is being written
+MODEL_CONFIG = "config.json"  # inside a model folder: transformers' config
+DATA = "data"  # datasets a stage writes for the next ones (JSONL)
+CHECKPOINTS = "checkpoints"  # trainer checkpoints, deleted once the stage is COMPLETE
+LOGS = "logs"  # TensorBoard event files
+DATA_REPORT = "data_report.json"  # what dedup / decontamination removed from each data slot
+SAMPLES = "samples.jsonl"  # RL completions with their rewards; a distill teacher's scored samples
+EVAL_SAMPLES = "eval_samples.jsonl"  # every held-out prompt with its completions
+MOE_HEATMAP = "moe_expert_load.png"  # share of routed tokens per expert and layer
+HARNESS_RESULTS = "harness_results.json"  # lm-eval's whole output
+# Written by one stage kind:
+PREFERENCES = f"{DATA}/preferences.jsonl"  # rlaif_label: the kept preference pairs
+CANDIDATES = "candidates.jsonl"  # rlaif_label: the policy's answers, judged on resume too
+LABEL_METRICS = "label_metrics.json"  # rlaif_label: its metrics, for the other ranks
+TRACES = f"{DATA}/traces.jsonl"  # distill: the kept teacher traces
+TEACHER = "teacher"  # distill: <stage>/teacher/, the teacher's description
+STUDENT_INIT = "init"  # distill: <stage>/<student>/init/, a dense student's random init
+DESCRIPTION = "description.json"  # distill: a model's size, accuracy and speed
+PHASE_MARKER = "train_{phase}.json"  # distill: a student's finished training phase
 LARGE_FILE = 256 * 1024 * 1024  # past this, a file is fingerprinted by size and mtime, not content
 HASHED_FILE = 64 * 1024 * 1024  # a finished stage's files up to this size are listed with their sha256
 # Left out of a finished stage's file list: the markers, the checkpoints (deleted right after
 # COMPLETE), and what re-evaluating a cached stage rewrites (metrics, eval samples).
-UNLISTED = {COMPLETE, MANIFEST, METRICS, RUNNING, "checkpoints", "eval_samples.jsonl"}
+UNLISTED = {COMPLETE, MANIFEST, METRICS, RUNNING, CHECKPOINTS, EVAL_SAMPLES}
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -122,7 +152,7 @@ def drop_leftovers(stage_dir: Path) -> None:
     """Remove what only an unfinished stage needs. Also called on cached stages: a kill right
     after COMPLETE leaves the RUNNING marker and checkpoints behind."""
     (stage_dir / RUNNING).unlink(missing_ok=True)
-    shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(stage_dir / CHECKPOINTS, ignore_errors=True)
 
 
 def list_files(stage_dir: Path) -> list[dict[str, Any]]:
@@ -152,7 +182,6 @@ def file_sha256(path: Path) -> str:
 
 
 def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
 
     names = ["posttrain", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed"]
     found = {}

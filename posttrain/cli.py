@@ -1,8 +1,9 @@
 """The `posttrain` command: run, validate and plan recipes.
 
-Heavy libraries (torch, transformers, trl) are imported inside the commands, so `--help`
-is instant. A problem with the user's input prints one line and exits 2; add `--debug`
-for the traceback.
+Everything beyond typer and rich is imported inside the commands (the recipe schema loads
+pydantic, the stages torch and trl), so `--help` is instant. A problem with the user's input
+prints one line and exits 2; add `--debug` anywhere on the line for the traceback (`main`
+reads it, so no command needs to).
 
     posttrain run recipes/demo.yaml
     posttrain run recipes/demo.yaml --set stages.sft.train.learning_rate=1e-3 --force sft
@@ -18,6 +19,8 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated
 
@@ -26,11 +29,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from posttrain.artifacts import write_atomic
+from posttrain.distributed import PeerFailed
 from posttrain.errors import PosttrainError
 
 app = typer.Typer(
     name="posttrain",
-    help="DeepSeek-style post-training from one recipe: SFT, RLAIF reward models, GRPO, distillation.",
+    help="DeepSeek-style post-training from one recipe: SFT, RLAIF reward models, GRPO, distillation. "
+    "Add --debug to any command to see tracebacks.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -47,20 +53,18 @@ Set = Annotated[
         "--set", help="Override a recipe key: --set stages.sft.train.learning_rate=1e-4 (repeatable)."
     ),
 ]
-Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
 def _load(recipe: Path, overrides: list[str] | None):  # -> Recipe
-    from posttrain.recipe import load_recipe
+    from posttrain.loading import load
 
-    return load_recipe(shipped_recipe(recipe), overrides or [])
+    return load(shipped_recipe(recipe), overrides or [])
 
 
 def shipped_recipe(path: Path) -> Path:
     """`posttrain run demo` finds the recipe that ships in the package when no such file is here."""
     if path.exists() or path.parent != Path("."):
         return path
-    from importlib.resources import files
 
     shipped = Path(str(files("posttrain.recipes"))) / (path.name if path.suffix else f"{path.name}.yaml")
     return shipped if shipped.exists() else path
@@ -69,7 +73,6 @@ def shipped_recipe(path: Path) -> Path:
 def _quiet_libraries() -> None:
     """Keep the trainer's progress bar; drop datasets' per-map bars and info chatter."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notices
     import datasets
@@ -93,7 +96,6 @@ def run(
     only: Annotated[
         str | None, typer.Option("--only", help="Run this stage alone (its inputs must be done).")
     ] = None,
-    debug: Debug = False,
 ) -> None:
     """Run a recipe: every stage in order, skipping finished ones and resuming interrupted ones."""
     loaded = _load(recipe, set_)
@@ -129,24 +131,30 @@ def _report(stage: str, event: str, details: dict) -> None:
 
 
 def _summary(metrics: dict) -> str:
+    """A stage's metrics in one line, read through their declared shapes (posttrain.metrics and
+    each kind's `Metrics`): loss, held-out accuracy, a distill stage's models."""
+    from posttrain.metrics import EvalMetrics, TrainMetrics
+    from posttrain.stages.distill import Metrics as DistillMetrics
+
     parts = []
-    train = metrics.get("train") or {}
+    train: TrainMetrics = metrics.get("train") or {}
     if train.get("loss_first") is not None:
         parts.append(f"loss {train['loss_first']:.3f} → {train['loss_last']:.3f}")
-    evaluation = metrics.get("eval") or {}
+    evaluation: EvalMetrics = metrics.get("eval") or {}
     if "accuracy" in evaluation:
         parts.append(f"eval accuracy {evaluation['accuracy']:.3f} (n={evaluation['n']})")
     if "pass_at_1" in evaluation:
         parts.append(f"pass@1 {evaluation['pass_at_1']:.3f} (k={evaluation['k']})")
-    models = {"teacher": metrics.get("teacher") or {}, **(metrics.get("students") or {})}
-    if "students" in metrics and all("accuracy" in m for m in models.values()):
+    distill: DistillMetrics = metrics  # type: ignore[assignment]  (any kind with students)
+    models = {"teacher": distill.get("teacher") or {}, **(distill.get("students") or {})}
+    if "students" in distill and all("accuracy" in m for m in models.values()):
         sizes = [f"{name} {m['accuracy']:.3f} ({m['parameters'] / 1e6:.2f}M)" for name, m in models.items()]
         parts.append("accuracy " + ", ".join(sizes))
     return ", ".join(parts) or "ok"
 
 
 @app.command()
-def validate(recipe: Recipe, set_: Set = None, debug: Debug = False) -> None:
+def validate(recipe: Recipe, set_: Set = None) -> None:
     """Check a recipe (schema, references, trainer keys) without loading any model."""
     from posttrain.runner import order_stages
 
@@ -172,7 +180,6 @@ def plan(
     preflight: Annotated[
         bool, typer.Option(help="Load tokenizers and data, check columns, lengths and rewards.")
     ] = True,
-    debug: Debug = False,
 ) -> None:
     """Show the stages in run order, their inputs, and which are cached, then the preflight checks;
     with --gpu-memory, also each stage's per-GPU memory under DDP / ZeRO-2 / ZeRO-3 / ZeRO-3 +
@@ -229,10 +236,11 @@ def _print_preflight(recipe, with_memory: bool) -> None:
 
 
 def _memory_plan(recipe, gpus_per_node: int, nodes: int, gpu_memory: str) -> dict:
-    from posttrain.memory import Cluster, parse_size, plan_recipe
+    from posttrain.memory import Cluster, parse_size
+    from posttrain.preflight import memory_plan
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs come from disk or the hub cache, never the network
-    return plan_recipe(recipe, Cluster(gpus_per_node, nodes, parse_size(gpu_memory)))
+    return memory_plan(recipe, Cluster(gpus_per_node, nodes, parse_size(gpu_memory)))
 
 
 def _print_memory(memory: dict) -> None:
@@ -311,7 +319,6 @@ def _print_plan(recipe, force: tuple[str, ...]) -> None:
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<name>).", show_default=False)],
-    debug: Debug = False,
 ) -> None:
     """Rebuild a run's report.md and plots from its stage folders."""
     from posttrain.report import write_report
@@ -323,7 +330,7 @@ def report(
 
 
 @app.command()
-def verify(recipe: Recipe, set_: Set = None, debug: Debug = False) -> None:
+def verify(recipe: Recipe, set_: Set = None) -> None:
     """Check the recipe's run directory: every stage complete, its listed files intact, its
     model loadable, every JSONL file (judge caches, samples, traces) uncorrupted. Exit 2 if not."""
     from posttrain.verify import verify_run
@@ -356,7 +363,6 @@ def data_inspect(
     examples: Annotated[int, typer.Option("--examples", help="Rows to show rendered.")] = 3,
     out: Annotated[Path, typer.Option("--out", help="Folder for the length histogram.")] = Path("."),
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary on stdout.")] = False,
-    debug: Debug = False,
 ) -> None:
     """Rows, columns, examples through the chat template, token lengths, duplicates, histogram."""
     _quiet_libraries()
@@ -391,7 +397,7 @@ app.add_typer(rewards_app, name="rewards")
 
 
 @rewards_app.command("list")
-def rewards_list(debug: Debug = False) -> None:
+def rewards_list() -> None:
     """The registered rewards, each with its one-line summary."""
     from posttrain.rewards import describe
 
@@ -417,7 +423,6 @@ def rewards_score(
         str | None, typer.Option("--tokenizer", help="Count lengths and n-grams in this model's tokens.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Summary as JSON on stdout.")] = False,
-    debug: Debug = False,
 ) -> None:
     """Score completions with rewards: mean, std, share of None, errors, timeouts, samples/s per reward."""
     from posttrain.rewards.score import parse_reward, read_rows, score_rows
@@ -432,8 +437,6 @@ def rewards_score(
         tok = load_tokenizer(PathModel(path=tokenizer))
     scored, summary = score_rows(rows, specs, tok, label=str(file))
     if out is not None:
-        from posttrain.artifacts import write_atomic
-
         write_atomic(out, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in scored))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -453,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line and exit code 2 (tracebacks with --debug)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("POSTTRAIN_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]  # a flag of the whole line, for every command
     try:
         code = app(args=args, prog_name="posttrain", standalone_mode=False)
         if isinstance(code, int) and code:  # typer returns Exit codes instead of raising them
@@ -471,8 +475,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except Exception as e:  # click's usage errors; a peer rank's failure
         import click
-
-        from posttrain.distributed import PeerFailed
 
         if isinstance(e, click.ClickException):
             e.show()

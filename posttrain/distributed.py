@@ -33,9 +33,15 @@ def state() -> Any:
     launch on CPU finds no backend and every rank believes it is rank 0 of 1."""
     from accelerate import PartialState
 
-    from posttrain.training import has_accelerator
-
     return PartialState(cpu=not has_accelerator())
+
+
+def has_accelerator() -> bool:
+    """A GPU (CUDA), Apple MPS or Intel XPU device: without one, trainers run with `use_cpu=True`."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 def launch_info() -> dict[str, Any]:

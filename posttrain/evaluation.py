@@ -21,24 +21,25 @@ import json
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from posttrain import artifacts
+from posttrain.artifacts import write_atomic
+from posttrain.context import StageContext
 from posttrain.data_tools import extract_answer, require_columns
+from posttrain.distributed import unsharded_loading
 from posttrain.errors import PosttrainError
-from posttrain.recipe import EvalSpec, PathModel
-
-if TYPE_CHECKING:
-    from posttrain.recipe import Recipe, StageBase
-    from posttrain.runner import StageContext
-
-SAMPLES_FILE = "eval_samples.jsonl"
+from posttrain.generation import generate, render_prompts
+from posttrain.harness import run_harness
+from posttrain.models import load_causal_lm, load_tokenizer
+from posttrain.recipe import EvalSpec, PathModel, Recipe, StageBase
+from posttrain.rewards import build_reward
+from posttrain.rewards.math_judge import clean
 
 
 def score(completions: list[str], answers: list[str]) -> tuple[list[bool], list[bool]]:
     """(correct, well formatted) for each completion: the `accuracy` and `format` rewards at 1.0.
     A completion the accuracy judge cannot decide (None: a timeout) counts as wrong."""
-    from posttrain.rewards import build_reward
-
     accuracy = build_reward({"name": "accuracy"})(completions=completions, answer=answers)
     formatted = build_reward({"name": "format"})(completions=completions)
     return [s == 1.0 for s in accuracy], [s == 1.0 for s in formatted]
@@ -46,9 +47,6 @@ def score(completions: list[str], answers: list[str]) -> tuple[list[bool], list[
 
 def evaluate_model(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict[str, Any]:
     """Generate, score and record; returns the `eval` block of the stage's metrics."""
-    from posttrain.generation import generate, render_prompts
-    from posttrain.models import load_causal_lm, load_tokenizer
-
     rows = ctx.data(spec.data)
     require_columns(rows, ["prompt", "answer"], "evaluation", "eval.data")
     if len(rows) == 0:
@@ -79,10 +77,8 @@ def evaluate_model(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict
         result |= sample_metrics(sampled, sampled_correct) | {"k": spec.k, "temperature": spec.temperature}
     if ctx.is_main:
         samples = zip(rows["prompt"], completions, answers, correct, sampled, sampled_correct, strict=True)
-        write_samples(ctx.out_dir / SAMPLES_FILE, samples)
+        write_samples(ctx.out_dir / artifacts.EVAL_SAMPLES, samples)
     if spec.harness is not None:
-        from posttrain.harness import run_harness
-
         result["harness"] = run_harness(source, spec.harness, ctx)
     return result
 
@@ -92,8 +88,6 @@ def evaluate_whole(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict
 
     Evaluation runs on the main process alone (`distributed.on_main`): ZeRO-3's sharded loading
     would wait for ranks that are not loading."""
-    from posttrain.distributed import unsharded_loading
-
     with unsharded_loading():
         return evaluate_model(source, spec, ctx)
 
@@ -103,8 +97,6 @@ def sample(
 ) -> tuple[list[list[str]], list[list[bool]]]:
     """k completions per prompt at the spec's temperature, and whether each is correct."""
     from transformers import set_seed
-
-    from posttrain.generation import generate
 
     set_seed(seed)
     sampled, _ = generate(
@@ -128,8 +120,6 @@ def sample_metrics(sampled: list[list[str]], correct: list[list[bool]]) -> dict[
 
 def majority_index(samples: list[str]) -> int:
     """The first sample whose (normalised) final answer is the most frequent one; 0 when none has one."""
-    from posttrain.rewards.math_judge import clean
-
     finals = [clean(found) if (found := extract_answer(s)) is not None else None for s in samples]
     votes = Counter(f for f in finals if f is not None)
     if not votes:
@@ -140,8 +130,6 @@ def majority_index(samples: list[str]) -> int:
 
 def write_samples(path: Path, samples: Iterable[tuple]) -> None:
     """One JSON line per prompt: prompt, greedy completion, answer, correct (+ the k samples)."""
-    from posttrain.artifacts import write_atomic
-
     lines = []
     for prompt, completion, answer, correct, sampled, sampled_correct in samples:
         row = {"prompt": prompt, "completion": completion, "answer": answer, "correct": correct}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from typing import Any
 
@@ -81,8 +82,6 @@ def generate(
 
 def vllm_usable() -> bool:
     """vLLM is an optional extra (`pip install posttrain[vllm]`), used only with a CUDA GPU."""
-    import importlib.util
-
     import torch
 
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()

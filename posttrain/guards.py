@@ -15,6 +15,7 @@ import signal
 import threading
 from typing import Any
 
+from rich.console import Console
 from transformers import TrainerCallback
 
 from posttrain.errors import PosttrainError
@@ -124,7 +125,6 @@ class TrainingGuard(TrainerCallback):
             raise PosttrainError(problem, key=f"stages.{self.stage}", fix=fix)
         if key not in self.warned:
             self.warned.add(key)
-            from rich.console import Console
 
             Console(stderr=True).print(
                 f"[yellow]warning:[/] stages.{self.stage}: {problem} ({fix})", soft_wrap=True

@@ -16,16 +16,14 @@ files work offline) are found through `include_path`.
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from posttrain.artifacts import HARNESS_RESULTS, write_json
+from posttrain.context import StageContext
 from posttrain.errors import PosttrainError, did_you_mean
 from posttrain.recipe import HarnessSpec, PathModel
 
-if TYPE_CHECKING:
-    from posttrain.runner import StageContext
-
 INSTALL = "pip install 'posttrain[eval]' (lm-eval)"
-RESULTS_FILE = "harness_results.json"
 
 
 def installed() -> bool:
@@ -58,8 +56,6 @@ def run_harness(source: PathModel, spec: HarnessSpec, ctx: StageContext) -> dict
     import lm_eval
     import torch
 
-    from posttrain.artifacts import write_json
-
     model_args = {"pretrained": source.path, "trust_remote_code": source.trust_remote_code, **spec.model_args}
     output = lm_eval.simple_evaluate(
         model="hf",
@@ -76,7 +72,7 @@ def run_harness(source: PathModel, spec: HarnessSpec, ctx: StageContext) -> dict
     )
     results = (output or {}).get("results", {})
     if ctx.is_main:
-        write_json(ctx.out_dir / RESULTS_FILE, output or {})
+        write_json(ctx.out_dir / HARNESS_RESULTS, output or {})
     return {task: task_metrics(values) for task, values in results.items()}
 
 

@@ -28,6 +28,8 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from posttrain.errors import PosttrainError
+
 TARGETS = ("attention", "dense_mlp", "shared_experts", "routed_experts")
 ATTENTION = {"self_attn", "attention", "attn", "self_attention"}
 MLP = {"mlp", "feed_forward", "ffn", "block_sparse_moe"}
@@ -77,8 +79,6 @@ def peft_targets(model: Any, targets: Iterable[str] | str) -> dict[str, Any]:
     patterns = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(m)) for m in modules})
     suffixes = sorted({re.sub(r"^.*?\.(?=[^.]+\.experts\.)", "", p) for p in params})
     if not patterns and not suffixes:
-        from posttrain.errors import PosttrainError
-
         raise PosttrainError(
             f"LoRA targets {expand(targets)} match nothing in this model",
             key="lora.targets",

@@ -7,8 +7,10 @@ trained parameter costs 2 bytes of weights, 2 of gradients and 12 of Adam state 
 momentum, variance); ZeRO-1 shards the optimizer state over the N GPUs, ZeRO-2 also the
 gradients, ZeRO-3 also the weights, and CPU offload moves optimizer state (and, for
 `zero3_offload`, weights) to host memory. LoRA trains only the adapters (16 bytes each) on
-frozen weights. Frozen models a stage holds (GRPO's reference model when beta > 0, a
-distillation teacher) cost their weights, sharded like the policy under ZeRO-3.
+frozen weights. Frozen models a stage holds (GRPO's reference model when beta > 0) cost their
+weights, sharded like the policy under ZeRO-3. Each trainer stage kind gives its Workload
+(`workload` in its module in posttrain/stages/, through `trainer_workload`);
+`preflight.memory_plan` plans a whole recipe.
 
 Activations are a rough term: per token and layer, ~10 hidden-size values (attention,
 norms, residual) plus ~3 per MLP unit a token passes through (top-k experts + shared experts
@@ -30,8 +32,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from posttrain.architecture import ModelShape
+from posttrain.architecture import ModelShape, model_config, shape
 from posttrain.errors import PosttrainError
+from posttrain.lora_targets import count, count_modules
+from posttrain.models import PRESETS
 
 GIB = 1024**3
 RUNTIME_OVERHEAD = 2 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
@@ -208,8 +212,6 @@ def _nodes_needed(work: Workload, sharding: Sharding, cluster: Cluster, limit: i
 
 
 def _lora_size(model: ModelShape, r: int = 16) -> int:
-    from posttrain.lora_targets import count
-
     targets = ["attention", "shared_experts"] if model.is_moe else ["attention", "dense_mlp"]
     return count(model.model, targets, r)["total"]
 
@@ -220,8 +222,6 @@ def _gib(n: float) -> str:
 
 def accelerate_config(name: str) -> Path:
     """The shipped accelerate config file of a sharding (recipes/accelerate/<name>.yaml)."""
-    from posttrain.models import PRESETS
-
     return PRESETS.parent / "accelerate" / f"{name}.yaml"
 
 
@@ -241,64 +241,31 @@ def recommend(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- from a recipe
 
 
-def plan_recipe(recipe: Any, cluster: Cluster) -> dict[str, Any]:
-    """The memory plan of every stage of a recipe (see `plan_stage`) and the recommended setting."""
-    from posttrain.runner import order_stages
-
-    shapes: dict[int, ModelShape] = {}
-    stages = []
-    for stage in order_stages(recipe):
-        row: dict[str, Any] = {"name": stage.name, "kind": stage.kind}
-        work = stage_workload(recipe, stage, shapes)
-        if isinstance(work, str):
-            row["skipped"] = work
-        else:
-            row["params"] = {
-                "total": work.model.total,
-                "active": work.model.active,
-                "trainable": work.trainable,
-                "frozen_models": list(work.frozen),
-                "lora": work.lora,
-            }
-            row.update(plan_stage(work, cluster))
-        stages.append(row)
-    return {
-        "gpus_per_node": cluster.gpus_per_node,
-        "nodes": cluster.nodes,
-        "gpu_memory": cluster.gpu_memory,
-        "stages": stages,
-        "recommended": recommend(stages),
-    }
-
-
-def stage_workload(recipe: Any, stage: Any, shapes: dict[int, ModelShape]) -> Workload | str:
-    """The Workload of a trainer stage, from its model's config and its `train:` block over trl's
-    defaults; a reason string when there is nothing to estimate."""
-    from posttrain.architecture import stage_config
-
-    if not stage.trainer_config:
-        return "no trainer: inference only"
-    model = _shape(recipe, getattr(stage, "model", None), shapes)
-    if model is None:
+def trainer_workload(
+    recipe: Any,
+    shapes: dict[int, ModelShape],
+    model: Any,
+    train: dict[str, Any],
+    lora: Any = None,
+    moe: Any = None,
+) -> Workload | str:
+    """The Workload of a trainer stage, from its model slot's config and its trl settings (`train:`
+    over trl's defaults, `recipe.trainer_settings`); a reason string when the config is not
+    available offline. `shapes` caches one ModelShape per architecture across the stages."""
+    shape_of = _shape(recipe, model, shapes)
+    if shape_of is None:
         return "model config not available offline"
-    from posttrain.recipe import trainer_defaults
-
-    train = {**trainer_defaults(stage.trainer_config), **getattr(stage, "train", {})}
-    lora = getattr(stage, "lora", None)
     frozen = []
     if (train.get("beta") or 0) > 0 and lora is None:  # trl keeps a reference copy of the policy
-        frozen.append(model.total)
-    teacher = getattr(stage, "teacher", None)
-    if teacher is not None and stage_config(recipe, teacher) is not None:
-        frozen.append(_shape(recipe, teacher, shapes).total)
+        frozen.append(shape_of.total)
     seq = train.get("max_length") or (train.get("max_prompt_length") or 512) + (
         train.get("max_completion_length") or 0
     )
     batch = int(train.get("per_device_train_batch_size") or 8)
     steps_per_generation = train.get("steps_per_generation") or train.get("gradient_accumulation_steps") or 1
     return Workload(
-        model=model,
-        trainable=_trainable(stage, model, lora),
+        model=shape_of,
+        trainable=_trainable(shape_of, lora, moe),
         lora=lora is not None,
         frozen=tuple(frozen),
         batch=batch,
@@ -310,9 +277,7 @@ def stage_workload(recipe: Any, stage: Any, shapes: dict[int, ModelShape]) -> Wo
 
 
 def _shape(recipe: Any, ref: Any, shapes: dict[int, ModelShape]) -> ModelShape | None:
-    from posttrain.architecture import shape, stage_config
-
-    config = stage_config(recipe, ref)
+    config = model_config(recipe, ref)
     if config is None:
         return None
     key = hash(config.to_json_string(use_diff=False))
@@ -321,13 +286,10 @@ def _shape(recipe: Any, ref: Any, shapes: dict[int, ModelShape]) -> ModelShape |
     return shapes[key]
 
 
-def _trainable(stage: Any, model: ModelShape, lora: Any) -> int:
-    from posttrain.lora_targets import count, count_modules
-
+def _trainable(model: ModelShape, lora: Any, moe: Any) -> int:
     if lora is not None:
         if lora.targets is not None:
             return count(model.model, lora.targets, lora.r)["total"]
         return count_modules(model.model, lora.target_modules, lora.target_parameters, lora.r)
-    moe = getattr(stage, "moe", None)
     frozen_routers = moe is not None and moe.router == "freeze"
     return model.total - (model.routers if frozen_routers else 0)

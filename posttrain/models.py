@@ -15,7 +15,9 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from posttrain import artifacts
 from posttrain.errors import PosttrainError, did_you_mean, one_of
+from posttrain.lora_targets import literal_targets
 from posttrain.recipe import PathModel
 
 PRESETS = Path(str(files("posttrain.recipes") / "models"))
@@ -27,7 +29,8 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.json"))
 
 
-def preset_config(name: str) -> dict[str, Any]:
+def preset_spec(name: str) -> dict[str, Any]:
+    """The JSON spec of a tiny preset (`recipes/models/<name>.json`): config keys without the vocabulary."""
     path = PRESETS / f"{name}.json"
     if not path.exists():
         names = preset_names()
@@ -39,11 +42,11 @@ def materialize_preset(name: str, seed: int, dest: Path) -> Path:
     """Build preset `name` with weights drawn from `seed` and save it (with tokenizer) at `dest`.
 
     Written to a temporary folder and renamed, so a crash never leaves half a model behind."""
-    if (dest / "config.json").exists():
+    if (dest / artifacts.MODEL_CONFIG).exists():
         return dest
     from transformers import AutoConfig, AutoTokenizer
 
-    spec = preset_config(name)
+    spec = preset_spec(name)
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     config = AutoConfig.for_model(
         **spec,
@@ -92,7 +95,11 @@ def _from_pretrained_kwargs(source: PathModel) -> dict[str, Any]:
 def _check_exists(source: PathModel) -> None:
     path = Path(source.path)
     looks_local = source.path.startswith((".", "/", "~")) or path.exists() or source.path.count("/") > 1
-    if looks_local and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+    if (
+        looks_local
+        and not (path / artifacts.MODEL_CONFIG).exists()
+        and not (path / "adapter_config.json").exists()
+    ):
         raise PosttrainError(
             f"no model at '{source.path}' (no config.json)", fix="check the path, or finish that stage"
         )
@@ -132,8 +139,6 @@ def load_causal_lm(source: PathModel, **kwargs: Any) -> Any:
         kwargs.setdefault("dtype", dtype)
     if (Path(source.path) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
-
-        from posttrain.lora_targets import literal_targets
 
         with literal_targets():  # the saved adapter config already names v5 modules
             return cpu_threads(

@@ -12,50 +12,37 @@ tokens per expert with forward hooks (also for a frozen teacher under `torch.no_
 `e_score_correction_bias` after each step, `freeze_routers` and `register_zero3_leaf_modules`
 do what they say.
 
-A MoE block is found by shape, not by class name: a module with an `experts` child and a
-`gate` or `router` child (DeepSeek-V2/V3 and their remote code, Mixtral, Qwen-MoE, GPT-OSS...).
+A MoE block is found by shape, not by class name (`architecture.moe_blocks`: a module with an
+`experts` child and a `gate` or `router` child; DeepSeek-V2/V3 and their remote code, Mixtral,
+Qwen-MoE, GPT-OSS...); what a `moe:` block may ask of it is `architecture.moe_problem`, checked
+when the recipe loads and again here on the loaded model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from posttrain.errors import PosttrainError
+from posttrain import artifacts
+from posttrain.architecture import (
+    block_routers,
+    expert_count,
+    has_bias_balancing,
+    moe_blocks,
+    require_moe_fits,
+)
+from posttrain.distributed import state, zero_stage
+from posttrain.recipe import LoraSpec, MoESpec
 
 if TYPE_CHECKING:
     import torch
 
-    from posttrain.recipe import LoraSpec, MoESpec
-
-LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
-HEATMAP = "moe_expert_load.png"
-
 
 # --------------------------------------------------------------------------- finding the pieces
-
-
-def moe_blocks(model: Any) -> dict[str, Any]:
-    """{label: block} for every MoE block, labelled `layer_<i>` by its decoder layer."""
-    blocks: dict[str, Any] = {}
-    for name, module in model.named_modules():
-        children = dict(module.named_children())
-        if "experts" in children and ("gate" in children or "router" in children):
-            match = LAYER_INDEX.search(name + ".")
-            blocks[f"layer_{match.group(1)}" if match else name] = module
-    return blocks
-
-
-def block_routers(block: Any) -> list[Any]:
-    """The router of a block, and its copies when peft wraps it (`modules_to_save`)."""
-    gate = block.gate if hasattr(block, "gate") else block.router
-    cls = type(getattr(gate, "original_module", gate))
-    return [m for m in gate.modules() if type(m) is cls]
 
 
 def router_names(model: Any) -> list[str]:
@@ -66,25 +53,6 @@ def router_names(model: Any) -> list[str]:
         if "experts" in children and ("gate" in children or "router" in children):
             names.append(f"{name}.{'gate' if 'gate' in children else 'router'}")
     return names
-
-
-def expert_count(model: Any) -> tuple[int, int]:
-    """(routed experts per layer, experts per token) from the model's config."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n = next(
-        (
-            getattr(config, key)
-            for key in ("n_routed_experts", "num_local_experts", "num_experts")
-            if getattr(config, key, None)
-        ),
-        0,
-    )
-    return int(n), int(getattr(config, "num_experts_per_tok", 0) or 0)
-
-
-def has_bias_balancing(block: Any) -> bool:
-    """DeepSeek-V3-style routers carry `e_score_correction_bias` for auxiliary-loss-free balancing."""
-    return all(hasattr(r, "e_score_correction_bias") for r in block_routers(block))
 
 
 # --------------------------------------------------------------------------- one-call setup
@@ -105,7 +73,7 @@ class MoESetup:
             return {}
         summary = self.metrics.summary()
         if out_dir is not None and summary:
-            plot_expert_load(expert_shares(summary), Path(out_dir) / HEATMAP)
+            plot_expert_load(expert_shares(summary), Path(out_dir) / artifacts.MOE_HEATMAP)
         return summary
 
 
@@ -118,13 +86,10 @@ def prepare(
     Under LoRA the routers stay frozen unless `router: train`, which trains them in full
     through peft's `modules_to_save`."""
     blocks = moe_blocks(model)
+    if spec.model_fields_set:
+        require_moe_fits(spec, model, blocks)
     if not blocks:
-        if spec.model_fields_set:
-            raise PosttrainError(
-                "the `moe:` block is set but the model has no routed experts", fix="remove `moe:`"
-            )
         return MoESetup([], [])
-    check_model(spec, model, blocks)
     router = spec.router or ("freeze" if lora is not None else default_router)
     if router == "freeze":
         freeze_routers(model)
@@ -134,24 +99,6 @@ def prepare(
         metrics = RouterMetrics(bias_update_rate=spec.bias_update_rate, log=False)
     save = router_names(model) if lora is not None and router == "train" else []
     return MoESetup([metrics] if metrics else [], save, metrics)
-
-
-def check_model(spec: MoESpec, model: Any, blocks: dict[str, Any]) -> None:
-    """What the recipe asks must exist in this architecture."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    kind = getattr(config, "model_type", type(model).__name__)
-    if spec.aux_loss_coef is not None and not hasattr(config, "router_aux_loss_coef"):
-        raise PosttrainError(
-            f"{kind} has no router auxiliary loss in transformers",
-            key="moe.aux_loss_coef",
-            fix="DeepSeek-V3-style models balance with `moe.bias_update_rate` instead",
-        )
-    if spec.bias_update_rate and not all(has_bias_balancing(b) for b in blocks.values()):
-        raise PosttrainError(
-            f"{kind} routers have no e_score_correction_bias to update",
-            key="moe.bias_update_rate",
-            fix="bias balancing is for DeepSeek-V3-style routers; use `moe.aux_loss_coef` for this model",
-        )
 
 
 def train_defaults(spec: MoESpec, aux_loss_coef: float | None = None) -> dict[str, Any]:
@@ -178,8 +125,6 @@ def register_zero3_leaf_modules(model: Any) -> list[str]:
     together on entry, so ranks that route tokens to different experts still issue the same
     collectives (otherwise a rank that skips an expert waits forever for the others). Returns
     the block classes registered; nothing happens outside ZeRO-3."""
-    from posttrain.distributed import zero_stage
-
     if zero_stage() != 3:
         return []
     from deepspeed.utils import set_z3_leaf_modules
@@ -260,8 +205,6 @@ class RouterLoad:
     def take(self) -> torch.Tensor:
         """Counts since the last call, summed over ranks (every rank must call it together)."""
         import torch
-
-        from posttrain.distributed import state
 
         pending = self._pending
         if pending is None:

@@ -14,8 +14,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from posttrain.architecture import model_max_positions, model_source
+from posttrain.artifacts import completed_manifest
+from posttrain.data_tools import load_rows, require_columns
 from posttrain.errors import PosttrainError
+from posttrain.generation import render_prompts
+from posttrain.memory import Cluster, ModelShape, plan_stage, recommend
+from posttrain.models import TOKENIZER_DIR, load_tokenizer
 from posttrain.recipe import PresetModel, Recipe, StageBase
+from posttrain.rewards import build_reward
+from posttrain.rewards.text import completion_text
+from posttrain.runner import order_stages
+from posttrain.stages import Slot, stage_module
 
 SAMPLE_ROWS = 2000  # rows tokenised per data slot for the length checks
 REWARD_ROWS = 4  # rows each reward is run on
@@ -35,23 +45,8 @@ class Finding:
         return f"{mark} {self.where}: {self.message}" + (f" (fix: {self.fix})" if self.fix else "")
 
 
-@dataclass(frozen=True)
-class Slot:
-    """What a stage reads and generates: the checks need nothing else of it."""
-
-    model: Any  # whose tokenizer and positions apply (a stage name, a model spec, None = base)
-    data: Any
-    columns: tuple[str, ...] | None  # None: any SFT format (messages, prompt + completion, text)
-    new_tokens: int | None = None  # generated after each prompt (None: a training row, whole)
-    max_length: int | None = None  # the trainer truncates rows to this
-    rewards: tuple[Any, ...] = ()  # rewards (or verifiers) to run on a few rows
-    reward_kind: str = "reward"
-
-
 def preflight(recipe: Recipe) -> list[Finding]:
     """Every finding for every stage in run order, then for the recipe's `eval:`."""
-    from posttrain.runner import order_stages
-
     slots = [(f"stages.{stage.name}", stage_slot(stage)) for stage in order_stages(recipe)]
     if recipe.eval is not None:
         slots.append(("eval", Slot(None, recipe.eval.data, ("prompt", "answer"), recipe.eval.max_new_tokens)))
@@ -65,45 +60,13 @@ def preflight(recipe: Recipe) -> list[Finding]:
 
 
 def stage_slot(stage: StageBase) -> Slot | None:
-    """The slot of each stage kind (None: a kind that reads no data)."""
-    if stage.kind == "sft":
-        return Slot(stage.model, stage.data, None, max_length=_train(stage, "max_length"))
-    if stage.kind == "grpo":
-        from posttrain.stages.grpo import reward_columns
-
-        columns = ("prompt", *reward_columns(stage))
-        return Slot(
-            stage.model,
-            stage.data,
-            columns,
-            _train(stage, "max_completion_length"),
-            rewards=tuple(stage.rewards),
-        )
-    if stage.kind == "rlaif_label":
-        return Slot(stage.policy, stage.data, ("prompt",), stage.sampling.max_new_tokens)
-    if stage.kind == "reward_model":
-        columns = ("prompt", "chosen", "rejected")
-        return Slot(stage.model, stage.data, columns, max_length=_train(stage, "max_length"))
-    if stage.kind == "distill":
-        return Slot(
-            stage.teacher,
-            stage.data,
-            ("prompt",),
-            stage.generation.max_new_tokens,
-            rewards=tuple(stage.verifiers),
-            reward_kind="verifier",
-        )
-    if stage.kind == "evaluate":
-        return Slot(stage.model, stage.data, ("prompt", "answer"), stage.max_new_tokens)
-    return None
+    """What the stage reads and generates, from its kind's module (None: it reads no data)."""
+    return stage_module(stage).slot(stage)
 
 
 def check_slot(recipe: Recipe, where: str, slot: Slot) -> list[Finding]:
     """Load the slot's data (unless a stage still has to write it), then check its columns and
     lengths and run its rewards on a few rows."""
-    from posttrain.artifacts import completed_manifest
-    from posttrain.data_tools import load_rows, require_columns
-
     data = slot.data
     if (
         isinstance(data, str)
@@ -113,10 +76,8 @@ def check_slot(recipe: Recipe, where: str, slot: Slot) -> list[Finding]:
         return [Finding(where, f"data comes from stage '{data}' (checked when it has run)")]
     stage_dirs = {name: recipe.run_dir / name for name in recipe.stage_names()}
     rows = load_rows(data, seed=recipe.seed, stage_dirs=stage_dirs)
-    if slot.columns is None:
-        from posttrain.stages.sft import sft_columns
-
-        sft_columns(rows)
+    if slot.row_format is not None:
+        slot.row_format(rows)
     else:
         require_columns(rows, slot.columns, where.removeprefix("stages."), f"{where}.data")
     found = [Finding(where, f"{len(rows)} rows; columns {', '.join(rows.column_names)}")]
@@ -128,8 +89,6 @@ def length_findings(
     recipe: Recipe, where: str, model: Any, rows: Any, new_tokens: int | None, max_length: int | None
 ) -> list[Finding]:
     """Token lengths of a sample of rows against the model's positions and the trainer's max_length."""
-    from posttrain.stages.grpo import model_max_positions
-
     try:
         tokenizer = tokenizer_for(recipe, model)
     except Exception as e:  # e.g. a config-only folder, or a hub model not cached on this login node
@@ -181,9 +140,6 @@ def length_findings(
 def token_ids(tokenizer: Any, rows: Any, prompt_only: bool) -> list[list[int]]:
     """Each row as the model sees it: the rendered prompt where the model generates the rest,
     else the chat template over messages, or prompt + completion."""
-    from posttrain.generation import render_prompts
-    from posttrain.rewards.text import completion_text
-
     columns = rows.column_names
     if prompt_only and "prompt" in columns:
         texts = render_prompts(tokenizer, list(rows["prompt"]))
@@ -204,9 +160,6 @@ def token_ids(tokenizer: Any, rows: Any, prompt_only: bool) -> list[list[int]]:
 
 def tokenizer_for(recipe: Recipe, ref: Any) -> Any:
     """The tokenizer a model slot will use, without loading weights (see `model_source`)."""
-    from posttrain.architecture import model_source
-    from posttrain.models import TOKENIZER_DIR, load_tokenizer
-
     source = model_source(recipe, ref)
     if isinstance(source, PresetModel):  # every preset uses the tokenizer that ships with the package
         from transformers import AutoTokenizer
@@ -218,8 +171,6 @@ def tokenizer_for(recipe: Recipe, ref: Any) -> Any:
 def run_rewards(where: str, specs: list[Any], rows: Any, what: str = "reward") -> list[Finding]:
     """Run each reward on a few real rows, with the reference answer (when the data has one) as
     the completion: a reward that raises, or returns the wrong number of scores, fails here."""
-    from posttrain.rewards import build_reward
-
     if not specs:
         return []
     batch = rows.select(range(min(len(rows), REWARD_ROWS)))
@@ -268,24 +219,15 @@ def _reference_completion(prompt: Any, answer: Any) -> Any:
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
-def _train(stage: StageBase, key: str) -> int | None:
-    """A `train:` key, else the default of the stage's trl config (None when it has no such key)."""
-    from posttrain.recipe import trainer_defaults
-
-    return {**trainer_defaults(stage.trainer_config), **stage.train}.get(key)
-
-
 def memory_findings(recipe: Recipe) -> list[Finding]:
     """The memory plan for the GPUs of this machine; on a CPU-only machine, how to ask for one."""
     import torch
 
     if not torch.cuda.is_available():
         return [Finding("memory", "no GPU here; `posttrain plan RECIPE --gpu-memory 80GB` plans for GPUs")]
-    from posttrain.memory import Cluster, plan_recipe
-
     gpus = torch.cuda.device_count()
     total = torch.cuda.get_device_properties(0).total_memory
-    memory = plan_recipe(recipe, Cluster(gpus, 1, total))
+    memory = memory_plan(recipe, Cluster(gpus, 1, total))
     best = memory.get("recommended") or {}
     if not best:
         return [
@@ -297,3 +239,36 @@ def memory_findings(recipe: Recipe) -> list[Finding]:
             )
         ]
     return [Finding("memory", f"every stage fits {gpus} GPU(s) with {best.get('accelerate_config')}")]
+
+
+NO_WORKLOAD = "no trainer: inference only"  # what the plan shows for a kind without a `workload`
+
+
+def memory_plan(recipe: Recipe, cluster: Cluster) -> dict[str, Any]:
+    """The memory plan of every stage of a recipe (see `memory.plan_stage`) and the recommended
+    setting; each trainer stage's Workload comes from its kind's module."""
+    shapes: dict[int, ModelShape] = {}
+    stages = []
+    for stage in order_stages(recipe):
+        row: dict[str, Any] = {"name": stage.name, "kind": stage.kind}
+        estimate = stage_module(stage).workload
+        work = estimate(stage, recipe, shapes) if estimate is not None else NO_WORKLOAD
+        if isinstance(work, str):
+            row["skipped"] = work
+        else:
+            row["params"] = {
+                "total": work.model.total,
+                "active": work.model.active,
+                "trainable": work.trainable,
+                "frozen_models": list(work.frozen),
+                "lora": work.lora,
+            }
+            row.update(plan_stage(work, cluster))
+        stages.append(row)
+    return {
+        "gpus_per_node": cluster.gpus_per_node,
+        "nodes": cluster.nodes,
+        "gpu_memory": cluster.gpu_memory,
+        "stages": stages,
+        "recommended": recommend(stages),
+    }

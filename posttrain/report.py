@@ -1,7 +1,7 @@
 """The run report: `report.md` at the top of the run directory, with PNG plots beside it.
 
 One table holds every stage (in run order) with its training metrics, data preparation and
-evaluation; `loss.png`, `reward.png` and `accuracy.png` show the curves (read back from each
+evaluation, read through the shapes posttrain.metrics and each kind's `Metrics` declare; `loss.png`, `reward.png` and `accuracy.png` show the curves (read back from each
 stage's TensorBoard logs) and the evaluation per stage. The runner rewrites it after every
 stage (main process only); `posttrain report RUN_DIR` rebuilds it from the files alone.
 """
@@ -13,11 +13,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from posttrain import artifacts
+import yaml
 
-REPORT = "report.md"
+from posttrain import artifacts
+from posttrain.metrics import EvalMetrics, MoESummary, TrainMetrics
+from posttrain.recipe import STAGE_KINDS
+from posttrain.stages import stage_module
+from posttrain.stages.distill import Metrics as DistillMetrics
+
 CURVES = {"loss": "train/loss", "reward": "train/reward"}
-MOE_HEATMAP = "moe_expert_load.png"  # posttrain.moe.HEATMAP, not imported here: it loads transformers
 EVAL_COLUMNS = (
     ("accuracy", "accuracy"),
     ("pass@1", "pass_at_1"),
@@ -34,15 +38,19 @@ class StageSummary:
     name: str
     kind: str
     status: str  # complete | running | pending
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]  # the kind's `Metrics` (posttrain/stages/<kind>.py), as metrics.json holds it
     data: list[dict[str, Any]]
     curves: dict[str, list[tuple[int, float]]]
     gate: dict[str, float] | None
     source: str | None = None  # the stage whose model this one started from, if any
 
     @property
-    def eval(self) -> dict[str, Any]:
+    def eval(self) -> EvalMetrics:
         return self.metrics.get("eval") or {}
+
+    @property
+    def train(self) -> TrainMetrics:
+        return self.metrics.get("train") or {}
 
 
 def read_curves(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -61,9 +69,7 @@ def read_curves(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def collect(run_dir: Path) -> tuple[str, list[StageSummary]]:
     """The run's name and a summary of each stage, in the order of the resolved recipe."""
-    import yaml
-
-    resolved_file = run_dir / "recipe.resolved.yaml"
+    resolved_file = run_dir / artifacts.RESOLVED_RECIPE
     resolved = yaml.safe_load(resolved_file.read_text()) if resolved_file.exists() else {}
     stages = resolved.get("stages") or [
         {"name": d.name, "kind": (artifacts.read_json(d / artifacts.MANIFEST) or {}).get("kind", "?")}
@@ -82,13 +88,20 @@ def collect(run_dir: Path) -> tuple[str, list[StageSummary]]:
                 kind=stage.get("kind", "?"),
                 status=status,
                 metrics=(artifacts.read_json(folder / artifacts.METRICS) or {}) if done else {},
-                data=(artifacts.read_json(folder / "data_report.json") or {}).get("steps", []),
-                curves=read_curves(folder / "logs"),
+                data=(artifacts.read_json(folder / artifacts.DATA_REPORT) or {}).get("steps", []),
+                curves=read_curves(folder / artifacts.LOGS),
                 gate={k: v for k, v in gate.items() if v is not None} if gate else None,
-                source=next((stage[k] for k in ("model", "teacher") if isinstance(stage.get(k), str)), None),
+                source=_source(stage),
             )
         )
     return resolved.get("name") or run_dir.name, summaries
+
+
+def _source(stage: dict[str, Any]) -> str | None:
+    """The stage whose model a (resolved) stage starts from, when it names one."""
+    schema = STAGE_KINDS.get(stage.get("kind"))
+    start = stage.get(schema.start_field) if schema is not None and schema.start_field else None
+    return start if isinstance(start, str) else None
 
 
 # --------------------------------------------------------------------------- table
@@ -105,7 +118,7 @@ def _first_last(curve: list[tuple[int, float]]) -> tuple[float, float] | None:
 
 
 def train_cell(stage: StageSummary) -> str:
-    train = stage.metrics.get("train") or {}
+    train = stage.train
     parts = []
     loss = (train.get("loss_first"), train.get("loss_last"))
     if None in loss:
@@ -173,38 +186,15 @@ def details(stages: list[StageSummary]) -> list[str]:
 
 def headlines(stages: list[StageSummary]) -> list[str]:
     """One sentence per stage that says whether it did its job, the way a reader asks it: did RL
-    beat its starting point, does the reward model rank right above wrong, did a student keep up."""
+    beat its starting point, does the reward model rank right above wrong, did a student keep up.
+    Each kind's module writes its own (`headline`; None: the table row says it all)."""
     by_name = {s.name: s for s in stages}
     lines = []
     for s in stages:
-        start = by_name.get(s.source or "")
-        before, after = (start.eval.get("accuracy") if start else None), s.eval.get("accuracy")
-        if s.kind == "grpo" and before is not None and after is not None:
-            sampled = (start.eval.get("pass_at_1"), s.eval.get("pass_at_1"))
-            pass_at_1 = (
-                f"; pass@1 {sampled[0]:.3f} → {sampled[1]:.3f} ({(sampled[1] - sampled[0]) * 100:+.1f})"
-                if None not in sampled
-                else ""
-            )
-            lines.append(f"- **{s.name}** lifted held-out accuracy {before:.3f} → {after:.3f} "
-                         f"({(after - before) * 100:+.1f} points over {start.name}{pass_at_1})")  # fmt: skip
-        held_out = s.metrics.get("held_out") or {}
-        if "accuracy" in held_out:
-            rvw = held_out.get("right_vs_wrong") or {}
-            extra = f", {rvw['accuracy']:.3f} on right-vs-wrong pairs (n={rvw['n']})" if rvw.get("n") else ""
-            lines.append(f"- **{s.name}** ranks the chosen answer first on {held_out['accuracy']:.3f} of "
-                         f"{held_out['n']} held-out pairs{extra} (chance: 0.5)")  # fmt: skip
-        agreement = s.metrics.get("agreement_with_answer") or {}
-        if agreement.get("n"):
-            lines.append(f"- **{s.name}**: the judge kept {s.metrics.get('kept')} of {s.metrics.get('pairs_judged')} "
-                         f"pairs and agrees with the reference answer on {agreement['accuracy']:.3f} of "
-                         f"{agreement['n']} pairs with one right answer")  # fmt: skip
-        teacher = s.metrics.get("teacher") or {}
-        for name, m in (s.metrics.get("students") or {}).items():
-            if m.get("accuracy_vs_teacher") is not None and m.get("parameters_vs_teacher") is not None:
-                lines.append(f"- **{s.name}/{name}** keeps {m['accuracy_vs_teacher']:.0%} of the teacher's accuracy "
-                             f"({m['accuracy']:.3f} vs {teacher.get('accuracy', 0):.3f}) with "
-                             f"{m['parameters_vs_teacher']:.0%} of its parameters")  # fmt: skip
+        headline = stage_module(s.kind).headline if s.kind in STAGE_KINDS else None
+        if headline is not None:
+            start = by_name.get(s.source or "")
+            lines += headline(s.name, s.metrics, (start.name, start.metrics) if start else None)
     return lines
 
 
@@ -212,14 +202,15 @@ def distill_section(stages: list[StageSummary]) -> list[str]:
     """Per distill stage: the teacher and its students side by side (size, accuracy, speed)."""
     lines: list[str] = []
     for s in stages:
-        students = s.metrics.get("students")
+        metrics: DistillMetrics = s.metrics  # type: ignore[assignment]  (any kind with students)
+        students = metrics.get("students")
         if not students:
             continue
-        pass_rate = (s.metrics.get("traces") or {}).get("pass_rate")
+        pass_rate = (metrics.get("traces") or {}).get("pass_rate")
         title = f"**{s.name}**" + (f": trace pass rate {pass_rate:.3f}" if pass_rate is not None else "")
         head = ["model", "parameters", "active", "accuracy", "vs teacher", "tokens/s", "vs teacher"]
         lines += [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for name, m in {"teacher": s.metrics.get("teacher") or {}, **students}.items():
+        for name, m in {"teacher": metrics.get("teacher") or {}, **students}.items():
             sizes = [f"{m[k] / 1e6:.2f} M" if m.get(k) else "" for k in ("parameters", "active_parameters")]
             row = [name, *sizes, _num(m.get("accuracy")), _num(m.get("accuracy_vs_teacher"), 2)]
             row += [_num(m.get("tokens_per_s"), 1), _num(m.get("speedup_vs_teacher"), 2)]
@@ -232,7 +223,7 @@ def moe_section(run_dir: Path, stages: list[StageSummary]) -> list[str]:
     """Router balance of every stage that trained an MoE model, with its expert-load heatmap."""
     lines: list[str] = []
     for s in stages:
-        m = s.metrics
+        m: MoESummary = s.metrics  # type: ignore[assignment]  (the MoE keys of any trainer's metrics)
         if "moe/load_cv" not in m:
             continue
         trend = (
@@ -244,8 +235,8 @@ def moe_section(run_dir: Path, stages: list[StageSummary]) -> list[str]:
             f"- **{s.name}**: load CV {_num(m['moe/load_cv'])}{trend}, max load {_num(m.get('moe/max_load'))}, "
             f"router entropy {_num(m.get('moe/router_entropy'))}, dead experts {m.get('moe/dead_experts', 0)}"
         )
-        if (run_dir / s.name / MOE_HEATMAP).exists():
-            lines.append(f"\n  ![{s.name} expert load]({s.name}/{MOE_HEATMAP})")
+        if (run_dir / s.name / artifacts.MOE_HEATMAP).exists():
+            lines.append(f"\n  ![{s.name} expert load]({s.name}/{artifacts.MOE_HEATMAP})")
     return ["", "## Mixture of experts", "", *lines] if lines else []
 
 
@@ -319,6 +310,6 @@ def write_report(run_dir: Path) -> Path:
     if more:
         lines += ["", "## Details", "", *more]
     lines += moe_section(run_dir, stages)
-    path = run_dir / REPORT
+    path = run_dir / artifacts.REPORT
     artifacts.write_atomic(path, "\n".join(lines).rstrip() + "\n")
     return path

@@ -14,73 +14,23 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from posttrain import artifacts
+from posttrain.context import StageContext
+from posttrain.distributed import launch_info, on_main, state
 from posttrain.errors import PosttrainError
+from posttrain.evaluation import check_gate, evaluate_whole
 from posttrain.recipe import (
     FileData,
     PathModel,
-    PresetModel,
     Recipe,
     StageBase,
     references,
     stage_dependencies,
 )
-
-# --------------------------------------------------------------------------- context
-
-
-@dataclasses.dataclass(frozen=True)
-class StageContext:
-    """What a stage sees of the run: where to write, what it may read, and the seed."""
-
-    stage: str
-    out_dir: Path
-    run_dir: Path
-    seed: int
-    base_model: PresetModel | PathModel
-    stage_dirs: Mapping[str, Path]
-    resume: bool = False
-    eval: Any = None
-
-    def model(self, ref: Any) -> PathModel:
-        """A model slot resolved to a path: a stage's `model/`, a materialised preset, or as given."""
-        if ref is None:
-            ref = self.base_model
-        if isinstance(ref, PresetModel):
-            from posttrain.distributed import on_main, unsharded_loading
-            from posttrain.models import materialize_preset
-
-            dest = self.run_dir / "presets" / f"{ref.preset}-seed{self.seed}"
-            with unsharded_loading():
-                on_main(materialize_preset, ref.preset, self.seed, dest)
-            return PathModel(path=str(dest))
-        if isinstance(ref, PathModel):
-            return ref
-        if ref in self.stage_dirs:
-            return PathModel(path=str(self.stage_dirs[ref] / "model"))
-        return PathModel(path=str(ref))
-
-    def data(self, spec: Any) -> Any:
-        """Rows of a data slot; what dedup / decontamination removed goes to data_report.json."""
-        from posttrain.data_tools import DataReport, load_rows
-
-        report = DataReport()
-        rows = load_rows(spec, seed=self.seed, stage_dirs=self.stage_dirs, report=report)
-        if self.is_main:
-            report.save(self.out_dir / "data_report.json")
-        return rows
-
-    @property
-    def is_main(self) -> bool:
-        from posttrain.distributed import state
-
-        return state().is_main_process
-
-    def barrier(self) -> None:
-        from posttrain.distributed import state
-
-        state().wait_for_everyone()
-
+from posttrain.report import write_report
+from posttrain.stages import stage_module
 
 # --------------------------------------------------------------------------- plan
 
@@ -117,8 +67,9 @@ def order_stages(recipe: Recipe) -> list[StageBase]:
     return ordered
 
 
-def stage_config(recipe: Recipe, stage: StageBase) -> dict[str, Any]:
-    """Everything about a stage's own config that changes its result."""
+def fingerprint_config(recipe: Recipe, stage: StageBase) -> dict[str, Any]:
+    """Everything about a stage's own config that changes its result: its part of the fingerprint
+    (the rest is what it reads from upstream stages)."""
     files = {}
     for _, value in references(stage):
         if value not in recipe.stage_names() and Path(value).exists():
@@ -146,10 +97,10 @@ def _file_data(value: Any) -> list[FileData]:
 
 def fingerprint(recipe: Recipe, stage: StageBase, upstream: Mapping[str, dict]) -> str:
     inputs = {name: upstream[name]["completion_id"] for name in stage_dependencies(recipe, stage)}
-    return artifacts.canonical_hash({"config": stage_config(recipe, stage), "inputs": inputs})
+    return artifacts.canonical_hash({"config": fingerprint_config(recipe, stage), "inputs": inputs})
 
 
-def decide(
+def stage_status(
     recipe: Recipe, stage: StageBase, finished: Mapping[str, dict], force: tuple[str, ...]
 ) -> tuple[str, str, dict | None]:
     """("cached", fp, manifest) for a finished stage of this fingerprint, else ("resume" | "run", fp, None)."""
@@ -175,7 +126,7 @@ def make_plan(recipe: Recipe, force: tuple[str, ...] = ()) -> list[PlannedStage]
         if any(d not in finished for d in deps):
             plan.append(PlannedStage(stage, deps, "waits", None))
             continue
-        status, fp, manifest = decide(recipe, stage, finished, force)
+        status, fp, manifest = stage_status(recipe, stage, finished, force)
         if manifest is not None:
             finished[stage.name] = manifest
         plan.append(PlannedStage(stage, deps, status, fp))
@@ -200,9 +151,6 @@ def run(
     process alone decides what is cached, writes the run directory and evaluates, and every
     decision reaches the other ranks through `on_main` (which doubles as the barrier after
     each stage)."""
-    from posttrain.distributed import on_main
-    from posttrain.stages import get_runner
-
     report = _main_only(report or (lambda name, event, details: None))
     for name in (*force, *([only] if only else [])):
         recipe.stage(name)
@@ -222,7 +170,7 @@ def run(
             if manifest is not None:
                 finished[stage.name] = manifest
             continue
-        status, fp, manifest = on_main(decide, recipe, stage, finished, force)
+        status, fp, manifest = on_main(stage_status, recipe, stage, finished, force)
         if manifest is not None:
             finished[stage.name] = manifest
             results[stage.name] = on_main(_reuse_cached, recipe, stage, stage_dir, finished, report)
@@ -234,7 +182,7 @@ def run(
         report(stage.name, "resume" if resume else "start", {"kind": stage.kind, "dir": str(stage_dir)})
         started = time.time()
         try:
-            metrics = get_runner(stage.kind)(stage, ctx)
+            metrics = stage_module(stage).run(stage, ctx)
             metrics = on_main(_with_eval, recipe, stage_dir, ctx, metrics)
         except PosttrainError as e:
             e.key = e.key or f"stages.{stage.name}"
@@ -252,8 +200,6 @@ def run(
 
 def _main_only(report: Reporter) -> Reporter:
     """Progress is printed once, by the main process."""
-    from posttrain.distributed import state
-
     return report if state().is_main_process else (lambda name, event, details: None)
 
 
@@ -271,10 +217,6 @@ def _after_stage(recipe: Recipe, stage: StageBase, metrics: dict) -> None:
     """Rewrite the run report (main process), then stop here if the stage misses its gate.
 
     Every rank checks the gate on the same metrics (broadcast by `on_main`), so all stop together."""
-    from posttrain.distributed import on_main
-    from posttrain.evaluation import check_gate
-    from posttrain.report import write_report
-
     on_main(write_report, recipe.run_dir)
     check_gate(recipe, stage, metrics)
 
@@ -309,11 +251,15 @@ def _eval_hash(recipe: Recipe) -> str | None:
 
 def _with_eval(recipe: Recipe, stage_dir: Path, ctx: StageContext, metrics: dict) -> dict:
     """Evaluate the stage's model on the recipe's held-out data, when both exist."""
-    if recipe.eval is None or not (stage_dir / "model").is_dir() or not recipe.stage(ctx.stage).generative:
+    if (
+        recipe.eval is None
+        or not (stage_dir / artifacts.MODEL).is_dir()
+        or not recipe.stage(ctx.stage).generative
+    ):
         return metrics
-    from posttrain.evaluation import evaluate_whole
-
-    result = evaluate_whole(PathModel(path=str(stage_dir / "model")), recipe.eval, ctx)  # main process only
+    result = evaluate_whole(
+        PathModel(path=str(stage_dir / artifacts.MODEL)), recipe.eval, ctx
+    )  # main process only
     return {**metrics, "eval": result}
 
 
@@ -322,7 +268,7 @@ def _refresh_eval(
 ) -> dict:
     """A cached stage whose recipe `eval:` changed is re-evaluated, not re-trained."""
     manifest = finished[stage.name]
-    if manifest.get("eval_hash") == _eval_hash(recipe) or not (stage_dir / "model").is_dir():
+    if manifest.get("eval_hash") == _eval_hash(recipe) or not (stage_dir / artifacts.MODEL).is_dir():
         return metrics
     report(stage.name, "re-evaluate", {})
     ctx = _context(recipe, stage, stage_dir, finished, False)
@@ -334,14 +280,12 @@ def _refresh_eval(
 
 
 def _manifest(recipe: Recipe, stage: StageBase, fp: str, finished: dict, wall: float) -> dict[str, Any]:
-    from posttrain.distributed import launch_info
-
     deps = stage_dependencies(recipe, stage)
     return {
         "stage": stage.name,
         "kind": stage.kind,
         "fingerprint": fp,
-        "config_hash": artifacts.canonical_hash(stage_config(recipe, stage)),
+        "config_hash": artifacts.canonical_hash(fingerprint_config(recipe, stage)),
         "config": stage.model_dump(mode="json"),
         "inputs": {
             d: {"path": str(recipe.run_dir / d), "completion_id": finished[d]["completion_id"]} for d in deps
@@ -356,12 +300,11 @@ def _manifest(recipe: Recipe, stage: StageBase, fp: str, finished: dict, wall: f
 
 
 def _write_resolved(recipe: Recipe) -> None:
-    import yaml
 
     text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     try:
         recipe.run_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.write_atomic(recipe.run_dir / "recipe.resolved.yaml", text)
+        artifacts.write_atomic(recipe.run_dir / artifacts.RESOLVED_RECIPE, text)
     except OSError as e:
         raise recipe.error(
             ("output_dir",),

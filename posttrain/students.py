@@ -30,13 +30,14 @@ with `path:` starts from those weights instead (any causal LM, e.g. a hub id), a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from posttrain import artifacts
+from posttrain.architecture import text_config
+from posttrain.context import StageContext
 from posttrain.errors import PosttrainError
-from posttrain.recipe import DENSE_SIZE_KEYS, PathModel, StudentSpec
-
-if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+from posttrain.models import count_parameters, load_tokenizer, save_random_init
+from posttrain.recipe import DENSE_SIZE_KEYS, PathModel, PresetModel, StudentSpec, check_dense_sizes
 
 DENSE_ARCHITECTURES = ("llama", "qwen2")
 # Config fields copied from the teacher as they are: numerics and special tokens the student must share.
@@ -64,7 +65,7 @@ def dense_config(teacher: Any, architecture: str = "llama", **overrides: int | N
         raise PosttrainError(
             f"unknown dense architecture '{architecture}'", fix=f"use one of {', '.join(DENSE_ARCHITECTURES)}"
         )
-    text = teacher.get_text_config() if hasattr(teacher, "get_text_config") else teacher
+    text = text_config(teacher)
     sizes = _dense_sizes(text, {k: v for k, v in overrides.items() if v is not None})
     copied = {k: getattr(text, k) for k in COPIED_KEYS if getattr(text, k, None) is not None}
     return AutoConfig.for_model(
@@ -100,25 +101,6 @@ def _dense_sizes(teacher: Any, overrides: dict[str, int]) -> dict[str, int]:
     return sizes
 
 
-def check_dense_sizes(sizes: dict[str, int | None]) -> None:
-    """The shape rules of a dense attention block; called at recipe load and at build time."""
-    hidden, heads, kv_heads = (
-        sizes.get("hidden_size"),
-        sizes.get("num_attention_heads"),
-        sizes.get("num_key_value_heads"),
-    )
-    if hidden and heads and (hidden % heads or (hidden // heads) % 2):
-        raise PosttrainError(
-            f"hidden_size {hidden} must split into {heads} heads of an even size (rotary embeddings)",
-            fix="choose hidden_size a multiple of 2 × num_attention_heads",
-        )
-    if heads and kv_heads and heads % kv_heads:
-        raise PosttrainError(
-            f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}",
-            fix="num_key_value_heads must divide num_attention_heads",
-        )
-
-
 def _multiple_of(value: float, step: int) -> int:
     return max(step, int(round(value / step)) * step)
 
@@ -142,11 +124,9 @@ def student_source(spec: StudentSpec, ctx: StageContext) -> PathModel:
     if spec.path is not None:
         return ctx.model(spec.path)
     if spec.preset is not None:
-        from posttrain.recipe import PresetModel
-
         return ctx.model(PresetModel(preset=spec.preset))
-    dest = ctx.out_dir / spec.name / "init"
-    if not (dest / "config.json").exists() and ctx.is_main:
+    dest = ctx.out_dir / spec.name / artifacts.STUDENT_INIT
+    if not (dest / artifacts.MODEL_CONFIG).exists() and ctx.is_main:
         build_dense_student(ctx.model(spec.dense_from), spec, ctx.seed, dest)
     ctx.barrier()
     return PathModel(path=str(dest))
@@ -154,8 +134,6 @@ def student_source(spec: StudentSpec, ctx: StageContext) -> PathModel:
 
 def build_dense_student(teacher: PathModel, spec: StudentSpec, seed: int, dest: Path) -> Path:
     """Random-initialise the dense student derived from `teacher` and save it with the teacher's tokenizer."""
-    from posttrain.models import load_tokenizer, save_random_init
-
     tokenizer = load_tokenizer(teacher)
     config = dense_config(load_config(teacher), spec.architecture, **spec.size_overrides())
     if config.pad_token_id is None:
@@ -168,8 +146,6 @@ def parameter_counts(source: PathModel) -> dict[str, int]:
     so this is as cheap for a 671B teacher as for a tiny one."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from posttrain.models import count_parameters
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
@@ -185,8 +161,6 @@ def tokenizer_mismatch(teacher: PathModel, student: PathModel) -> str | None:
 
     Logit distillation compares the two models' full distributions over one vocabulary, so the
     tokenizers must map every string to the same ids and the output layers must be equally wide."""
-    from posttrain.models import load_tokenizer
-
     t_tok, s_tok = load_tokenizer(teacher), load_tokenizer(student)
     t_vocab, s_vocab = t_tok.get_vocab(), s_tok.get_vocab()
     if t_vocab != s_vocab:
@@ -196,8 +170,8 @@ def tokenizer_mismatch(teacher: PathModel, student: PathModel) -> str | None:
     for attribute in ("eos_token_id", "bos_token_id"):
         if getattr(t_tok, attribute) != getattr(s_tok, attribute):
             return f"{attribute} differs ({getattr(t_tok, attribute)} vs {getattr(s_tok, attribute)})"
-    t_size = load_config(teacher).get_text_config().vocab_size
-    s_size = load_config(student).get_text_config().vocab_size
+    t_size = text_config(load_config(teacher)).vocab_size
+    s_size = text_config(load_config(student)).vocab_size
     if t_size != s_size:
         return f"their output layers differ in width (vocab_size {t_size} vs {s_size})"
     return None

@@ -33,7 +33,10 @@ from typing import Any
 
 from posttrain import artifacts
 from posttrain.errors import PosttrainError
+from posttrain.generation import generate, generate_vllm, render_prompts, vllm_usable
+from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.recipe import GenerationSpec, PathModel
+from posttrain.training import release
 
 RewardFn = Callable[..., list[float | None]]
 
@@ -179,8 +182,6 @@ class TeacherSampler:
     calling it samples k completions for each prompt of a batch from a given seed."""
 
     def __init__(self, teacher: PathModel, generation: GenerationSpec, k: int) -> None:
-        from posttrain.generation import vllm_usable
-
         self.teacher, self.generation, self.k = teacher, generation, k
         self.vllm = generation.backend == "vllm" or (generation.backend == "auto" and vllm_usable())
         if self.vllm and not vllm_usable():
@@ -190,8 +191,6 @@ class TeacherSampler:
             )
 
     def __enter__(self) -> Callable[[list[Any], int], tuple[list[list[str]], dict[str, float]]]:
-        from posttrain.models import load_causal_lm, load_tokenizer
-
         self.tokenizer = load_tokenizer(self.teacher)
         if self.vllm:
             from vllm import LLM
@@ -214,8 +213,6 @@ class TeacherSampler:
     def sample(self, prompts: list[Any], seed: int) -> tuple[list[list[str]], dict[str, float]]:
         import torch
 
-        from posttrain.generation import generate, generate_vllm, render_prompts
-
         rendered = render_prompts(self.tokenizer, prompts)
         options = {
             "max_new_tokens": self.generation.max_new_tokens,
@@ -232,7 +229,5 @@ class TeacherSampler:
             )
 
     def __exit__(self, *exc: Any) -> None:
-        from posttrain.training import release
-
         del self.model
         release()

@@ -7,26 +7,21 @@ settings into trl and the trained weights into the run directory.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from posttrain import artifacts
 from posttrain.artifacts import read_json
+from posttrain.context import StageContext
+from posttrain.distributed import has_accelerator, unsharded_loading
 from posttrain.errors import PosttrainError
+from posttrain.lora_targets import literal_targets, peft_targets
 from posttrain.recipe import GuardSpec, LoraSpec, trainer_config_class
-
-if TYPE_CHECKING:
-    from posttrain.runner import StageContext
-
-
-def has_accelerator() -> bool:
-    import torch
-
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 def trainer_args(config: str, train: dict[str, Any], ctx: StageContext, **defaults: Any) -> Any:
@@ -40,7 +35,7 @@ def trainer_args(config: str, train: dict[str, Any], ctx: StageContext, **defaul
     # DeepSpeed checkpoint instead of a model); the launch's own config still wins.
     os.environ.setdefault("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true")
     kwargs: dict[str, Any] = {
-        "output_dir": str(ctx.out_dir / "checkpoints"),
+        "output_dir": str(ctx.out_dir / artifacts.CHECKPOINTS),
         "seed": ctx.seed,
         "save_total_limit": 2,
         "report_to": "none",
@@ -68,12 +63,12 @@ def callbacks(ctx: StageContext, guard: GuardSpec | None = None) -> list[Any]:
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    from posttrain.guards import GracefulStop, TrainingGuard
+    from posttrain.guards import GracefulStop, TrainingGuard  # loads transformers (TrainerCallbacks)
 
     guard = guard or GuardSpec()
     found: list[Any] = [GracefulStop(), TrainingGuard(ctx.stage, **guard.model_dump())]
     if ctx.is_main:
-        found.append(TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out_dir / "logs"))))
+        found.append(TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out_dir / artifacts.LOGS))))
     return found
 
 
@@ -88,8 +83,6 @@ def lora_config(
 
     kwargs = spec.peft_kwargs()
     if spec.targets is not None:
-        from posttrain.lora_targets import peft_targets
-
         kwargs.update(peft_targets(model, spec.targets))
     if modules_to_save:
         kwargs["modules_to_save"] = [*(kwargs.get("modules_to_save") or []), *modules_to_save]
@@ -104,7 +97,7 @@ def last_checkpoint(ctx: StageContext) -> str | None:
 
     The Trainer writes a checkpoint folder file by file, trainer_state.json last; a folder a
     kill cut short is deleted here rather than resumed from (transformers would pick it)."""
-    folder = ctx.out_dir / "checkpoints"
+    folder = ctx.out_dir / artifacts.CHECKPOINTS
     if not ctx.resume or not folder.is_dir():
         return None
     found = sorted(
@@ -197,8 +190,8 @@ def save_final_model(trainer: Any, tokenizer: Any, ctx: StageContext, lora: Lora
 
     `trainer.save_model` gathers sharded (ZeRO-3) weights; merging reloads the saved adapter
     on the main process, so it works the same however training was distributed."""
-    dest = ctx.out_dir / "model"
-    partial = ctx.out_dir / "model.partial"
+    dest = ctx.out_dir / artifacts.MODEL
+    partial = ctx.out_dir / artifacts.MODEL_PARTIAL
     if ctx.is_main:
         shutil.rmtree(partial, ignore_errors=True)
     trainer.save_model(str(partial))
@@ -215,12 +208,8 @@ def save_final_model(trainer: Any, tokenizer: Any, ctx: StageContext, lora: Lora
 
 
 def _merge_adapter(folder: Path, tokenizer: Any) -> None:
-    import json
 
     from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
-
-    from posttrain.distributed import unsharded_loading
-    from posttrain.lora_targets import literal_targets
 
     with unsharded_loading(), literal_targets():  # main process only: no ZeRO-3 partitioning
         if json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS":
@@ -254,14 +243,25 @@ def train_metrics(trainer: Any) -> dict[str, Any]:
     return metrics
 
 
-def release(*objects: Any) -> None:
-    """Free a finished stage's trainer and models so the next stage starts clean."""
+def release(held: list[Any] | None = None) -> None:
+    """Free a finished stage's trainer and models so the next stage (or student) starts clean.
+
+    `held` must hold the last references to them: the caller moves its own into it and deletes
+    its names (`held = [trainer, model]; del trainer, model; release(held)`), since nothing here
+    can drop a reference the caller keeps. The trainers' accelerator state is freed first, then
+    `held` is emptied, and the garbage collector (trainers sit in reference cycles) and the CUDA
+    cache run last."""
     import torch
 
-    for obj in objects:
-        if hasattr(obj, "accelerator"):
-            obj.accelerator.free_memory()
-    del objects
+    _free_accelerator_state(held or [])  # in a function of its own: no loop variable outlives it
+    if held is not None:
+        held.clear()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _free_accelerator_state(objects: list[Any]) -> None:
+    for obj in objects:
+        if hasattr(obj, "accelerator"):
+            obj.accelerator.free_memory()

@@ -16,6 +16,7 @@ from typing import Any
 
 from posttrain import artifacts
 from posttrain.recipe import Recipe, StageBase
+from posttrain.runner import make_plan
 
 NOT_DONE = {
     "run": "not complete: never run, or its config or inputs changed since",
@@ -27,8 +28,6 @@ NOT_DONE = {
 def verify_run(recipe: Recipe) -> list[str]:
     """Every problem of the recipe's run directory, one line each; [] when every stage is
     complete (cached for this recipe) and every file checks out."""
-    from posttrain.runner import make_plan
-
     run_dir = recipe.run_dir
     problems = []
     for planned in make_plan(recipe):
@@ -36,9 +35,9 @@ def verify_run(recipe: Recipe) -> list[str]:
         if planned.status != "cached":
             problems.append(f"{name}: {NOT_DONE[planned.status]}")
         problems += [f"{name}: {p}" for p in verify_stage(run_dir / name, planned.stage)]
-    for path in sorted((run_dir / "cache").rglob("*.jsonl")):
+    for path in sorted((run_dir / artifacts.CACHE).rglob("*.jsonl")):
         problems += [f"{path.relative_to(run_dir)}: {p}" for p in jsonl_problems(path, torn_ok=True)]
-    for folder in sorted((run_dir / "presets").glob("*")):
+    for folder in sorted((run_dir / artifacts.PRESETS).glob("*")):
         if folder.is_dir() and not folder.name.endswith(".partial"):
             problems += [f"presets/{folder.name}: {p}" for p in model_problems(folder)]
     return problems
@@ -53,7 +52,7 @@ def verify_stage(stage_dir: Path, stage: StageBase | None = None) -> list[str]:
     problems = []
     for path in sorted(stage_dir.rglob("*.jsonl")):
         rel = path.relative_to(stage_dir)
-        if rel.parts[0] != "checkpoints" and not path.name.startswith("."):
+        if rel.parts[0] != artifacts.CHECKPOINTS and not path.name.startswith("."):
             problems += [f"{rel.as_posix()}: {p}" for p in jsonl_problems(path, torn_ok=not complete)]
     if not complete:
         return problems
@@ -87,12 +86,12 @@ def listed_file_problems(stage_dir: Path, files: list[dict[str, Any]]) -> list[s
 def model_folders(stage_dir: Path, stage: StageBase | None) -> list[str]:
     """The model folders a stage must have (trainer stages: model/; distill: <student>/model/),
     and any other model/ it wrote."""
-    expected = ["model"] if stage is not None and stage.trainer_config else []
-    expected += [f"{s.name}/model" for s in getattr(stage, "students", [])]
+    owners = stage.saved_models() if stage is not None else []
+    expected = [f"{owner}/{artifacts.MODEL}" if owner else artifacts.MODEL for owner in owners]
     found = [
         p.relative_to(stage_dir).as_posix()
-        for p in stage_dir.rglob("model")
-        if p.is_dir() and "checkpoints" not in p.relative_to(stage_dir).parts
+        for p in stage_dir.rglob(artifacts.MODEL)
+        if p.is_dir() and artifacts.CHECKPOINTS not in p.relative_to(stage_dir).parts
     ]
     return list(dict.fromkeys([*expected, *sorted(found)]))
 
@@ -101,7 +100,7 @@ def model_problems(folder: Path) -> list[str]:
     """Why `folder` would not load with from_pretrained: no config, or missing or truncated weights."""
     if not folder.is_dir():
         return ["missing"]
-    configs = [folder / n for n in ("config.json", "adapter_config.json") if (folder / n).exists()]
+    configs = [folder / n for n in (artifacts.MODEL_CONFIG, "adapter_config.json") if (folder / n).exists()]
     if not configs:
         return ["no config.json (nor adapter_config.json)"]
     problems = [f"{c.name} does not parse" for c in configs if artifacts.read_json(c) is None]

@@ -16,7 +16,7 @@ recipe loads, before any model does.
 The interface other code uses (small on purpose):
 
     spec = RewardSpec(name="accuracy")            # posttrain.recipe.RewardSpec, or a dict
-    reward = build_reward(spec, ctx)              # ctx.model(ref) resolves `model:` (runner.StageContext)
+    reward = build_reward(spec, ctx)              # ctx.model(ref) resolves `model:` (posttrain.context.StageContext)
     scores = reward(prompts=..., completions=..., answer=[...])
     reward_columns(spec)                          # ("answer",): the dataset columns it reads
     reward.stats.as_dict()                        # samples, none, errors, timeouts, samples_per_s
@@ -44,6 +44,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from posttrain.recipe import RewardSpec
 from posttrain.rewards import (  # noqa: F401  (importing registers the built-in rewards)
     accuracy,
     format,
@@ -84,16 +85,13 @@ __all__ = [
 
 
 def _spec(spec: Any) -> Any:
-    from posttrain.recipe import RewardSpec
-
     return spec if isinstance(spec, RewardSpec) else RewardSpec.model_validate(dict(spec))
 
 
 def reward_label(spec: Any) -> str:
     """The name a reward goes by in metrics and samples: `label`, else its name (an import path's
     function name)."""
-    spec = _spec(spec)
-    return spec.label or spec.name.rpartition(":")[2]
+    return _spec(spec).display_name
 
 
 def reward_columns(spec: Any) -> tuple[str, ...]:

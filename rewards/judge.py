@@ -23,12 +23,14 @@ labelling stage, at the cost of G(G-1) judge calls per group of G.
 
 from __future__ import annotations
 
+import importlib
 import json
 from typing import Any
 
 from pydantic import RootModel, TypeAdapter, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from posttrain.recipe import JudgeSpec, PathModel
 from posttrain.rewards.registry import RewardFunc, register
 from posttrain.rewards.text import completion_text
 
@@ -54,8 +56,6 @@ class JudgeOptions(RootModel[dict[str, Any]]):
 
 def judge_spec(block: dict[str, Any], model: Any) -> Any:
     """The judge block as a validated judge spec, with `model` in its model slot."""
-    from posttrain.recipe import JudgeSpec, PathModel
-
     if "model" in block:
         raise ValueError("give the judge model as the reward's own `model:`, not inside `judge:`")
     if block.get("backend") == "reward":
@@ -79,8 +79,8 @@ class _GivenModel:
 def judge_reward(judge: JudgeOptions, model: Any) -> RewardFunc:
     """An AI judge scores each completion (direct RLAIF): a pointwise judge's score, or a pairwise
     judge's mean p(better) against the other completions of the same prompt."""
-    import importlib
-
+    # A cycle forces these three imports in here: judges.labels imports posttrain.rewards.text, and
+    # importing the rewards package imports this module (it registers the built-in rewards).
     from posttrain.judges import BACKENDS
 
     spec = judge_spec(judge.root, model)
@@ -100,7 +100,7 @@ def judge_reward(judge: JudgeOptions, model: Any) -> RewardFunc:
 def group_win_rates(judge: Any, prompts: list[Any], texts: list[str]) -> list[float | None]:
     """Each completion's mean p(better) against the other completions of its prompt, both orders
     judged; identical completions tie at 0.5 without a judge call."""
-    from posttrain.judges.cache import JudgeCache
+    from posttrain.judges.cache import JudgeCache  # the cycle named in judge_reward
     from posttrain.judges.labels import candidate_pairs, judge_pairs
 
     groups: dict[str, list[int]] = {}

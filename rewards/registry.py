@@ -17,6 +17,8 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
+from pydantic import TypeAdapter, ValidationError
+
 from posttrain.errors import PosttrainError, did_you_mean, one_of
 
 RewardFunc = Callable[..., list[float | None]]
@@ -29,7 +31,7 @@ MODEL_PARAMETER = "model"
 
 
 class ModelResolver(Protocol):
-    """What a reward needs from its caller: a model slot resolved to a path (`runner.StageContext`)."""
+    """What a reward needs from its caller: a model slot resolved to a path (`posttrain.context.StageContext`)."""
 
     def model(self, ref: Any) -> Any: ...
 
@@ -181,7 +183,6 @@ def bind_options(reward: RewardDef, options: Mapping[str, Any], has_model: bool)
 
 
 def _typed(reward: RewardDef, options: Mapping[str, Any]) -> dict[str, Any]:
-    from pydantic import TypeAdapter, ValidationError
 
     hints = reward.hints()
     values = {}

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from posttrain.models import load_tokenizer
 from posttrain.rewards.registry import RewardFunc, register
 from posttrain.rewards.text import completion_text
 
@@ -30,8 +31,6 @@ def reward_model(
     `batch_size` completions are scored at once."""
     import torch
     from transformers import AutoModelForSequenceClassification
-
-    from posttrain.models import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     scorer = AutoModelForSequenceClassification.from_pretrained(

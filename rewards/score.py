@@ -13,8 +13,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import yaml
+from pydantic import ValidationError
+
 from posttrain.errors import PosttrainError
-from posttrain.recipe import PathModel
+from posttrain.recipe import PathModel, RewardSpec
+from posttrain.rewards import build_reward, reward_columns
+from posttrain.rewards.registry import check_spec
+from posttrain.rewards.text import completion_text
 
 BATCH = 256
 
@@ -54,11 +60,6 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def parse_reward(text: str) -> Any:
     """`accuracy`, `my_pkg.mod:fn`, or a YAML mapping `{name: format, mode: lenient}`."""
-    import yaml
-    from pydantic import ValidationError
-
-    from posttrain.recipe import RewardSpec
-
     value: Any = text
     if text.lstrip().startswith("{"):
         try:
@@ -66,18 +67,21 @@ def parse_reward(text: str) -> Any:
         except yaml.YAMLError as e:
             raise PosttrainError(f"--reward {text}: invalid YAML ({e})") from None
     try:
-        return RewardSpec.model_validate(value if isinstance(value, dict) else {"name": value})
+        spec = RewardSpec.model_validate(value if isinstance(value, dict) else {"name": value})
     except ValidationError as e:
         message = e.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
         raise PosttrainError(f"--reward {text}: {message}") from None
+    try:
+        check_spec(spec.name, spec.options, spec.model is not None)
+    except ValueError as e:
+        raise PosttrainError(f"--reward {text}: {e}") from None
+    return spec
 
 
 def score_rows(
     rows: list[dict[str, Any]], specs: list[Any], tokenizer: Any = None, label: str = "data"
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
     """Each row with `rewards: {name: score}`, and per-reward summary statistics."""
-    from posttrain.rewards import build_reward, reward_columns
-
     columns = sorted({k for row in rows for k in row})
     for spec in specs:
         missing = [c for c in reward_columns(spec) if c not in columns]
@@ -120,6 +124,4 @@ def summarize(values: list[float | None], stats: dict[str, float]) -> dict[str, 
 
 
 def _token_ids(tokenizer: Any, completion: Any) -> list[int]:
-    from posttrain.rewards.text import completion_text
-
     return tokenizer(completion_text(completion), add_special_tokens=False)["input_ids"]

@@ -66,3 +66,25 @@ def cli(capsys: pytest.CaptureFixture):
         return code, out.out, out.err
 
     return call
+
+
+@pytest.fixture
+def declared():
+    """declared(run_dir) -> the ways its finished stages' metrics.json stray from their kind's
+    declared `Metrics` ([] when every stage wrote exactly its declared shape)."""
+    import yaml
+
+    from posttrain import artifacts
+    from posttrain.metrics import shape_problems
+    from posttrain.stages import stage_module
+
+    def check(run_dir: Path) -> list[str]:
+        resolved = yaml.safe_load((run_dir / artifacts.RESOLVED_RECIPE).read_text())
+        problems = []
+        for stage in resolved["stages"]:
+            metrics = artifacts.read_json(run_dir / stage["name"] / artifacts.METRICS)
+            if metrics is not None:
+                problems += shape_problems(metrics, stage_module(stage["kind"]).Metrics, stage["name"])
+        return problems
+
+    return check

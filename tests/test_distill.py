@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from posttrain import artifacts
+from posttrain import artifacts, loading
 from posttrain.errors import PosttrainError
-from posttrain.recipe import GenerationSpec, PathModel, StudentSpec, load_recipe
+from posttrain.recipe import GenerationSpec, PathModel, StudentSpec
 from posttrain.traces import Verifier, kept_rows, rejection_sample, sample_traces, trace_stats
 
 # --------------------------------------------------------------------------- dense students
@@ -27,10 +27,10 @@ def _meta_model(config):
 def test_dense_config_from_tiny_deepseek_v3_has_no_experts_and_keeps_the_vocabulary():
     from transformers import AutoConfig
 
-    from posttrain.models import count_parameters, preset_config
+    from posttrain.models import count_parameters, preset_spec
     from posttrain.students import dense_config
 
-    teacher = AutoConfig.for_model(**preset_config("tiny-deepseek-v3"), vocab_size=266, eos_token_id=257)
+    teacher = AutoConfig.for_model(**preset_spec("tiny-deepseek-v3"), vocab_size=266, eos_token_id=257)
     config = dense_config(teacher, num_hidden_layers=2, hidden_size=96)
     model = _meta_model(config)
     names = [name for name, _ in model.named_modules()]
@@ -83,7 +83,7 @@ def test_bad_students_fail_at_load_time(write_recipe, student, message):
         """
     )
     with pytest.raises(PosttrainError, match=message) as info:
-        load_recipe(recipe)
+        loading.load(recipe)
     assert info.value.line is not None
 
 
@@ -104,18 +104,18 @@ def test_trainer_blocks_follow_the_mode(write_recipe):
             """
         )
 
-    load_recipe(recipe("logits", "train: {beta: 0.5}"))
-    load_recipe(recipe("traces", "train: {packing: true}"))
-    load_recipe(recipe("traces+logits", "logits_train: {beta: 0.5}"))
+    loading.load(recipe("logits", "train: {beta: 0.5}"))
+    loading.load(recipe("traces", "train: {packing: true}"))
+    loading.load(recipe("traces+logits", "logits_train: {beta: 0.5}"))
     path = recipe("traces", "train: {beta: 0.5}")
     with pytest.raises(PosttrainError, match="not a field of trl.SFTConfig") as info:
-        load_recipe(path)
+        loading.load(path)
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "train:" in text)
     assert (info.value.key, info.value.line) == ("stages.distill.train.beta", line)
     with pytest.raises(PosttrainError, match="not a field of trl.DistillationConfig"):
-        load_recipe(recipe("traces+logits", "logits_train: {packing: true}"))
+        loading.load(recipe("traces+logits", "logits_train: {packing: true}"))
     with pytest.raises(PosttrainError, match="logits_train applies to mode traces"):
-        load_recipe(recipe("traces", "logits_train: {beta: 0.5}"))
+        loading.load(recipe("traces", "logits_train: {beta: 0.5}"))
 
 
 def test_shipped_recipes_validate(cli):
@@ -141,7 +141,7 @@ def test_verifiers_come_from_the_reward_registry(write_recipe):
             students: [{name: s, preset: tiny-dense}]
             verifiers: VERIFIERS
         """
-    recipe = load_recipe(
+    recipe = loading.load(
         write_recipe(text.replace("VERIFIERS", "[{name: accuracy}, {name: format, min_score: 0.5}]"))
     )
     stage = recipe.stage("distill")
@@ -155,7 +155,7 @@ def test_verifiers_come_from_the_reward_registry(write_recipe):
         build_verifiers(stage, None, Dataset.from_list([{"prompt": "1+1="}]))
     for bad, message in [("[{name: acuracy}]", "accuracy"), ("[{name: format, weight: 2}]", "no weight")]:
         with pytest.raises(PosttrainError, match=message):
-            load_recipe(write_recipe(text.replace("VERIFIERS", bad)))
+            loading.load(write_recipe(text.replace("VERIFIERS", bad)))
 
 
 def test_missing_prompt_or_verifier_columns_fail_at_load_time(write_recipe, tmp_path: Path):
@@ -173,9 +173,9 @@ def test_missing_prompt_or_verifier_columns_fail_at_load_time(write_recipe, tmp_
             students: [{{name: s, preset: tiny-dense}}]
         """
     with pytest.raises(PosttrainError, match="no 'answer' column") as info:
-        load_recipe(write_recipe(text.replace("COLUMNS", "")))
+        loading.load(write_recipe(text.replace("COLUMNS", "")))
     assert info.value.key == "stages.distill.data"
-    load_recipe(write_recipe(text.replace("COLUMNS", ", columns: {answer: solution}")))
+    loading.load(write_recipe(text.replace("COLUMNS", ", columns: {answer: solution}")))
 
 
 # --------------------------------------------------------------------------- rejection sampling
@@ -323,7 +323,9 @@ def _stage_recipe(write_recipe, tiny_moe: Path, body: str) -> Path:
     )
 
 
-def test_traces_mode_trains_students_and_reports_them_next_to_the_teacher(write_recipe, tiny_moe, cli):
+def test_traces_mode_trains_students_and_reports_them_next_to_the_teacher(
+    write_recipe, tiny_moe, cli, declared
+):
     recipe = _stage_recipe(
         write_recipe,
         tiny_moe,
@@ -366,6 +368,7 @@ def test_traces_mode_trains_students_and_reports_them_next_to_the_teacher(write_
             "trace_pass_rate",
         } <= set(student)
     assert metrics["students"]["small"]["parameters"] < metrics["students"]["wide"]["parameters"]
+    assert declared(recipe.parent / "runs") == []  # teacher and students with their eval, as declared
     report = (recipe.parent / "runs" / "report.md").read_text()
     assert (
         "## Distillation" in report and "| wide | 0." in report and "| teacher | 1.01 M | 0.57 M |" in report

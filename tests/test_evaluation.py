@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from posttrain import loading
 from posttrain.evaluation import majority_index, sample_metrics, score
-from posttrain.recipe import load_recipe
 
 TINY_EVAL = """
 eval:
@@ -66,7 +66,7 @@ def test_evaluate_stage_takes_eval_defaults_and_decontamination_resolves(write_r
             data: {synthetic: arithmetic, n: 10, decontaminate: true}
         """)
     )
-    recipe = load_recipe(path)
+    recipe = loading.load(path)
     base, sft = recipe.stages
     assert base.data.split == "test" and base.max_new_tokens == 12 and base.k == 4
     assert [spec.split for spec in sft.data.decontaminate.against] == ["test"]
@@ -159,7 +159,7 @@ def test_harness_is_validated(write_recipe, cli) -> None:
 
 
 def test_gate_stops_the_pipeline_then_eval_and_report_after_training(
-    write_recipe, cli, tmp_path: Path
+    write_recipe, cli, tmp_path: Path, declared
 ) -> None:
     """A random base model misses its gate: the pipeline stops, that stage stays COMPLETE. With the
     gate lowered it is cached (not re-run), SFT trains, is evaluated, and report.md shows both."""
@@ -211,6 +211,7 @@ def test_gate_stops_the_pipeline_then_eval_and_report_after_training(
         assert (run / plot).read_bytes().startswith(b"\x89PNG")
     assert "![loss](loss.png)" in report and not (run / "reward.png").exists()
 
+    assert declared(run) == []  # an evaluate stage's and a trainer's `eval`, as declared
     (run / "report.md").unlink()
     code, _, stderr = cli("report", run)
     assert code == 0, stderr
@@ -219,7 +220,7 @@ def test_gate_stops_the_pipeline_then_eval_and_report_after_training(
 
 @pytest.mark.parametrize("name", ["demo.yaml", "gsm8k.yaml"])
 def test_shipped_recipes_validate(name: str) -> None:
-    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / name)
+    recipe = loading.load(Path(__file__).parents[1] / "recipes" / name)
     assert recipe.eval is not None
 
 
@@ -228,7 +229,8 @@ def test_harness_runs_a_local_task_on_the_tiny_model(tiny_dense: Path, tmp_path:
     pytest.importorskip("lm_eval")
     from types import SimpleNamespace
 
-    from posttrain.harness import RESULTS_FILE, run_harness
+    from posttrain.artifacts import HARNESS_RESULTS
+    from posttrain.harness import run_harness
     from posttrain.recipe import HarnessSpec, PathModel
 
     (tmp_path / "arith.jsonl").write_text(
@@ -255,7 +257,7 @@ def test_harness_runs_a_local_task_on_the_tiny_model(tiny_dense: Path, tmp_path:
     results = run_harness(PathModel(path=str(tiny_dense)), spec, ctx)
     assert set(results) == {"tiny_arith"}
     assert 0.0 <= results["tiny_arith"]["exact_match,none"] <= 1.0
-    assert json.loads((tmp_path / RESULTS_FILE).read_text())["results"]["tiny_arith"]
+    assert json.loads((tmp_path / HARNESS_RESULTS).read_text())["results"]["tiny_arith"]
 
 
 def test_report_reads_reward_curves_and_data_reports(tmp_path: Path) -> None:

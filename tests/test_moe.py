@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from posttrain import lora_targets, moe
+from posttrain import artifacts, lora_targets, moe
 from posttrain.errors import PosttrainError
 from posttrain.recipe import LoraSpec, MoESpec
 
@@ -249,9 +249,9 @@ def test_bias_balancing_lowers_load_cv_in_sft(write_recipe, cli, tmp_path):
     assert list(shares) == ["layer_1", "layer_2", "layer_3"] and sum(shares["layer_1"]) == pytest.approx(
         1, abs=1e-3
     )
-    assert (runs / "plain" / moe.HEATMAP).stat().st_size > 1000
+    assert (runs / "plain" / artifacts.MOE_HEATMAP).stat().st_size > 1000
     report = (runs / "report.md").read_text()
-    assert "## Mixture of experts" in report and f"(balanced/{moe.HEATMAP})" in report
+    assert "## Mixture of experts" in report and f"(balanced/{artifacts.MOE_HEATMAP})" in report
     events = b"".join(p.read_bytes() for p in (runs / "plain" / "logs").glob("events.out.tfevents.*"))
     assert b"moe/load_cv" in events and b"moe/layer_1/router_entropy" in events
     from safetensors.torch import load_file

@@ -14,8 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from posttrain import artifacts
-from posttrain.recipe import load_recipe
+from posttrain import artifacts, loading
 from posttrain.verify import NOT_DONE, verify_run, verify_stage
 
 # Every stage kind of the demo, each a few steps with checkpoints every 2 steps, so that kills
@@ -100,9 +99,9 @@ def problems_beyond_unfinished(recipe) -> list[str]:
     return [p for p in verify_run(recipe) if not any(p.endswith(why) for why in NOT_DONE.values())]
 
 
-def test_pipeline_killed_at_random_moments_resumes_to_a_valid_run(write_recipe, cli, tmp_path):
+def test_pipeline_killed_at_random_moments_resumes_to_a_valid_run(write_recipe, cli, tmp_path, declared):
     path = write_recipe(RECIPE)
-    recipe = load_recipe(path)
+    recipe = loading.load(path)
     runs, log = recipe.run_dir, tmp_path / "runs.log"
     rng = random.Random(8)
     interrupted = []
@@ -125,6 +124,7 @@ def test_pipeline_killed_at_random_moments_resumes_to_a_valid_run(write_recipe, 
     assert [s["status"] for s in json.loads(out)["stages"]] == ["cached"] * len(STAGES)
     code, _, _ = cli("verify", path)
     assert code == 0
+    assert declared(runs) == []  # every kind wrote exactly its declared metrics (tests/test_metrics.py)
 
     # What the kills interrupted was resumed, not redone or duplicated.
     label = json.loads((runs / "label" / "metrics.json").read_text())
@@ -193,9 +193,9 @@ def test_resume_restores_moe_experts_and_skips_a_final_step_checkpoint(tmp_path,
 
     import torch
 
+    from posttrain.context import StageContext
     from posttrain.models import load_causal_lm
     from posttrain.recipe import PathModel, PresetModel
-    from posttrain.runner import StageContext
     from posttrain.training import resume_checkpoint
 
     trained = load_causal_lm(PathModel(path=str(tiny_moe)))

@@ -12,7 +12,7 @@ import pytest
 
 from posttrain.data_tools.answers import final_answer, last_boxed
 from posttrain.recipe import RewardSpec
-from posttrain.rewards import build_reward, get_reward, register, reward_columns, reward_label
+from posttrain.rewards import build_reward, check_spec, get_reward, register, reward_columns, reward_label
 from posttrain.rewards.pool import ERROR, OK, TIMEOUT, WorkerPool
 
 CASES = [json.loads(line) for line in (Path(__file__).parent / "data" / "answer_cases.jsonl").open()]
@@ -228,7 +228,14 @@ def test_format_on_a_huge_adversarial_completion_is_fast() -> None:
 )
 def test_bad_reward_specs_fail_at_validation(spec: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        RewardSpec.model_validate(spec)
+        checked(spec)
+
+
+def checked(spec: dict) -> RewardSpec:
+    """A `rewards:` entry as the recipe loads it: the schema, then the registry (posttrain.loading)."""
+    parsed = RewardSpec.model_validate(spec)
+    check_spec(parsed.name, parsed.options, parsed.model is not None)
+    return parsed
 
 
 def test_user_reward_by_import_path(tmp_path: Path, monkeypatch) -> None:
@@ -247,9 +254,9 @@ def test_user_reward_by_import_path(tmp_path: Path, monkeypatch) -> None:
     assert reward_columns(spec) == ("difficulty",) and reward_label(spec) == "brevity"
     assert build_reward(spec)(completions=["abcd"], difficulty=[2]) == [1.0]
     with pytest.raises(ValueError, match="no option 'scal'; did you mean 'scale'"):
-        RewardSpec.model_validate({"name": "my_rewards:brevity", "scal": 2})
+        checked({"name": "my_rewards:brevity", "scal": 2})
     with pytest.raises(ValueError, match="option 'scale': Input should be a valid number"):
-        RewardSpec.model_validate({"name": "my_rewards:brevity", "scale": "big"})
+        checked({"name": "my_rewards:brevity", "scale": "big"})
     shouty = build_reward({"name": "my_rewards:shouty", "bonus": 3, "label": "loud"})
     assert shouty.__name__ == "loud" and shouty(completions=["HI", "hi"]) == [3.0, 0.0]
     assert get_reward("shouty").name == "shouty"  # importing the module registered it
@@ -314,7 +321,7 @@ def test_repetition_penalises_loops_in_tokens_words_or_chars() -> None:
     words = build_reward({"name": "repetition", "ngram_size": 2, "unit": "words"})
     assert words(completions=["one two three", "go go go go go"]) == [0.0, -0.75]
     with pytest.raises(ValueError, match="max_penalty"):
-        RewardSpec.model_validate({"name": "repetition", "max_penalty": 0.5})
+        checked({"name": "repetition", "max_penalty": 0.5})
 
 
 @pytest.mark.parametrize(

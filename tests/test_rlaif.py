@@ -29,7 +29,8 @@ from posttrain.judges.labels import (
     label_metrics,
     preference_record,
 )
-from posttrain.judges.prompt import load_principles, pairwise_prompt, parse_verdict
+from posttrain.judges.prompt import pairwise_prompt, parse_verdict
+from posttrain.recipe import load_principles
 
 
 def sigmoid(x: float) -> float:
@@ -380,8 +381,8 @@ def test_openai_judge_limits_concurrency(serve):
 
 
 def stage_context(tmp_path: Path):
+    from posttrain.context import StageContext
     from posttrain.recipe import PresetModel
-    from posttrain.runner import StageContext
 
     return StageContext(
         stage="label", out_dir=tmp_path / "label", run_dir=tmp_path, seed=0,
@@ -503,9 +504,9 @@ def test_judge_blocks_are_validated_at_load_time(write_recipe, cli):
 
 @pytest.mark.parametrize("name", ["demo.yaml", "rlaif-hh.yaml"])
 def test_shipped_recipes_validate(name: str):
-    from posttrain.recipe import load_recipe
+    from posttrain import loading
 
-    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / name)
+    recipe = loading.load(Path(__file__).parents[1] / "recipes" / name)
     kinds = [s.kind for s in recipe.stages]
     assert "rlaif_label" in kinds and "reward_model" in kinds
 
@@ -694,7 +695,7 @@ def test_reward_backend_judges_with_a_registered_reward(tmp_path: Path):
 
 def test_judge_reward_scores_completions_during_rl(tmp_path: Path, tiny_dense: Path):
     from posttrain.recipe import RewardSpec
-    from posttrain.rewards import build_reward
+    from posttrain.rewards import build_reward, check_spec
 
     ctx = stage_context(tmp_path)
     pointwise = build_reward(
@@ -716,8 +717,8 @@ def test_judge_reward_scores_completions_during_rl(tmp_path: Path, tiny_dense: P
     assert 0 < p < 1 and scores[4] == pytest.approx(1 - p)
     assert scores[0] == pytest.approx(scores[2]) and scores[0] == pytest.approx((0.5 + (1 - scores[1])) / 2)
     assert scores[5] is None  # no peer to compare with
-    with pytest.raises(ValueError, match="not inside `judge:`"):
-        RewardSpec(name="judge", model="a/b", judge={"backend": "hf", "model": "c/d"})
+    with pytest.raises(ValueError, match="not inside `judge:`"):  # as the recipe loads it (posttrain.loading)
+        check_spec("judge", {"judge": {"backend": "hf", "model": "c/d"}}, has_model=True)
 
 
 def test_reward_model_margins_split_and_calibration():

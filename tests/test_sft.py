@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from posttrain.recipe import load_recipe
+from posttrain import loading, training
 from posttrain.runner import run
+from posttrain.stages import sft
 
 TRAIN = (
     "{max_steps: 30, per_device_train_batch_size: 16, learning_rate: 3.0e-3, logging_steps: 5,"
@@ -53,8 +55,27 @@ stages:
     lora: {{r: 4, target_modules: [o_proj], merge: false}}
     train: {{max_steps: 2, per_device_train_batch_size: 16, gradient_checkpointing: false, save_strategy: 'no'}}
 """)
-    recipe = load_recipe(path)
-    return recipe, run(recipe)
+    recipe = loading.load(path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sft, "release", released)
+        return recipe, run(recipe)
+
+
+FREED: list[list[bool]] = []  # per release() call of the SFT stage: whether each object it was handed died
+
+
+def released(held: list | None = None) -> None:
+    """training.release, recording whether what it was handed is gone once it returns."""
+    refs = [weakref.ref(obj) for obj in held or []]
+    training.release(held)
+    FREED.append([ref() is None for ref in refs])
+
+
+def test_each_stage_frees_its_trainer_and_model(full_and_lora):
+    """The stage hands release() the last references: trainer and model are gone when it returns,
+    not only when the stage function does (the next stage, or a student, starts clean)."""
+    assert len(FREED) == 3 and all(len(freed) == 2 for freed in FREED), FREED
+    assert all(all(freed) for freed in FREED), FREED
 
 
 def test_full_fine_tune_loss_falls(full_and_lora):

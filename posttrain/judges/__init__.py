@@ -19,12 +19,12 @@ import dataclasses
 import importlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from posttrain import artifacts
-
-if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+from posttrain.context import StageContext
+from posttrain.judges.prompt import PROMPT_VERSION
+from posttrain.models import load_causal_lm, load_tokenizer
 
 BACKENDS = {
     "hf": "posttrain.judges.hf",
@@ -65,8 +65,6 @@ class Judge:
 
 def build_judge(spec: Any, ctx: StageContext) -> Judge:
     """The judge a recipe's `judge:` block describes, with its cache id."""
-    from posttrain.judges.prompt import PROMPT_VERSION
-
     module = importlib.import_module(BACKENDS[spec.backend])
     model = judge_model(spec)
     identity = {
@@ -104,22 +102,9 @@ def load_local_model(ref: Any, ctx: Any) -> tuple[Any, Any]:
     """A local judge's tokenizer and causal LM, in eval mode, on the GPU when there is one."""
     import torch
 
-    from posttrain.models import load_causal_lm, load_tokenizer
-
     source = ctx.model(ref)
     model = load_causal_lm(source).eval()
     return load_tokenizer(source), model.to("cuda") if torch.cuda.is_available() else model
-
-
-def release_model(model: Any) -> Callable[[], None]:
-    """A judge's `close`: free its model."""
-
-    def close() -> None:
-        from posttrain.training import release
-
-        release(model)
-
-    return close
 
 
 def principles_hash(principles: list[str] | None) -> str | None:

@@ -8,15 +8,15 @@ in front of the `Verdict:` whose next token is read (Lee et al. 2023, chain-of-t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from posttrain.context import StageContext
 from posttrain.errors import PosttrainError
-from posttrain.judges import Judge, PairQuery, load_local_model, release_model
+from posttrain.generation import generate, model_device
+from posttrain.judges import Judge, PairQuery, load_local_model
 from posttrain.judges.prompt import RATIONALE, VERDICT, pairwise_prompt, render_question, split_rationale
 from posttrain.recipe import HFJudgeSpec
-
-if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+from posttrain.training import release
 
 
 def build(spec: HFJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:
@@ -44,7 +44,7 @@ def build(spec: HFJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:
         batch_size=spec.batch_size,
         compare=compare,
         principles=spec.principles,
-        close=release_model(model),
+        close=release,  # the model goes with the judge (its closures hold it); this collects it
     )
 
 
@@ -58,8 +58,6 @@ def _render(tokenizer: Any, user: str, spec: HFJudgeSpec) -> str:
 
 
 def _rationales(model: Any, tokenizer: Any, contexts: list[str], spec: HFJudgeSpec) -> list[str]:
-    from posttrain.generation import generate
-
     outputs, _ = generate(
         model, tokenizer, contexts, max_new_tokens=spec.rationale_max_new_tokens, batch_size=spec.batch_size
     )
@@ -90,8 +88,6 @@ def label_probabilities(
 ) -> list[tuple[float, float]]:
     """For each context, (P(label 0) / P(either label), P(either label)) of the next token."""
     import torch
-
-    from posttrain.generation import model_device
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"

@@ -10,13 +10,13 @@ turn (its end-of-turn token included, so an answer that stops in the right place
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from posttrain.judges import Judge, load_local_model, release_model
+from posttrain.context import StageContext
+from posttrain.generation import model_device
+from posttrain.judges import Judge, load_local_model
 from posttrain.recipe import LikelihoodJudgeSpec
-
-if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+from posttrain.training import release
 
 
 def build(spec: LikelihoodJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:
@@ -32,7 +32,7 @@ def build(spec: LikelihoodJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:
         batch_size=spec.batch_size,
         score=score,
         temperature=spec.temperature,
-        close=release_model(model),
+        close=release,  # the model goes with the judge (its closures hold it); this collects it
     )
 
 
@@ -57,8 +57,6 @@ def encode(tokenizer: Any, prompt: Any, answer: str) -> tuple[list[int], int]:
 def mean_logprobs(model: Any, tokenizer: Any, items: list[tuple[Any, str]], batch_size: int) -> list[float]:
     """Mean log p(answer token | everything before it) over each answer's tokens."""
     import torch
-
-    from posttrain.generation import model_device
 
     pad = tokenizer.pad_token_id
     scores: list[float] = []

@@ -20,15 +20,13 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from posttrain.context import StageContext
 from posttrain.errors import PosttrainError
 from posttrain.judges import Judge, PairQuery
 from posttrain.judges.prompt import VERDICT, pairwise_prompt, parse_verdict, render_question, split_rationale
 from posttrain.recipe import OpenAIJudgeSpec
-
-if TYPE_CHECKING:
-    from posttrain.runner import StageContext
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 MAX_BACKOFF_S = 60.0

@@ -1,4 +1,6 @@
-"""The one pairwise judge prompt every text judge uses (hf, openai), and the constitutions it cites.
+"""The one pairwise judge prompt every text judge uses (hf, openai). The principles it cites
+are read when the recipe loads (`posttrain.recipe.load_principles`: a list, a file, or a
+constitution that ships in recipes/principles/).
 
 The prompt follows the RLAIF labelling setup (Lee et al. 2023): a preamble with the principles,
 the request, the two answers labelled by position, then an instruction to end with a strict
@@ -9,42 +11,13 @@ then read at the token right after `Verdict:`; a remote one writes the line itse
 from __future__ import annotations
 
 import re
-from importlib.resources import files
-from pathlib import Path
 from typing import Any
 
-from posttrain.errors import PosttrainError, did_you_mean
+from posttrain.errors import PosttrainError
 
-CONSTITUTIONS = Path(str(files("posttrain.recipes") / "principles"))
 VERDICT = "Verdict:"
 RATIONALE = "Rationale:"
 PROMPT_VERSION = 1  # bump when the wording below changes: it is part of every judge's cache key
-
-
-def constitution_names() -> list[str]:
-    return sorted(p.stem for p in CONSTITUTIONS.glob("*.txt"))
-
-
-def load_principles(value: list[str] | str) -> list[str]:
-    """Principles as a list: given inline, read from a file (one per line, `#` comments), or a
-    shipped constitution by name (`default`, `math`)."""
-    if isinstance(value, list):
-        principles = [p.strip() for p in value if p.strip()]
-    else:
-        path = Path(value).expanduser()
-        if not path.is_file():
-            path = CONSTITUTIONS / f"{value}.txt"
-        if not path.is_file():
-            hint = did_you_mean(value, constitution_names())
-            raise ValueError(
-                f"principles '{value}' is neither a file nor a shipped constitution "
-                f"({', '.join(constitution_names())}){'; ' + hint if hint else ''}"
-            )
-        lines = path.read_text(encoding="utf-8").splitlines()
-        principles = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not principles:
-        raise ValueError("principles must hold at least one principle")
-    return principles
 
 
 def render_question(prompt: Any) -> str:

@@ -11,18 +11,15 @@ columns (e.g. `answer`) from the prompt's row, and sees completions as trl would
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from posttrain.context import StageContext
 from posttrain.judges import Judge
 from posttrain.recipe import RewardJudgeSpec
-
-if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+from posttrain.rewards import build_reward
 
 
 def build(spec: RewardJudgeSpec, ctx: StageContext, judge_id: str) -> Judge:
-    from posttrain.rewards import build_reward
-
     reward = build_reward(spec.reward, ctx)
 
     def score(items: list[tuple[Any, str, dict[str, Any]]]) -> list[float | None]:

@@ -5,7 +5,7 @@ the reference types that mark a bare string in a model or data slot as another s
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union  # noqa: UP035
+from typing import Annotated, Any, ClassVar, Literal, Union  # noqa: UP035
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Tag, model_validator
 from pydantic_core import PydanticCustomError
@@ -17,6 +17,8 @@ class Strict(BaseModel):
     """Every recipe block: unknown keys are errors that suggest the closest known key."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Which member of a model or data slot's union a block of this class is (see `_tag`).
+    slot_tag: ClassVar[str] = "path"
 
     @model_validator(mode="before")
     @classmethod
@@ -47,11 +49,8 @@ def _tag(value: Any) -> str:
         for key in ("preset", "synthetic", "mix", "path"):
             if key in value:
                 return key
-    if isinstance(value, BaseModel):
-        from posttrain.recipe.data import MixtureData, SyntheticData  # data.py builds on this module
-
-        tags = {PresetModel: "preset", PathModel: "path", SyntheticData: "synthetic", MixtureData: "mix"}
-        return tags.get(type(value), "path")
+    if isinstance(value, Strict):
+        return value.slot_tag
     return "path"
 
 
@@ -59,6 +58,7 @@ class PresetModel(Strict):
     """A tiny random-initialised model built from `recipes/models/<preset>.json` (offline, seconds)."""
 
     preset: str
+    slot_tag: ClassVar[str] = "preset"
 
 
 class PathModel(Strict):

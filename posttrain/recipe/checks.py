@@ -1,12 +1,15 @@
 """Cross-checks that need the whole validated recipe, run by `load_recipe` before any
 weights load: every bare string names a stage or a path (`references`, which also orders the
 stages), every `train:` key is a field of its trl config with a value of the right type,
-local data files have the mapped columns, curricula are not undone by shuffling, and gates and
-harness tasks have an evaluation to read."""
+decontamination has sets to check against, curricula are not undone by shuffling, and gates
+have an evaluation to read. Checks that need code above the schema (reward options, data
+files' columns, harness tasks, each stage kind's own rules) run in posttrain.loading."""
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,7 @@ from pydantic import BaseModel
 
 from posttrain.errors import did_you_mean
 from posttrain.recipe.base import DataReference, ModelReference
-from posttrain.recipe.data import FileData, RowOptions
-from posttrain.recipe.evaluation import HarnessSpec
+from posttrain.recipe.data import RowOptions
 from posttrain.recipe.schema import Recipe
 from posttrain.recipe.stages import EvaluateStage, StageBase
 from posttrain.recipe.training import LoraSpec
@@ -82,6 +84,11 @@ def trainer_defaults(name: str) -> dict[str, Any]:
     return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
 
 
+def trainer_settings(stage: StageBase, **defaults: Any) -> dict[str, Any]:
+    """A trainer stage's `train:` block over `defaults` (posttrain's) over trl's own defaults."""
+    return {**trainer_defaults(stage.trainer_config), **defaults, **stage.train}
+
+
 def check_trainer_keys(recipe: Recipe) -> None:
     """Trainer blocks' keys (`train:`) must be fields of their trl config, with values of the field's
     type; `lora:` extras must be fields of peft's LoraConfig."""
@@ -119,9 +126,6 @@ def check_trainer_keys(recipe: Recipe) -> None:
 def _scalar_types(annotation: Any) -> tuple[type, ...]:
     """The scalar types a plainly typed dataclass field takes (`float`, `int | None`, ...);
     empty for anything richer, which trl checks itself."""
-    import types
-    import typing
-
     args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     if all(a in (float, int, bool, type(None)) for a in args):
         return tuple(args)
@@ -153,20 +157,18 @@ def blocks(value: Any, kind: type | tuple[type, ...], path: tuple = ()) -> Itera
             yield from blocks(item, kind, (*path, i))
 
 
-def check_data(recipe: Recipe) -> None:
-    """Local files have the columns the recipe maps; decontamination has something to check
-    against; a curriculum is not undone by the trainer's shuffling."""
-    from posttrain.data_tools.peek import check_file_columns
-
-    specs = list(blocks(recipe.eval, RowOptions, ("eval",)))
+def row_options(recipe: Recipe) -> list[tuple[tuple, RowOptions]]:
+    """Every data block of the recipe (the eval set's first), with its key path."""
+    found = list(blocks(recipe.eval, RowOptions, ("eval",)))
     for i, stage in enumerate(recipe.stages):
-        specs += blocks(stage, RowOptions, ("stages", i))
-    for path, spec in specs:
-        if isinstance(spec, FileData):
-            problem = check_file_columns(spec)
-            if problem:
-                key, message, fix = problem
-                raise recipe.error((*path, key), message, fix)
+        found += blocks(stage, RowOptions, ("stages", i))
+    return found
+
+
+def check_data(recipe: Recipe) -> None:
+    """Decontamination has something to check against; a curriculum is not undone by the
+    trainer's shuffling."""
+    for path, spec in row_options(recipe):
         if spec.decontaminate is not None and not spec.decontaminate.against:
             raise recipe.error(
                 (*path, "decontaminate"),
@@ -195,7 +197,7 @@ def _check_curriculum(recipe: Recipe, index: int, stage: StageBase) -> None:
 
 
 def check_evaluation(recipe: Recipe) -> None:
-    """Gates have an evaluation to read, evaluate stages have data, harness tasks exist."""
+    """Gates have an evaluation to read, evaluate stages have data."""
     for i, stage in enumerate(recipe.stages):
         options = stage if isinstance(stage, EvaluateStage) else recipe.eval
         if isinstance(stage, EvaluateStage) and stage.data is None:
@@ -210,9 +212,3 @@ def check_evaluation(recipe: Recipe) -> None:
             raise recipe.error(
                 ("stages", i, "gate", "min_pass_at_1"), "pass@1 needs k > 1 samples", "set eval k: 4 or more"
             )
-    for path, harness in blocks(recipe, HarnessSpec):
-        from posttrain.harness import check_harness
-
-        problem = check_harness(harness)
-        if problem:
-            raise recipe.error(path, *problem)

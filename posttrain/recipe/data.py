@@ -5,7 +5,8 @@ decontamination, curriculum). `DataSpec` is the data slot; data_tools/ turns it 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import string
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Discriminator, Field, Tag, model_validator
 
@@ -82,6 +83,7 @@ class SyntheticData(RowOptions):
     min_digits: int = Field(1, ge=1, le=12)
     ops: list[Literal["+", "-"]] = ["+", "-"]
     cot: Literal["columns", "none"] = "columns"  # the worked carry/borrow steps, or an empty <think>
+    slot_tag: ClassVar[str] = "synthetic"
 
     @model_validator(mode="after")
     def _digits(self) -> SyntheticData:
@@ -116,8 +118,6 @@ class FileData(RowOptions):
 
 def template_fields(template: str) -> list[str]:
     """The column names a `template:` refers to; a malformed template is a ValueError."""
-    import string
-
     try:
         names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
     except ValueError as e:
@@ -148,6 +148,7 @@ class MixtureData(RowOptions):
     mix: list[MixSource] = Field(min_length=1)
     n: int | None = Field(None, gt=0)  # total rows
     seed: int | None = None  # defaults to the recipe seed
+    slot_tag: ClassVar[str] = "mix"
 
     @model_validator(mode="after")
     def _counts(self) -> MixtureData:

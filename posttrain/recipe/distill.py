@@ -1,12 +1,13 @@
 """The `distill` stage: a teacher writes traces that verifiers filter (rejection sampling)
 and one or more dense students learn from them (SFT) and/or from the teacher's logits
 (on-policy generalised JSD). Students are a path, a tiny preset, or a dense config derived from
-a model (`dense_from`, sized by DENSE_SIZE_KEYS; see posttrain/students.py)."""
+a model (`dense_from`, sized by DENSE_SIZE_KEYS and checked by `check_dense_sizes`; see
+posttrain/students.py)."""
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
@@ -16,10 +17,6 @@ from posttrain.recipe.data import DataSpec
 from posttrain.recipe.stages import GuardSpec, StageBase
 from posttrain.recipe.training import RewardSpec
 
-if TYPE_CHECKING:
-    from posttrain.recipe.schema import Recipe
-
-
 STUDENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")  # a folder name: `<stage>/<student>/model/`
 DENSE_SIZE_KEYS = (
     "num_hidden_layers",
@@ -28,6 +25,25 @@ DENSE_SIZE_KEYS = (
     "num_attention_heads",
     "num_key_value_heads",
 )
+
+
+def check_dense_sizes(sizes: dict[str, int | None]) -> None:
+    """The shape rules of a dense attention block; checked at recipe load and at build time."""
+    hidden, heads, kv_heads = (
+        sizes.get("hidden_size"),
+        sizes.get("num_attention_heads"),
+        sizes.get("num_key_value_heads"),
+    )
+    if hidden and heads and (hidden % heads or (hidden // heads) % 2):
+        raise PosttrainError(
+            f"hidden_size {hidden} must split into {heads} heads of an even size (rotary embeddings)",
+            fix="choose hidden_size a multiple of 2 × num_attention_heads",
+        )
+    if heads and kv_heads and heads % kv_heads:
+        raise PosttrainError(
+            f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}",
+            fix="num_key_value_heads must divide num_attention_heads",
+        )
 
 
 class StudentSpec(Strict):
@@ -62,8 +78,6 @@ class StudentSpec(Strict):
             )
         if self.dense_from is None and self.size_overrides():
             raise ValueError(f"student '{self.name}': size keys only apply with dense_from")
-        from posttrain.students import check_dense_sizes
-
         try:
             check_dense_sizes(self.size_overrides())
         except PosttrainError as e:
@@ -129,6 +143,7 @@ class DistillStage(StageBase):
     train: dict[str, Any] = {}  # keys of trl's SFTConfig (DistillationConfig in mode logits)
     # Keys of trl's DistillationConfig for the on-policy phase that follows SFT in traces+logits.
     logits_train: dict[str, Any] = {}
+    start_field: ClassVar[str | None] = "teacher"
 
     @model_validator(mode="after")
     def _students(self) -> DistillStage:
@@ -136,8 +151,6 @@ class DistillStage(StageBase):
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"two students are named '{name}'; student names must be unique")
-            if name in ("data", "teacher", "checkpoints", "logs"):  # folders of the stage itself
-                raise ValueError(f"student name '{name}' is reserved (a folder of the stage)")
         if self.keep_per_prompt > self.samples_per_prompt:
             raise ValueError(
                 f"keep_per_prompt ({self.keep_per_prompt}) exceeds samples_per_prompt ({self.samples_per_prompt})"
@@ -152,10 +165,8 @@ class DistillStage(StageBase):
             raise ValueError("mode logits samples no traces: verifiers and mix apply to traces modes only")
         return self
 
-    def check(self, recipe: Recipe, path: tuple) -> None:
-        from posttrain.stages.distill import check_stage
-
-        check_stage(self, recipe, path)
+    def saved_models(self) -> list[str]:
+        return [s.name for s in self.students]
 
     def trainer_blocks(self) -> dict[str, str]:
         if self.mode == "logits":

@@ -1,6 +1,7 @@
 """`load_recipe`: read a recipe's YAML, apply `--set` overrides, validate it with pydantic
-(the first error becomes one `file:line: key: message` line) and run every cross-check and each
-stage's own `check`, so a bad recipe fails in a second, before any weights load."""
+(the first error becomes one `file:line: key: message` line) and run the schema's cross-checks,
+so a bad recipe fails in a second, before any weights load. The checks that need code above the
+schema follow in posttrain.loading (`load`, which the CLI calls)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,4 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     check_trainer_keys(recipe)
     check_data(recipe)
     check_evaluation(recipe)
-    for i, stage in enumerate(recipe.stages):
-        stage.check(recipe, ("stages", i))
     return recipe

@@ -6,25 +6,50 @@ trains a Bradley-Terry reward model on those pairs."""
 from __future__ import annotations
 
 import re
+from importlib.resources import files
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
+from posttrain.errors import did_you_mean
 from posttrain.recipe.base import ModelRef, Strict, tagged_union
 from posttrain.recipe.data import DataSpec
 from posttrain.recipe.stages import GuardSpec, StageBase
 from posttrain.recipe.training import LoraSpec, RewardSpec
 
+CONSTITUTIONS = Path(str(files("posttrain.recipes") / "principles"))  # shipped data, no code
 
-def _principles(value: list[str] | str) -> list[str]:
-    from posttrain.judges.prompt import load_principles
 
-    return load_principles(value)
+def constitution_names() -> list[str]:
+    return sorted(p.stem for p in CONSTITUTIONS.glob("*.txt"))
+
+
+def load_principles(value: list[str] | str) -> list[str]:
+    """Principles as a list: given inline, read from a file (one per line, `#` comments), or a
+    shipped constitution by name (`default`, `math`)."""
+    if isinstance(value, list):
+        principles = [p.strip() for p in value if p.strip()]
+    else:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            path = CONSTITUTIONS / f"{value}.txt"
+        if not path.is_file():
+            hint = did_you_mean(value, constitution_names())
+            raise ValueError(
+                f"principles '{value}' is neither a file nor a shipped constitution "
+                f"({', '.join(constitution_names())}){'; ' + hint if hint else ''}"
+            )
+        lines = path.read_text(encoding="utf-8").splitlines()
+        principles = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not principles:
+        raise ValueError("principles must hold at least one principle")
+    return principles
 
 
 # A list of principles, or a file of them (one per line), or the name of a constitution that ships in
 # recipes/principles/ (`default`, `math`). Stored as the list itself, so editing the file re-runs the stage.
-Principles = Annotated[list[str] | str, AfterValidator(_principles)]
+Principles = Annotated[list[str] | str, AfterValidator(load_principles)]
 
 
 def _labels(value: tuple[str, str]) -> tuple[str, str]:
@@ -148,6 +173,7 @@ class RlaifLabelStage(StageBase):
     judge: JudgeSpec
     min_margin: float = Field(0.05, ge=0, lt=0.5)  # drop a pair whose p(A better) is this close to 0.5
     max_disagreement: float = Field(0.5, ge=0, le=1)  # drop a pair whose two orders differ by more
+    start_field: ClassVar[str | None] = "policy"
 
 
 class RewardModelStage(StageBase):

@@ -1,7 +1,7 @@
-"""The root of the schema: STAGE_KINDS maps each `kind:` to its stage class (append a new
-stage kind here), `Stage` is the union they make, and `Recipe` ties a base model, the stages
-and the recipe-level `eval:` block together, with the source map that gives its errors a
-file and line."""
+"""The root of the schema: STAGE_REGISTRY maps each `kind:` to its schema class and to the module
+in posttrain/stages/ that runs it (append a new stage kind here: one line), `Stage` is the union
+the classes make, and `Recipe` ties a base model, the stages and the recipe-level `eval:` block
+together, with the source map that gives its errors a file and line."""
 
 from __future__ import annotations
 
@@ -18,14 +18,17 @@ from posttrain.recipe.rlaif import RewardModelStage, RlaifLabelStage
 from posttrain.recipe.source import SourceMap
 from posttrain.recipe.stages import EvaluateStage, GRPOStage, SFTStage, StageBase
 
-STAGE_KINDS: dict[str, type[StageBase]] = {
-    "sft": SFTStage,
-    "grpo": GRPOStage,
-    "evaluate": EvaluateStage,
-    "rlaif_label": RlaifLabelStage,
-    "reward_model": RewardModelStage,
-    "distill": DistillStage,
+# kind -> (schema class, the module that runs it). The module is named, not imported: the schema
+# stays importable on its own, and posttrain.stages imports a kind's module when it is needed.
+STAGE_REGISTRY: dict[str, tuple[type[StageBase], str]] = {
+    "sft": (SFTStage, "posttrain.stages.sft"),
+    "grpo": (GRPOStage, "posttrain.stages.grpo"),
+    "evaluate": (EvaluateStage, "posttrain.stages.evaluate"),
+    "rlaif_label": (RlaifLabelStage, "posttrain.stages.rlaif"),
+    "reward_model": (RewardModelStage, "posttrain.stages.reward_model"),
+    "distill": (DistillStage, "posttrain.stages.distill"),
 }
+STAGE_KINDS: dict[str, type[StageBase]] = {kind: schema for kind, (schema, _) in STAGE_REGISTRY.items()}
 
 
 Stage = tagged_union("kind", STAGE_KINDS, "stage")

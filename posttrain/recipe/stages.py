@@ -1,12 +1,13 @@
-"""What every stage is (`StageBase`: name, kind, gate, its trl config and the `check` hook
-that runs before any weights load), the guard against NaN losses and dead reward signal, and
-the stage kinds built from the shared blocks alone: `sft`, `evaluate` and `grpo`. Distillation and
-RLAIF stages live in distill.py and rlaif.py; STAGE_KINDS (schema.py) lists them all."""
+"""What every stage is (`StageBase`: name, kind, gate, its trl config, the model it starts from,
+the models it saves), the guard against NaN losses and dead reward signal, and the stage kinds
+built from the shared blocks alone: `sft`, `evaluate` and `grpo`. Distillation and RLAIF stages
+live in distill.py and rlaif.py; STAGE_REGISTRY (schema.py) lists them all, each with its module
+in posttrain/stages/ (which holds the kind's recipe-time checks that need more than the schema)."""
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -14,10 +15,6 @@ from posttrain.recipe.base import ModelRef, Strict
 from posttrain.recipe.data import DataSpec
 from posttrain.recipe.evaluation import EvalOptions, GateSpec
 from posttrain.recipe.training import LoraSpec, MoESpec, RewardSpec
-
-if TYPE_CHECKING:
-    from posttrain.recipe.schema import Recipe
-
 
 STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
@@ -38,6 +35,8 @@ class StageBase(Strict):
     trainer_config: ClassVar[str | None] = None
     # Whether `<stage>/model/` is a generative model the recipe's `eval:` can run (a reward model is not).
     generative: ClassVar[bool] = True
+    # The field that holds the model this stage starts from (None: none; unset: the base model).
+    start_field: ClassVar[str | None] = "model"
 
     @model_validator(mode="after")
     def _name(self) -> StageBase:
@@ -51,9 +50,15 @@ class StageBase(Strict):
         """Each block of trl config keys in this stage and the config class it feeds."""
         return {"train": self.trainer_config} if self.trainer_config else {}
 
-    def check(self, recipe: Recipe, path: tuple) -> None:
-        """Checks that need the whole recipe (other stages, the base model), run before any
-        weights load; raise `recipe.error(path + (key,), ...)`. Nothing by default."""
+    def starting_model(self) -> Any:
+        """The model slot this stage's model comes from (its `model`, a distill `teacher`, a
+        labelling `policy`); None is the base model."""
+        return getattr(self, self.start_field) if self.start_field else None
+
+    def saved_models(self) -> list[str]:
+        """Where under its folder the stage saves models: "" is its own model folder (every trainer
+        stage); a distill stage saves one per student, under the student's name."""
+        return [""] if self.trainer_config else []
 
 
 class SFTStage(StageBase):
@@ -70,11 +75,6 @@ class SFTStage(StageBase):
     guard: GuardSpec = GuardSpec()  # NaN/inf loss: stop (default) or warn
     train: dict[str, Any] = {}  # keys of trl's SFTConfig
     trainer_config: ClassVar[str | None] = "SFTConfig"
-
-    def check(self, recipe: Recipe, path: tuple) -> None:
-        from posttrain.architecture import check_moe
-
-        check_moe(self, recipe, path)
 
 
 class EvaluateStage(EvalOptions, StageBase):
@@ -114,15 +114,8 @@ class GRPOStage(StageBase):
     def _rewards(self) -> GRPOStage:
         if "reward_weights" in self.train:
             raise ValueError("set `weight:` on each reward instead of train.reward_weights")
-        from posttrain.rewards import reward_label
-
-        labels = [reward_label(r) for r in self.rewards]
+        labels = [r.display_name for r in self.rewards]
         twice = sorted({label for label in labels if labels.count(label) > 1})
         if twice:
             raise ValueError(f"two rewards are called '{twice[0]}'; give one a `label:`")
         return self
-
-    def check(self, recipe: Recipe, path: tuple) -> None:
-        from posttrain.stages.grpo import check_stage
-
-        check_stage(self, recipe, path)

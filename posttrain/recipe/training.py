@@ -1,7 +1,8 @@
 """What training stages add on top of a model and data: LoRA adapters (`LoraSpec`, checked
 against peft's LoraConfig), how a Mixture-of-Experts model trains (`MoESpec`: routers, aux
 loss, bias balancing), and rewards (`RewardSpec`, shared by GRPO, distillation verifiers and
-the reward judge), whose options are checked against the reward's factory at load time."""
+the reward judge), whose options are checked against the reward's factory when the recipe loads
+(posttrain.loading, above the schema: the reward registry is code, not schema)."""
 
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ class MoESpec(Strict):
 class RewardSpec(Strict):
     """One reward: `{name: accuracy, weight: 1.0, <its options>}`. `name` is a registered reward
     (`posttrain rewards list`) or `package.module:function`; every other key is an option of that
-    reward, checked against its factory's signature when the recipe loads (posttrain.rewards)."""
+    reward, checked against its factory's signature when the recipe loads (posttrain.loading)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -100,13 +101,12 @@ class RewardSpec(Strict):
     model: ModelRef | None = None  # for rewards that score with a model: a stage name or a path
     label: str | None = None  # its name in metrics and samples.jsonl (default: the reward's name)
 
-    @model_validator(mode="after")
-    def _options_bind(self) -> RewardSpec:
-        from posttrain.rewards import check_spec
-
-        check_spec(self.name, self.options, self.model is not None)
-        return self
-
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @property
+    def display_name(self) -> str:
+        """The name the reward goes by in metrics and samples: `label`, else its name (an import
+        path's function name)."""
+        return self.label or self.name.rpartition(":")[2]

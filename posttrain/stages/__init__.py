@@ -1,23 +1,49 @@
-"""One module per stage kind, each with one entry function `run(stage, ctx) -> metrics`.
+"""One module per stage kind; `recipe.STAGE_REGISTRY` maps each kind to its schema class and module.
 
-Modules are imported only when their stage runs, so `posttrain --help` stays instant.
+Every module exposes the same names, and nothing outside it branches on the kind:
+
+    run(stage, ctx) -> Metrics              the stage itself (heavy imports inside)
+    Metrics                                 a TypedDict: what `run` returns and metrics.json holds
+                                            (from the pieces in posttrain.metrics)
+    check(stage, recipe, path) -> None      recipe-time checks that need code above the schema
+                                            (posttrain.loading runs them); None: nothing to check
+    slot(stage) -> Slot | None              what preflight loads and checks (posttrain.preflight)
+    workload(stage, recipe, shapes) -> Workload | str
+                                            what a GPU holds while it trains (posttrain.memory);
+                                            None: not estimated (the memory plan says so)
+    headline(name, metrics, start) -> list[str]
+                                            the report's sentence on whether the stage did its job
+                                            (posttrain.report); None: the table says it all
+
+Modules are imported when first needed, so `posttrain --help` stays instant.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
-RUNNERS = {
-    "sft": "posttrain.stages.sft",
-    "evaluate": "posttrain.stages.evaluate",
-    "grpo": "posttrain.stages.grpo",
-    "rlaif_label": "posttrain.stages.rlaif",
-    "reward_model": "posttrain.stages.reward_model",
-    "distill": "posttrain.stages.distill",
-}
+from posttrain.recipe import STAGE_REGISTRY, StageBase
 
 
-def get_runner(kind: str) -> Callable[..., dict[str, Any]]:
-    return importlib.import_module(RUNNERS[kind]).run
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """What a stage reads and generates: preflight's checks need nothing else of it."""
+
+    model: Any  # whose tokenizer and positions apply (a stage name, a model spec, None = base)
+    data: Any
+    columns: tuple[str, ...] | None  # the columns it needs; None: `row_format` checks the rows
+    new_tokens: int | None = None  # generated after each prompt (None: a training row, whole)
+    max_length: int | None = None  # the trainer truncates rows to this
+    rewards: tuple[Any, ...] = ()  # rewards (or verifiers) to run on a few rows
+    reward_kind: str = "reward"
+    row_format: Callable[[Any], Any] | None = None  # rows in one of several formats (SFT's), or raises
+
+
+def stage_module(stage: StageBase | str) -> ModuleType:
+    """The module of a stage (or of a kind, by name)."""
+    kind = stage if isinstance(stage, str) else stage.kind
+    return importlib.import_module(STAGE_REGISTRY[kind][1])

@@ -30,18 +30,24 @@ tokens/s, and the trace pass rate.
       train: {num_train_epochs: 2}     # trl SFTConfig keys (DistillationConfig in mode logits)
 """
 
-from __future__ import annotations
-
 import dataclasses
 import shutil
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from posttrain import artifacts
+from posttrain.context import StageContext
 from posttrain.data_tools import require_columns
+from posttrain.data_tools.mixture import concatenate
+from posttrain.data_tools.peek import peek_columns
 from posttrain.errors import PosttrainError
+from posttrain.evaluation import evaluate_model
+from posttrain.metrics import EvalMetrics, Evaluated, NotRequired, Timed, TrainMetrics, TypedDict
 from posttrain.models import load_causal_lm, load_tokenizer
-from posttrain.recipe import DistillStage, MixSpec, PathModel, StudentSpec
+from posttrain.recipe import DistillStage, MixSpec, PathModel, Recipe, StudentSpec
+from posttrain.rewards import build_reward, reward_columns, reward_label
+from posttrain.stages import Slot
 from posttrain.students import parameter_counts, student_source, tokenizer_mismatch
+from posttrain.traces import Verifier, kept_rows, sample_traces, trace_stats
 from posttrain.training import (
     callbacks,
     release,
@@ -51,13 +57,52 @@ from posttrain.training import (
     trainer_args,
 )
 
-if TYPE_CHECKING:
-    from posttrain.recipe import Recipe
-    from posttrain.runner import StageContext
-    from posttrain.traces import Verifier
+# Folders of the stage itself, so no student may take their name (each student has <stage>/<name>/).
+RESERVED = (artifacts.DATA, artifacts.TEACHER, artifacts.CHECKPOINTS, artifacts.LOGS)
 
 
-def run(stage: DistillStage, ctx: StageContext) -> dict[str, Any]:
+class Description(TypedDict):
+    """One model's size, and (with the recipe's `eval:`) its held-out accuracy and speed."""
+
+    model: str
+    parameters: int
+    active_parameters: NotRequired[int]  # an MoE teacher's parameters per token
+    accuracy: NotRequired[float]
+    tokens_per_s: NotRequired[float]
+    eval: NotRequired[EvalMetrics]
+
+
+class Student(Description):
+    init: str  # where its weights started
+    train: dict[str, TrainMetrics]  # per phase: sft, logits
+    parameters_vs_teacher: float
+    accuracy_vs_teacher: NotRequired[float | None]  # None where the teacher scores 0
+    speedup_vs_teacher: NotRequired[float | None]
+    trace_pass_rate: NotRequired[float]
+
+
+class TraceStats(TypedDict):
+    prompts: int
+    samples: int
+    pass_rate: float  # samples that passed every verifier
+    prompts_with_pass: float
+    kept: int
+    verifier_means: dict[str, float]
+    sampling_tokens_per_s: float | None
+    verifier_stats: dict[str, dict[str, float]]
+    mix_rows: NotRequired[int]
+    train_rows: int
+
+
+class Metrics(Timed):
+    mode: str
+    teacher: Description
+    traces: NotRequired[TraceStats]  # traces modes
+    rows: int  # what the students train on
+    students: dict[str, Student]
+
+
+def run(stage: DistillStage, ctx: StageContext) -> Metrics:
     from transformers import set_seed
 
     set_seed(ctx.seed)
@@ -68,7 +113,7 @@ def run(stage: DistillStage, ctx: StageContext) -> dict[str, Any]:
     sources = {spec.name: student_source(spec, ctx) for spec in stage.students}
     if stage.mode != "traces":
         check_tokenizers(teacher, sources)
-    metrics: dict[str, Any] = {"mode": stage.mode, "teacher": describe(teacher, _sub(ctx, "teacher"))}
+    metrics: Any = {"mode": stage.mode, "teacher": describe(teacher, _sub(ctx, artifacts.TEACHER))}
     traces = None
     if stage.mode != "logits":
         traces, metrics["traces"] = make_traces(stage, ctx, teacher, rows, verifiers)
@@ -81,12 +126,13 @@ def run(stage: DistillStage, ctx: StageContext) -> dict[str, Any]:
     return compare(metrics)
 
 
-def check_stage(stage: DistillStage, recipe: Recipe, path: tuple) -> None:
-    """Recipe-time checks (data peeked, no weights): the prompts carry the columns the verifiers
-    read, and `mix:` data is SFT data. Unknown columns are checked again when the stage starts."""
-    from posttrain.data_tools.peek import peek_columns
-    from posttrain.rewards import reward_columns
-
+def check(stage: DistillStage, recipe: Recipe, path: tuple) -> None:
+    """Recipe-time checks (data peeked, no weights): no student takes the name of one of the
+    stage's own folders, the prompts carry the columns the verifiers read, and `mix:` data is SFT
+    data. Unknown columns are checked again when the stage starts."""
+    for student in stage.students:
+        if student.name in RESERVED:
+            raise recipe.error(path, f"student name '{student.name}' is reserved (a folder of the stage)")
     columns = peek_columns(stage.data)
     needed = ["prompt", *(c for spec in stage.verifiers for c in reward_columns(spec))]
     missing = [c for c in needed if columns is not None and c not in columns]
@@ -103,6 +149,33 @@ def check_stage(stage: DistillStage, recipe: Recipe, path: tuple) -> None:
             f"mix data needs 'messages' or 'prompt' + 'completion' (it has: {', '.join(mixed)})",
             "map them with `columns:`",
         )
+
+
+def slot(stage: DistillStage) -> Slot:
+    """Preflight: prompts for the teacher, which writes max_new_tokens each; verifiers run on a few rows."""
+    return Slot(
+        stage.teacher,
+        stage.data,
+        ("prompt",),
+        stage.generation.max_new_tokens,
+        rewards=tuple(stage.verifiers),
+        reward_kind="verifier",
+    )
+
+
+workload = None  # not estimated yet (students and a frozen teacher): the memory plan says "no trainer"
+
+
+def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:
+    """Did each student keep up with the teacher, for its share of the teacher's size?"""
+    teacher = metrics.get("teacher") or {}
+    lines = []
+    for student, m in (metrics.get("students") or {}).items():
+        if m.get("accuracy_vs_teacher") is not None and m.get("parameters_vs_teacher") is not None:
+            lines.append(f"- **{name}/{student}** keeps {m['accuracy_vs_teacher']:.0%} of the teacher's accuracy "
+                         f"({m['accuracy']:.3f} vs {teacher.get('accuracy', 0):.3f}) with "
+                         f"{m['parameters_vs_teacher']:.0%} of its parameters")  # fmt: skip
+    return lines
 
 
 def _sub(ctx: StageContext, *parts: str) -> StageContext:
@@ -126,14 +199,11 @@ def check_tokenizers(teacher: PathModel, sources: dict[str, PathModel]) -> None:
 
 def make_traces(
     stage: DistillStage, ctx: StageContext, teacher: PathModel, rows: Any, verifiers: list[Verifier]
-) -> tuple[Any, dict]:
+) -> tuple[Any, TraceStats]:
     """Sample and verify teacher traces (resumably), write `data/traces.jsonl`, add the `mix:` rows."""
     from datasets import Dataset
 
-    from posttrain.data_tools.mixture import concatenate
-    from posttrain.traces import kept_rows, sample_traces, trace_stats
-
-    samples, traces = ctx.out_dir / "samples.jsonl", ctx.out_dir / "data" / "traces.jsonl"
+    samples, traces = ctx.out_dir / artifacts.SAMPLES, ctx.out_dir / artifacts.TRACES
     speed: dict[str, Any] = {}
     if ctx.is_main:
         speed = sample_traces(
@@ -168,9 +238,6 @@ def make_traces(
 def build_verifiers(stage: DistillStage, ctx: StageContext, rows: Any) -> list[Verifier]:
     """The stage's `verifiers:` as rewards from the registry (posttrain.rewards), each with the
     score a trace needs from it; the prompts must carry the columns they read (e.g. `answer`)."""
-    from posttrain.rewards import build_reward, reward_columns, reward_label
-    from posttrain.traces import Verifier
-
     verifiers = []
     for spec in stage.verifiers:
         require_columns(rows, reward_columns(spec), f"verifier '{spec.name}'", f"stages.{stage.name}.data")
@@ -209,7 +276,7 @@ def distill_student(
     traces: Any,
     prompts: Any,
     ctx: StageContext,
-) -> dict[str, Any]:
+) -> Student:
     """Train one student through the mode's phases into `<stage>/<student>/model/`, then measure it.
 
     A phase that finished before an interruption is not run again (its metrics file is its marker);
@@ -222,7 +289,7 @@ def distill_student(
     trained: dict[str, Any] = {}
     for i, phase in enumerate(phases):
         pctx = sctx if i == len(phases) - 1 else _sub(sctx, phase)
-        marker = pctx.out_dir / f"train_{phase}.json"
+        marker = pctx.out_dir / artifacts.PHASE_MARKER.format(phase=phase)
         if artifacts.read_json(marker) is None:
             if phase == "sft":
                 result = sft_student(source, traces, stage, pctx)
@@ -230,9 +297,9 @@ def distill_student(
                 train = stage.logits_train if stage.mode == "traces+logits" else stage.train
                 result = on_policy_student(source, teacher, prompts, train, stage, pctx)
             artifacts.write_json(marker, result)
-            shutil.rmtree(pctx.out_dir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(pctx.out_dir / artifacts.CHECKPOINTS, ignore_errors=True)
         trained[phase] = artifacts.read_json(marker)
-        source = PathModel(path=str(pctx.out_dir / "model"))
+        source = PathModel(path=str(pctx.out_dir / artifacts.MODEL))
     metrics = {"init": _init_of(spec), **describe(source, sctx), "train": trained}
     artifacts.write_json(sctx.out_dir / artifacts.METRICS, metrics)
     for phase in phases[:-1]:  # an earlier phase's model was only a resume point
@@ -253,7 +320,9 @@ def sft_student(source: PathModel, traces: Any, stage: DistillStage, ctx: StageC
         processing_class=tokenizer,
         callbacks=callbacks(ctx, stage.guard),
     )
-    return fit(trainer, tokenizer, ctx, model)
+    held = [trainer, model]
+    del trainer, model  # `held` keeps the last references: fit() releases them
+    return fit(held, tokenizer, ctx)
 
 
 def on_policy_student(
@@ -283,15 +352,20 @@ def on_policy_student(
         processing_class=tokenizer,
         callbacks=callbacks(ctx, stage.guard),
     )
-    return fit(trainer, tokenizer, ctx, model, teacher_model)
+    held = [trainer, model, teacher_model]
+    del trainer, model, teacher_model  # `held` keeps the last references: fit() releases them
+    return fit(held, tokenizer, ctx)
 
 
-def fit(trainer: Any, tokenizer: Any, ctx: StageContext, *models: Any) -> dict[str, Any]:
-    """Train (from the last checkpoint of an interrupted run), save `model/` atomically, free it all."""
+def fit(held: list[Any], tokenizer: Any, ctx: StageContext) -> dict[str, Any]:
+    """Train `held[0]` (from the last checkpoint of an interrupted run), save `model/` atomically,
+    and free the trainer and the models `held` holds the last references to."""
+    trainer = held[0]
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     save_final_model(trainer, tokenizer, ctx, None)
     metrics = train_metrics(trainer)
-    release(trainer, *models)
+    del trainer
+    release(held)
     return metrics
 
 
@@ -306,26 +380,24 @@ def _init_of(spec: StudentSpec) -> str:
 # --------------------------------------------------------------------------- metrics
 
 
-def describe(source: PathModel, ctx: StageContext) -> dict[str, Any]:
+def describe(source: PathModel, ctx: StageContext) -> Description:
     """Parameters, held-out accuracy and greedy generation tokens/s of one model (cached in its folder)."""
-    from posttrain.evaluation import evaluate_model
-
-    saved = artifacts.read_json(ctx.out_dir / "description.json")
+    saved = artifacts.read_json(ctx.out_dir / artifacts.DESCRIPTION)
     if saved is not None:
         return saved
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     counts = parameter_counts(source)
-    about: dict[str, Any] = {"model": source.path, "parameters": counts["total"]}
+    about: Description = {"model": source.path, "parameters": counts["total"]}
     if "active" in counts:
         about["active_parameters"] = counts["active"]
     if ctx.eval is not None:
         result = evaluate_model(source, ctx.eval, ctx)
         about.update(accuracy=result["accuracy"], tokens_per_s=result["tokens_per_s"], eval=result)
-    artifacts.write_json(ctx.out_dir / "description.json", about)
+    artifacts.write_json(ctx.out_dir / artifacts.DESCRIPTION, about)
     return about
 
 
-def compare(metrics: dict[str, Any]) -> dict[str, Any]:
+def compare(metrics: Metrics) -> Metrics:
     """Each student's accuracy, size and speed as fractions of the teacher's, and the trace pass rate."""
     teacher = metrics["teacher"]
     pass_rate = (metrics.get("traces") or {}).get("pass_rate")

@@ -13,19 +13,30 @@ stage's model with other settings (more samples, another data set). It writes me
       gate: {min_pass_at_1: 0.5}
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
+from posttrain.context import StageContext
 from posttrain.distributed import on_main
 from posttrain.evaluation import evaluate_whole
+from posttrain.metrics import EvalMetrics, Timed
 from posttrain.recipe import EvalOptions, EvalSpec, EvaluateStage
-
-if TYPE_CHECKING:
-    from posttrain.runner import StageContext
+from posttrain.stages import Slot
 
 
-def run(stage: EvaluateStage, ctx: StageContext) -> dict[str, Any]:
+class Metrics(Timed):
+    eval: EvalMetrics
+    model: str  # the path evaluated
+
+
+def run(stage: EvaluateStage, ctx: StageContext) -> Metrics:
     spec = EvalSpec(data=stage.data, **{field: getattr(stage, field) for field in EvalOptions.model_fields})
     source = ctx.model(stage.model)
     return {"eval": on_main(evaluate_whole, source, spec, ctx), "model": source.path}  # rank 0 alone
+
+
+check = None  # the schema's evaluation checks cover it (data, gates, harness tasks)
+workload = None  # trains nothing
+headline = None  # the report's table row is its result
+
+
+def slot(stage: EvaluateStage) -> Slot:
+    """Preflight: prompts with reference answers, each followed by max_new_tokens new tokens."""
+    return Slot(stage.model, stage.data, ("prompt", "answer"), stage.max_new_tokens)

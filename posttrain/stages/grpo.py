@@ -14,17 +14,23 @@ the clipped-completion ratio and KL (when beta > 0) go to metrics.json and Tenso
       train: {num_generations: 8, learning_rate: 5.0e-5, beta: 0.0, max_completion_length: 48}
 """
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from posttrain import artifacts
-from posttrain.architecture import check_moe, model_source
+from posttrain.architecture import check_moe, config_positions, model_max_positions
+from posttrain.context import StageContext
+from posttrain.data_tools.peek import peek_columns
 from posttrain.errors import PosttrainError
+from posttrain.generation import render_prompts
+from posttrain.lora_targets import literal_targets
+from posttrain.memory import Workload, trainer_workload
+from posttrain.metrics import Evaluated, MoESummary, ParameterCounts, TrainMetrics, TypedDict
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
-from posttrain.recipe import GRPOStage, PathModel, PresetModel, Recipe, trainer_defaults
+from posttrain.recipe import GRPOStage, PathModel, Recipe, trainer_settings
+from posttrain.rewards import build_reward, reward_columns, reward_label
+from posttrain.stages import Slot
 from posttrain.training import (
     callbacks,
     lora_config,
@@ -35,9 +41,7 @@ from posttrain.training import (
     trainer_args,
 )
 
-if TYPE_CHECKING:
-    from posttrain.runner import StageContext
-
+TRL_COMPLETIONS = "completions"  # trl's folder (under checkpoints/) for each logged step's completions
 # What posttrain sets unless the recipe does: log often enough to see RL move, and let trl
 # write each logged step's completions (read back into samples.jsonl) without printing them.
 GRPO_DEFAULTS = {"logging_steps": 5, "log_completions": True, "num_completions_to_print": 0}
@@ -45,14 +49,26 @@ RL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/clipp
               "completions/mean_length", "kl", "entropy")  # fmt: skip
 
 
-def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
+class FirstLast(TypedDict):
+    first: float  # mean of the first (up to) 3 logged values
+    last: float  # and of the last 3
+
+
+class Metrics(Evaluated, MoESummary):
+    train: TrainMetrics
+    rl: dict[str, FirstLast]  # RL_METRICS and rewards/<label>/mean|std, as trl logs them
+    rewards: dict[str, dict[str, float]]  # per reward: samples, none, errors, timeouts, samples_per_s
+    parameters: ParameterCounts
+    rows: int  # prompts
+    samples_logged: int  # rows of samples.jsonl
+
+
+def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
     from transformers import set_seed
     from trl import GRPOTrainer
 
-    from posttrain import moe
-    from posttrain.lora_targets import literal_targets
-    from posttrain.rewards import build_reward, reward_label
-    from posttrain.samples import SamplesLog
+    from posttrain import moe  # loads transformers (its callbacks subclass TrainerCallback)
+    from posttrain.samples import SamplesLog  # loads transformers (a TrainerCallback)
 
     set_seed(ctx.seed)
     dataset = with_system_prompt(grpo_columns(ctx.data(stage.data), stage), stage.system_prompt)
@@ -68,7 +84,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
     )
     check_lengths(dataset, tokenizer, source, args.max_completion_length, ctx.stage)
     rewards = [build_reward(spec, ctx) for spec in stage.rewards]
-    samples = SamplesLog(ctx.out_dir / "samples.jsonl", Path(args.output_dir) / "completions")
+    samples = SamplesLog(ctx.out_dir / artifacts.SAMPLES, Path(args.output_dir) / TRL_COMPLETIONS)
     model = load_causal_lm(source)
     experts = moe.prepare(model, stage.moe, lora=stage.lora, default_router="freeze")
     with literal_targets(stage.lora is not None and stage.lora.targets is not None):
@@ -86,7 +102,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
         samples.collect()
     save_final_model(trainer, tokenizer, ctx, stage.lora)
     labels = [reward_label(spec) for spec in stage.rewards]
-    metrics = {
+    metrics: Metrics = {
         "train": train_metrics(trainer),
         "rl": rl_metrics(trainer.state.log_history, labels),
         "rewards": {reward.name: reward.stats.as_dict() for reward in rewards},
@@ -95,7 +111,9 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, Any]:
         "samples_logged": samples.rows,
         **experts.summary(ctx.out_dir if ctx.is_main else None),
     }
-    release(trainer, model)
+    held = [trainer, model]
+    del trainer, model  # `held` keeps the last references: release() drops them
+    release(held)
     return metrics
 
 
@@ -104,7 +122,7 @@ def grpo_columns(dataset: Any, stage: GRPOStage) -> Any:
     problem = missing_column(stage, dataset.column_names)
     if problem:
         raise PosttrainError(problem, key=f"stages.{stage.name}.data", fix=_column_fix(problem))
-    return dataset.select_columns(["prompt", *reward_columns(stage)])
+    return dataset.select_columns(["prompt", *reward_data_columns(stage)])
 
 
 def with_system_prompt(dataset: Any, system_prompt: str | None) -> Any:
@@ -122,19 +140,15 @@ def with_system_prompt(dataset: Any, system_prompt: str | None) -> Any:
     return dataset.map(conversation)
 
 
-def reward_columns(stage: GRPOStage) -> list[str]:
-    from posttrain.rewards import reward_columns as columns_of
-
-    return list(dict.fromkeys(c for spec in stage.rewards for c in columns_of(spec)))
+def reward_data_columns(stage: GRPOStage) -> list[str]:
+    """The dataset columns the stage's rewards read, each once."""
+    return list(dict.fromkeys(c for spec in stage.rewards for c in reward_columns(spec)))
 
 
 def missing_column(stage: GRPOStage, columns: list[str]) -> str | None:
     """'<who> needs column <c>, but the data has: ...' for the first missing column, else None."""
-    from posttrain.rewards import reward_columns as columns_of
-    from posttrain.rewards import reward_label
-
     needs = [("GRPO", "prompt")] + [
-        (f"reward '{reward_label(r)}'", c) for r in stage.rewards for c in columns_of(r)
+        (f"reward '{reward_label(r)}'", c) for r in stage.rewards for c in reward_columns(r)
     ]
     for who, column in needs:
         if column not in columns:
@@ -150,9 +164,9 @@ def _column_fix(problem: str) -> str:
 # --------------------------------------------------------------------------- checks
 
 
-def check_stage(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
-    """Recipe-time checks (no weights, no data loading beyond a peek): batch, columns, lengths."""
-    train = {**trainer_defaults("GRPOConfig"), **GRPO_DEFAULTS, **stage.train}
+def check(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
+    """Recipe-time checks (no weights, no data loading beyond a peek): batch, columns, MoE, lengths."""
+    train = trainer_settings(stage, **GRPO_DEFAULTS)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     generation_batch = train["generation_batch_size"] or (
         train["per_device_train_batch_size"]
@@ -168,7 +182,7 @@ def check_stage(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
             "make per_device_train_batch_size (or gradient_accumulation_steps) a multiple of num_generations",
         )
     _check_columns(stage, recipe, path)
-    check_moe(stage, recipe, path)
+    check_moe(stage.moe, stage.model, recipe, path)
     max_positions = model_max_positions(recipe, stage.model)
     completion = train["max_completion_length"]
     if max_positions is not None and completion is not None and completion >= max_positions:
@@ -181,42 +195,19 @@ def check_stage(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
 
 
 def _check_columns(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
-    from posttrain.data_tools.peek import peek_columns
-
     columns = peek_columns(stage.data)
     problem = missing_column(stage, columns) if columns is not None else None
     if problem:  # unknown columns are checked again at stage start, before the model loads
         raise recipe.error((*path, "data"), problem, _column_fix(problem))
 
 
-def model_max_positions(recipe: Recipe, ref: Any) -> int | None:
-    """The policy's max_position_embeddings from its config alone (preset file, local config.json,
-    or by following a stage's own `model:`); None when it cannot be known without the hub."""
-    source = model_source(recipe, ref)
-    if isinstance(source, PresetModel):
-        from posttrain.models import preset_config
-
-        return preset_config(source.preset).get("max_position_embeddings")
-    path = Path(source.path).expanduser() / "config.json"
-    return _config_positions(path) if path.exists() else None
-
-
-def _config_positions(path: Path) -> int | None:
-    config = artifacts.read_json(path) or {}
-    return config.get("max_position_embeddings") or config.get("text_config", {}).get(
-        "max_position_embeddings"
-    )
-
-
 def check_lengths(
     dataset: Any, tokenizer: Any, source: PathModel, max_completion: int | None, stage: str
 ) -> None:
     """The longest prompt plus max_completion_length must fit the model's positions."""
-    positions = _config_positions(Path(source.path) / "config.json")
+    positions = config_positions(Path(source.path) / artifacts.MODEL_CONFIG)
     if positions is None or max_completion is None:
         return
-    from posttrain.generation import render_prompts
-
     sample = dataset.select(range(min(len(dataset), 2000)))
     longest = max((len(tokenizer(p, add_special_tokens=False)["input_ids"])
                    for p in render_prompts(tokenizer, list(sample["prompt"]))), default=0)  # fmt: skip
@@ -227,6 +218,38 @@ def check_lengths(
             key=f"stages.{stage}.train.max_completion_length",
             fix="lower max_completion_length or shorten the prompts",
         )
+
+
+# --------------------------------------------------------------------------- preflight, memory, report
+
+
+def slot(stage: GRPOStage) -> Slot:
+    """Preflight: prompts with the rewards' columns, each followed by max_completion_length new
+    tokens; the rewards run on a few rows."""
+    columns = ("prompt", *reward_data_columns(stage))
+    new_tokens = trainer_settings(stage).get("max_completion_length")
+    return Slot(stage.model, stage.data, columns, new_tokens, rewards=tuple(stage.rewards))
+
+
+def workload(stage: GRPOStage, recipe: Recipe, shapes: dict) -> Workload | str:
+    return trainer_workload(recipe, shapes, stage.model, trainer_settings(stage), stage.lora, stage.moe)
+
+
+def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:
+    """Did RL beat the model it started from, on held-out accuracy (and sampled pass@1)?"""
+    before = (start[1].get("eval") or {}) if start else {}
+    after = metrics.get("eval") or {}
+    if start is None or before.get("accuracy") is None or after.get("accuracy") is None:
+        return []
+    sampled = (before.get("pass_at_1"), after.get("pass_at_1"))
+    pass_at_1 = (
+        f"; pass@1 {sampled[0]:.3f} → {sampled[1]:.3f} ({(sampled[1] - sampled[0]) * 100:+.1f})"
+        if None not in sampled
+        else ""
+    )
+    gain = (after["accuracy"] - before["accuracy"]) * 100
+    return [f"- **{name}** lifted held-out accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f} "
+            f"({gain:+.1f} points over {start[0]}{pass_at_1})"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- logging

@@ -17,20 +17,23 @@ and the other wrong. `<stage>/model/` is a standard transformers model: load it 
       train: {num_train_epochs: 2}         # any trl RewardConfig key
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from posttrain.context import StageContext
 from posttrain.data_tools import extract_answer, require_columns
 from posttrain.errors import PosttrainError
 from posttrain.lora_targets import literal_targets
+from posttrain.memory import Workload, trainer_workload
+from posttrain.metrics import Evaluated, NotRequired, ParameterCounts, TrainMetrics, TypedDict
 from posttrain.models import count_parameters, cpu_threads, load_tokenizer, torch_dtype
-from posttrain.recipe import PathModel, RewardModelStage
+from posttrain.recipe import PathModel, Recipe, RewardModelStage, trainer_settings
+from posttrain.rewards.reward_model import reward_model
 from posttrain.rewards.text import completion_text
+from posttrain.stages import Slot
 from posttrain.training import (
     callbacks,
     lora_config,
@@ -41,14 +44,36 @@ from posttrain.training import (
     trainer_args,
 )
 
-if TYPE_CHECKING:
-    from posttrain.runner import StageContext
-
 MAX_LABEL_P = 0.95  # soft labels above this give the same margin (logit(0.95) = 2.94)
 BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def run(stage: RewardModelStage, ctx: StageContext) -> dict[str, Any]:
+class Pairs(TypedDict):
+    train: int
+    held_out: int
+
+
+class Agreement(TypedDict):
+    n: int  # pairs with exactly one right answer
+    accuracy: float | None
+
+
+class HeldOut(TypedDict):
+    n: int
+    accuracy: float  # the chosen answer scored above the rejected one
+    mean_margin: float
+    calibration: dict[str, Any]  # accuracy by confidence bucket, and the ECE
+    right_vs_wrong: NotRequired[Agreement]  # when the rows carry a reference `answer`
+
+
+class Metrics(Evaluated):
+    train: TrainMetrics
+    parameters: ParameterCounts
+    pairs: Pairs
+    held_out: NotRequired[HeldOut]  # when eval_fraction holds some prompts out
+
+
+def run(stage: RewardModelStage, ctx: StageContext) -> Metrics:
     from transformers import set_seed
     from trl import RewardTrainer
 
@@ -77,15 +102,41 @@ def run(stage: RewardModelStage, ctx: StageContext) -> dict[str, Any]:
         )
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     saved = save_final_model(trainer, tokenizer, ctx, stage.lora)
-    metrics = {
+    metrics: Metrics = {
         "train": train_metrics(trainer),
         "parameters": count_parameters(trainer.model),
         "pairs": {"train": len(train_rows), "held_out": len(held_out)},
     }
-    release(trainer, model)
+    held = [trainer, model]
+    del trainer, model  # `held` keeps the last references: release() drops them
+    release(held)
     if len(held_out):
         metrics["held_out"] = held_out_metrics(saved, held_out, args.per_device_eval_batch_size)
     return metrics
+
+
+check = None  # the schema's checks cover it
+
+
+def slot(stage: RewardModelStage) -> Slot:
+    """Preflight: preference pairs, cut at the trainer's max_length."""
+    columns = ("prompt", "chosen", "rejected")
+    return Slot(stage.model, stage.data, columns, max_length=trainer_settings(stage).get("max_length"))
+
+
+def workload(stage: RewardModelStage, recipe: Recipe, shapes: dict) -> Workload | str:
+    return trainer_workload(recipe, shapes, stage.model, trainer_settings(stage), stage.lora)
+
+
+def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:
+    """Does the reward model rank the chosen answer first on held-out pairs (and right above wrong)?"""
+    held_out = metrics.get("held_out") or {}
+    if "accuracy" not in held_out:
+        return []
+    rvw = held_out.get("right_vs_wrong") or {}
+    extra = f", {rvw['accuracy']:.3f} on right-vs-wrong pairs (n={rvw['n']})" if rvw.get("n") else ""
+    return [f"- **{name}** ranks the chosen answer first on {held_out['accuracy']:.3f} of "
+            f"{held_out['n']} held-out pairs{extra} (chance: 0.5)"]  # fmt: skip
 
 
 def load_reward_model(source: PathModel) -> Any:
@@ -141,18 +192,16 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-def held_out_metrics(saved: Path, rows: Any, batch_size: int) -> dict[str, Any]:
+def held_out_metrics(saved: Path, rows: Any, batch_size: int) -> HeldOut:
     """Pairwise accuracy, mean margin and calibration on held-out pairs; accuracy on right-vs-wrong
     pairs when rows carry a reference `answer`. Scored by the saved model through the
     `reward_model` reward, exactly as GRPO will score with it."""
-    from posttrain.rewards.reward_model import reward_model
-
     score = reward_model(model=PathModel(path=str(saved)), batch_size=batch_size)
     prompts = list(rows["prompt"])
     chosen = score(prompts=prompts, completions=list(rows["chosen"]))
     rejected = score(prompts=prompts, completions=list(rows["rejected"]))
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
-    metrics: dict[str, Any] = {
+    metrics: HeldOut = {
         "n": len(margins),
         "accuracy": sum(m > 0 for m in margins) / len(margins),
         "mean_margin": sum(margins) / len(margins),
@@ -160,7 +209,7 @@ def held_out_metrics(saved: Path, rows: Any, batch_size: int) -> dict[str, Any]:
     }
     if "answer" in rows.column_names:
         metrics["right_vs_wrong"] = right_vs_wrong(rows, margins)
-    del score
+    del score  # its model's last reference
     release()
     return metrics
 

@@ -19,14 +19,14 @@ Under `accelerate launch` the main process labels while the others wait; for lon
 jobs run this stage alone (`posttrain run r.yaml --only label`) so no barrier times out.
 """
 
-from __future__ import annotations
-
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from posttrain import artifacts
+from posttrain.context import StageContext
 from posttrain.data_tools import require_columns
 from posttrain.errors import PosttrainError
+from posttrain.generation import generate, render_prompts
 from posttrain.judges import build_judge, load_local_model, principles_hash
 from posttrain.judges.cache import JudgeCache
 from posttrain.judges.labels import (
@@ -42,22 +42,65 @@ from posttrain.judges.labels import (
     preference_record,
     verified,
 )
+from posttrain.metrics import Evaluated, NotRequired, Timed, TypedDict
 from posttrain.recipe import OpenAIJudgeSpec, PresetModel, RewardJudgeSpec, RlaifLabelStage
-
-if TYPE_CHECKING:
-    from posttrain.runner import StageContext
-
-PREFERENCES = "data/preferences.jsonl"
-CANDIDATES = "candidates.jsonl"
-SUMMARY = "label_metrics.json"
+from posttrain.stages import Slot
+from posttrain.training import release
 
 
-def run(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
+class Agreement(TypedDict):
+    n: int  # kept pairs the reference can decide (exactly one right answer; a human's choice)
+    accuracy: float | None
+
+
+class JudgeCalls(TypedDict):
+    id: str
+    cache_hits: int
+    cache_misses: int
+
+
+class Metrics(Timed):
+    prompts: int
+    pairs_judged: int
+    kept: int
+    dropped: int
+    dropped_by_reason: dict[str, int]  # invalid, inconsistent, tie, unselected
+    position_consistency: float | None
+    first_position_win_rate: float | None  # 0.5 for a judge without position bias
+    mean_p_chosen: float | None
+    mean_label_mass: NotRequired[float]
+    candidates: dict[str, Any]  # where the answers came from, and how diverse they were
+    judge: JudgeCalls
+    candidate_accuracy: NotRequired[float]  # when the rows carry a reference `answer`
+    agreement_with_answer: NotRequired[Agreement]
+    agreement_with_human: NotRequired[Agreement]
+
+
+def run(stage: RlaifLabelStage, ctx: StageContext) -> Metrics:
     stage = presets_resolved(stage, ctx)
     if ctx.is_main:
-        artifacts.write_json(ctx.out_dir / SUMMARY, label(stage, ctx))
+        artifacts.write_json(ctx.out_dir / artifacts.LABEL_METRICS, label(stage, ctx))
     ctx.barrier()
-    return artifacts.read_json(ctx.out_dir / SUMMARY)
+    return artifacts.read_json(ctx.out_dir / artifacts.LABEL_METRICS)
+
+
+check = None  # the schema checks the judge block and its principles
+workload = None  # trains nothing
+
+
+def slot(stage: RlaifLabelStage) -> Slot:
+    """Preflight: prompts for the policy, which writes max_new_tokens per candidate."""
+    return Slot(stage.policy, stage.data, ("prompt",), stage.sampling.max_new_tokens)
+
+
+def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:
+    """How many pairs the judge kept, and how often it agrees with the reference answer."""
+    agreement = metrics.get("agreement_with_answer") or {}
+    if not agreement.get("n"):
+        return []
+    return [f"- **{name}**: the judge kept {metrics.get('kept')} of {metrics.get('pairs_judged')} "
+            f"pairs and agrees with the reference answer on {agreement['accuracy']:.3f} of "
+            f"{agreement['n']} pairs with one right answer"]  # fmt: skip
 
 
 def presets_resolved(stage: RlaifLabelStage, ctx: StageContext) -> RlaifLabelStage:
@@ -76,7 +119,7 @@ def presets_resolved(stage: RlaifLabelStage, ctx: StageContext) -> RlaifLabelSta
     return resolve(stage, "policy").model_copy(update={"judge": judge})
 
 
-def label(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
+def label(stage: RlaifLabelStage, ctx: StageContext) -> Metrics:
     from transformers import set_seed
 
     set_seed(ctx.seed)
@@ -86,7 +129,7 @@ def label(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
     answers, sampling = candidates(stage, ctx, rows)
 
     judge = build_judge(stage.judge, ctx)
-    cache = JudgeCache(ctx.run_dir / "cache" / "judges" / f"{judge.id}.jsonl")
+    cache = JudgeCache(ctx.run_dir / artifacts.CACHE / artifacts.JUDGE_CACHE / f"{judge.id}.jsonl")
     pairs = candidate_pairs(answers, stage.max_pairs_per_prompt, ctx.seed)
     judged = judge_pairs(judge, cache, prompts, answers, pairs, judge_columns(rows, judge.columns))
     judge.close()
@@ -103,9 +146,9 @@ def label(stage: RlaifLabelStage, ctx: StageContext) -> dict[str, Any]:
             )
             records.append(record if reference is None else {**record, "answer": str(reference[j.pair.row])})
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    artifacts.write_atomic(ctx.out_dir / PREFERENCES, text)
+    artifacts.write_atomic(ctx.out_dir / artifacts.PREFERENCES, text)
 
-    metrics = {
+    metrics: Metrics = {
         "prompts": len(prompts),
         **label_metrics(judged, decisions),
         "candidates": sampling,
@@ -141,7 +184,7 @@ def candidates(stage: RlaifLabelStage, ctx: StageContext, rows: Any) -> tuple[li
     judges the same ones), or taken from the data."""
     if stage.policy is None:
         return given_answers(rows), {"source": "data"}
-    path = ctx.out_dir / CANDIDATES
+    path = ctx.out_dir / artifacts.CANDIDATES
     if ctx.resume and path.exists():
         saved = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         if len(saved) == len(rows):
@@ -152,9 +195,6 @@ def candidates(stage: RlaifLabelStage, ctx: StageContext, rows: Any) -> tuple[li
 
 
 def sample(stage: RlaifLabelStage, ctx: StageContext, prompts: list[Any]) -> tuple[list[list[str]], dict]:
-    from posttrain.generation import generate, render_prompts
-    from posttrain.training import release
-
     tokenizer, model = load_local_model(stage.policy, ctx)
     options = stage.sampling
     answers, speed = generate(
@@ -168,7 +208,9 @@ def sample(stage: RlaifLabelStage, ctx: StageContext, prompts: list[Any]) -> tup
         temperature=options.temperature,
         top_p=options.top_p,
     )
-    release(model)
+    held = [model]
+    del model  # `held` keeps the last reference: release() drops it
+    release(held)
     distinct = sum(len(set(a)) for a in answers) / max(len(answers), 1)
     return answers, {
         "source": "policy",

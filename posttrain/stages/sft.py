@@ -13,13 +13,17 @@ or `text` (loss on everything). The result is `<stage>/model/` (LoRA merged unle
       train: {num_train_epochs: 2, learning_rate: 3.0e-3}              # any trl SFTConfig key
 """
 
-from __future__ import annotations
+from typing import Any
 
-from typing import TYPE_CHECKING, Any
-
+from posttrain.architecture import check_moe
+from posttrain.context import StageContext
 from posttrain.errors import PosttrainError
+from posttrain.lora_targets import literal_targets
+from posttrain.memory import Workload, trainer_workload
+from posttrain.metrics import Evaluated, MoESummary, ParameterCounts, TrainMetrics
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
-from posttrain.recipe import SFTStage
+from posttrain.recipe import Recipe, SFTStage, trainer_settings
+from posttrain.stages import Slot
 from posttrain.training import (
     callbacks,
     lora_config,
@@ -30,18 +34,20 @@ from posttrain.training import (
     trainer_args,
 )
 
-if TYPE_CHECKING:
-    from posttrain.runner import StageContext
-
 SFT_FORMATS = (["messages"], ["prompt", "completion"], ["text"])
 
 
-def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
+class Metrics(Evaluated, MoESummary):
+    train: TrainMetrics
+    parameters: ParameterCounts
+    rows: int  # training rows
+
+
+def run(stage: SFTStage, ctx: StageContext) -> Metrics:
     from transformers import set_seed
     from trl import SFTTrainer
 
-    from posttrain import moe
-    from posttrain.lora_targets import literal_targets
+    from posttrain import moe  # loads transformers (its callbacks subclass TrainerCallback)
 
     set_seed(ctx.seed)
     dataset = sft_columns(ctx.data(stage.data))
@@ -67,14 +73,34 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, Any]:
         )
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     save_final_model(trainer, tokenizer, ctx, stage.lora)
-    metrics = {
+    metrics: Metrics = {
         "train": train_metrics(trainer),
         "parameters": count_parameters(trainer.model),
         "rows": len(dataset),
         **experts.summary(ctx.out_dir if ctx.is_main else None),
     }
-    release(trainer, model)
+    held = [trainer, model]
+    del trainer, model  # `held` keeps the last references: release() drops them
+    release(held)
     return metrics
+
+
+def check(stage: SFTStage, recipe: Recipe, path: tuple) -> None:
+    """The `moe:` block asks only for what the model has (from its config, before any weights load)."""
+    check_moe(stage.moe, stage.model, recipe, path)
+
+
+def slot(stage: SFTStage) -> Slot:
+    """Preflight: the rows in any SFT format, cut at the trainer's max_length."""
+    max_length = trainer_settings(stage).get("max_length")
+    return Slot(stage.model, stage.data, None, max_length=max_length, row_format=sft_columns)
+
+
+def workload(stage: SFTStage, recipe: Recipe, shapes: dict) -> Workload | str:
+    return trainer_workload(recipe, shapes, stage.model, trainer_settings(stage), stage.lora, stage.moe)
+
+
+headline = None  # the report's table row says it all: loss, evaluation
 
 
 def sft_columns(dataset: Any) -> Any:
