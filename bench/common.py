@@ -34,6 +34,20 @@ def tiny_model(folder: Path, preset: str = "tiny-deepseek-v3") -> Path:
     return materialize_preset(preset, 0, folder / preset)
 
 
+def load_recipe(path: Path) -> Any:
+    """The recipe at `path` through whichever posttrain is imported: posttrain.loading.load since the
+    layering refactor, posttrain.recipe.load_recipe at an older `--baseline` commit."""
+    import posttrain
+
+    if (Path(posttrain.__file__).parent / "loading.py").exists():
+        from posttrain.loading import load
+
+        return load(path)
+    from posttrain.recipe import load_recipe as load_old
+
+    return load_old(path)
+
+
 def timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """fn's own figures plus `wall_s`, the whole call (model load and save included)."""
     started = time.perf_counter()

@@ -45,6 +45,7 @@ from common import (
     TrainClock,
     baseline_tree,
     in_subprocess,
+    load_recipe,
     median,
     paired_ratio,
     print_table,
@@ -139,7 +140,6 @@ def plain_trl(policy: Path, steps: int, out: Path) -> dict[str, Any]:
 
 
 def posttrain_grpo(policy: Path, rewards: list[dict], steps: int, out: Path) -> dict[str, Any]:
-    from posttrain import loading
     from posttrain.runner import run
 
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ def posttrain_grpo(policy: Path, rewards: list[dict], steps: int, out: Path) -> 
             }
         )
     )
-    train = run(loading.load(recipe), force=("grpo",))["grpo"]["train"]
+    train = run(load_recipe(recipe), force=("grpo",))["grpo"]["train"]
     return {"step_s": train["runtime_s"] / steps}
 
 

@@ -155,9 +155,10 @@ def cpu_threads(model: Any) -> Any:
 
     Its matrices are too small to split: a second thread only adds a barrier to every op, and a
     barrier waits out a whole scheduler slice whenever another process has the other core. On a
-    shared 2-core machine one thread generated 17x and trained 8-37x faster, with bit-identical
-    results (bench/README.md). A bigger model gets torch's default back; `POSTTRAIN_CPU_THREADS`
-    sets the count, and an explicit `OMP_NUM_THREADS` is left alone."""
+    shared 2-core machine one thread generated 17x and trained 8-37x faster (bench/threads_bench.py;
+    results differ from two threads' only by float rounding, as reductions split differently).
+    A bigger model gets torch's default back; `POSTTRAIN_CPU_THREADS` sets the count, and an
+    explicit `OMP_NUM_THREADS` is left alone."""
     import torch
 
     if torch.accelerator.is_available() or (
