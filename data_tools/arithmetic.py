@@ -19,6 +19,7 @@ import random
 from typing import Any
 
 TEST_FRACTION = 10  # one problem in TEST_FRACTION is held out
+COUNTABLE = 200_000  # problem spaces up to this size are counted exactly (`split_size`)
 
 
 def is_test_problem(a: int, op: str, b: int) -> bool:
@@ -110,3 +111,20 @@ def arithmetic_rows(
         seen.add(key)
         rows.append(make_row(a, op, b, cot))
     return rows
+
+
+def split_size(
+    split: str = "train",
+    digits: int = 2,
+    min_digits: int = 1,
+    ops: tuple[str, ...] | list[str] = ("+", "-"),
+) -> int | None:
+    """How many distinct problems the split holds (asking `arithmetic_rows` for more repeats them),
+    or None when the space is too large to count and holds more than anyone asks for."""
+    operands = [
+        x for n in range(min_digits, digits + 1) for x in range(0 if n == 1 else 10 ** (n - 1), 10**n)
+    ]
+    if len(operands) ** 2 * len(set(ops)) > COUNTABLE:
+        return None
+    want_test = split == "test"
+    return sum(is_test_problem(a, op, b) == want_test for a in operands for b in operands for op in set(ops))

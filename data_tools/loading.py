@@ -18,7 +18,9 @@ another stage's `data/` folder, or a mixture of these. Then, in this order:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,10 @@ from posttrain import artifacts
 from posttrain.data_tools.arithmetic import arithmetic_rows
 from posttrain.data_tools.chat import add_system, apply_template, as_conversation
 from posttrain.data_tools.curriculum import apply_curriculum
+from posttrain.data_tools.file_checks import TEXT_SUFFIXES, check_text_file, json_problem
 from posttrain.data_tools.hygiene import DataReport, decontaminate, deduplicate
 from posttrain.data_tools.mixture import concatenate, mix
+from posttrain.data_tools.shapes import check_shapes
 from posttrain.errors import PosttrainError
 from posttrain.recipe import DataReference, FileData, MixtureData, RowOptions, SyntheticData
 
@@ -86,7 +90,9 @@ def _source_rows(spec: SyntheticData | FileData, seed: int) -> Any:
         dataset = apply_template(dataset, spec.template, spec.path)
     if spec.columns:
         dataset = _map_columns(dataset, spec.columns, spec.path)
-    return as_conversation(dataset) if spec.as_chat else dataset
+    dataset = as_conversation(dataset) if spec.as_chat else dataset
+    check_shapes(dataset, spec.path)
+    return dataset
 
 
 def clean_rows(
@@ -149,6 +155,9 @@ def _file_rows(spec: FileData) -> Any:
     path = Path(spec.path).expanduser()
     if path.exists():
         files = _local_files(path)
+        for file in files:
+            if file.suffix.lower() in TEXT_SUFFIXES:
+                check_text_file(file)
         return _load(BUILDERS[files[0].suffix.lower()], [str(f) for f in files], spec.path, spec.split)
     if _looks_local(spec):
         raise PosttrainError(
@@ -161,11 +170,27 @@ def _load(builder: str, files: list[str], label: str | None, split: str | None) 
     from datasets import load_dataset
 
     try:
-        return load_dataset(builder, data_files=files, split=split or "train")
+        with _datasets_errors_unlogged():
+            return load_dataset(builder, data_files=files, split=split or "train")
     except Exception as e:  # datasets raises many types for malformed files
-        raise PosttrainError(
-            f"{label or files[0]}: cannot read as {builder}: {str(e).splitlines()[0]}"
-        ) from None
+        for file in files if builder == "json" else []:
+            if (problem := json_problem(Path(file))) is not None:
+                raise problem from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PosttrainError(f"{label or files[0]}: cannot read as {builder}: {reason}") from None
+
+
+@contextlib.contextmanager
+def _datasets_errors_unlogged() -> Iterator[None]:
+    """datasets logs a malformed file's traceback before it raises; the error we raise instead
+    names the file and line, so its log would only be noise above that line."""
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logger.setLevel(level)
 
 
 def _hub_rows(spec: FileData) -> Any:

@@ -23,12 +23,15 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from posttrain.errors import PosttrainError
+
 # The run directory's names, used by every module that reads or writes it (nowhere spelled twice).
 RESOLVED_RECIPE = "recipe.resolved.yaml"  # the recipe as run: defaults and --set overrides filled in
 REPORT = "report.md"
 PRESETS = "presets"  # <run>/presets/<preset>-seed<seed>/: materialised tiny models
 CACHE = "cache"  # <run>/cache/judges/<judge id>.jsonl: judge verdicts, shared by stages and re-runs
 JUDGE_CACHE = "judges"
+LOCK = "run.lock"  # held by the live run (posttrain/lock.py)
 # A stage's folder, <run>/<stage>/:
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -127,7 +130,9 @@ def invalidate(stage_dir: Path) -> None:
 def start_stage(stage_dir: Path, fingerprint: str, fresh: bool = False) -> bool:
     """Prepare `stage_dir` for a run; True when an interrupted run of the same config can resume.
 
-    Anything else in the folder (an older config's run, a forced re-run) is deleted first."""
+    Anything else in the folder (an older config's run, a forced re-run) is deleted first, but
+    only from a folder posttrain's markers identify as a stage (`require_stage_dir`)."""
+    require_stage_dir(stage_dir)
     invalidate(stage_dir)
     running = read_json(stage_dir / RUNNING)
     resume = not fresh and running is not None and running.get("fingerprint") == fingerprint
@@ -135,6 +140,28 @@ def start_stage(stage_dir: Path, fingerprint: str, fresh: bool = False) -> bool:
         shutil.rmtree(stage_dir)
     write_json(stage_dir / RUNNING, {"fingerprint": fingerprint, "pid": os.getpid()})
     return resume
+
+
+def require_stage_dir(stage_dir: Path) -> None:
+    """Refuse to touch a folder that holds files but none of posttrain's stage markers: it is
+    someone's own folder (their data, say), and starting the stage would delete it."""
+    if not stage_dir.is_dir() or is_stage_dir(stage_dir) or not any(stage_dir.iterdir()):
+        return
+    raise PosttrainError(
+        f"{stage_dir} exists and was not written by posttrain (it has no {RUNNING}, {COMPLETE} or "
+        f"{MANIFEST} of a stage); refusing to delete it",
+        fix="move your files out of it, or set output_dir to another folder",
+    )
+
+
+def is_stage_dir(stage_dir: Path) -> bool:
+    """A folder posttrain made for a stage: its RUNNING marker, its COMPLETE marker, or a stage
+    manifest (which outlives COMPLETE when a re-run is cut short right after un-finishing it)."""
+    markers = {RUNNING: "fingerprint", COMPLETE: "completion_id", MANIFEST: "completion_id"}
+    return any(
+        isinstance(found := read_json(stage_dir / name), dict) and key in found
+        for name, key in markers.items()
+    )
 
 
 def finish_stage(stage_dir: Path, manifest: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from rich.table import Table
 from posttrain.artifacts import write_atomic
 from posttrain.distributed import PeerFailed
 from posttrain.errors import PosttrainError
+from posttrain.lock import live_holder
 
 app = typer.Typer(
     name="posttrain",
@@ -96,6 +97,10 @@ def run(
     only: Annotated[
         str | None, typer.Option("--only", help="Run this stage alone (its inputs must be done).")
     ] = None,
+    verify_hashes: Annotated[
+        bool,
+        typer.Option("--verify-hashes", help="Hash every file of a finished stage before reusing it."),
+    ] = False,
 ) -> None:
     """Run a recipe: every stage in order, skipping finished ones and resuming interrupted ones."""
     loaded = _load(recipe, set_)
@@ -104,10 +109,14 @@ def run(
         _print_preflight(loaded, with_memory=True)
         return
     _quiet_libraries()
+    from posttrain.preflight import require_working_rewards
     from posttrain.runner import run as run_recipe
 
+    require_working_rewards(loaded)  # a broken reward fails here, before any weights load
     try:
-        results = run_recipe(loaded, force=tuple(force or ()), only=only, report=_report)
+        results = run_recipe(
+            loaded, force=tuple(force or ()), only=only, report=_report, verify_hashes=verify_hashes
+        )
     except KeyboardInterrupt as e:  # typer would turn it into a silent exit code
         console.print(f"[yellow]interrupted[/]{': ' + str(e) if str(e) else ''}")
         raise typer.Exit(130) from None
@@ -126,6 +135,14 @@ def _report(stage: str, event: str, details: dict) -> None:
         console.rule(f"[bold]{stage}[/] ({details['kind']}): {verb}")
     elif event == "re-evaluate":
         console.print(f"[yellow]↻ {stage}: eval changed, re-evaluating[/]")
+    elif event == "rebuild":
+        console.print(
+            f"[yellow]↻ {stage}: finished, but damaged ({escape(details['why'])}); rebuilding[/]",
+            soft_wrap=True,
+        )
+    elif event == "lock":
+        console.print(f"[yellow]{details['dir']}: taking over the lock of a run that ended without releasing it "
+                      f"({escape(details['holder'])})[/]", soft_wrap=True)  # fmt: skip
     elif event == "done":
         console.print(f"[green]✓ {stage}[/] in {details['wall_time_s']:.1f}s: {_summary(details['metrics'])}")
 
@@ -200,6 +217,8 @@ def plan(
             for p in make_plan(loaded, tuple(force or ()))
         ]
         out = {"name": loaded.name, "run_dir": str(loaded.run_dir), "stages": rows}
+        if (holder := live_holder(loaded.run_dir)) is not None:
+            out["live_run"] = dataclasses.asdict(holder)
         if preflight:
             out["preflight"] = [dataclasses.asdict(f) for f in _preflight(loaded)]
         typer.echo(json.dumps({**out, **({"memory": memory} if memory else {})}, indent=2))
@@ -307,13 +326,23 @@ def _print_plan(recipe, force: tuple[str, ...]) -> None:
     table = Table(title=f"{recipe.name} → {recipe.run_dir}")
     for column in ("#", "stage", "kind", "inputs", "status"):
         table.add_column(column)
-    styles = {"cached": "dim", "run": "bold", "resume": "yellow", "waits": "default"}
+    styles = {"cached": "dim", "run": "bold", "resume": "yellow", "waits": "default", "rebuild": "yellow"}
     for i, p in enumerate(make_plan(recipe, force), 1):
         status = {"waits": "run (after inputs)"}.get(p.status, p.status)
         table.add_row(
             str(i), p.stage.name, p.stage.kind, ", ".join(p.deps) or "-", f"[{styles[p.status]}]{status}[/]"
         )
     console.print(table)
+    _print_live_run(recipe)
+
+
+def _print_live_run(recipe) -> None:
+    holder = live_holder(recipe.run_dir)
+    if holder is not None:
+        console.print(
+            f"[yellow]a run is live in {escape(str(recipe.run_dir))} ({escape(str(holder))}): statuses change as it goes[/]",
+            soft_wrap=True,
+        )
 
 
 @app.command()

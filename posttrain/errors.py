@@ -45,3 +45,11 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
 
 def one_of(choices: Iterable[str]) -> str:
     return "one of: " + ", ".join(sorted(str(c) for c in choices))
+
+
+def warn(message: str) -> None:
+    """One yellow `warning:` line on stderr: something the user should know that does not stop the run."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, highlight=False).print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)

@@ -28,7 +28,7 @@ from posttrain.artifacts import write_atomic
 from posttrain.context import StageContext
 from posttrain.data_tools import extract_answer, require_columns
 from posttrain.distributed import unsharded_loading
-from posttrain.errors import PosttrainError
+from posttrain.errors import PosttrainError, warn
 from posttrain.generation import generate, render_prompts
 from posttrain.harness import run_harness
 from posttrain.models import load_causal_lm, load_tokenizer
@@ -51,6 +51,7 @@ def evaluate_model(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict
     require_columns(rows, ["prompt", "answer"], "evaluation", "eval.data")
     if len(rows) == 0:
         raise PosttrainError("the evaluation data has no rows", key="eval.data")
+    rows = distinct_problems(rows, f"stages.{ctx.stage}: evaluation data")
     tokenizer = load_tokenizer(source)
     model = load_causal_lm(source).eval()
     if _has_cuda():
@@ -81,6 +82,25 @@ def evaluate_model(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict
     if spec.harness is not None:
         result["harness"] = run_harness(source, spec.harness, ctx)
     return result
+
+
+def distinct_problems(rows: Any, where: str) -> Any:
+    """Each (prompt, answer) once, in order. A repeated problem gets the same greedy completion,
+    so repeats would only inflate `n` (and weigh some problems more): `n: 5000` on a split of 24
+    problems is an evaluation on 24, and says so."""
+    seen: set[str] = set()
+    keep = []
+    for i, (prompt, answer) in enumerate(zip(rows["prompt"], rows["answer"], strict=True)):
+        key = json.dumps([prompt, answer], sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    if len(keep) == len(rows):
+        return rows
+    warn(
+        f"{where}: {len(rows)} rows hold {len(keep)} distinct problems; each is evaluated once (n={len(keep)})"
+    )
+    return rows.select(keep)
 
 
 def evaluate_whole(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict[str, Any]:

@@ -6,6 +6,10 @@
 - `TrainingGuard`: a NaN/inf loss or gradient norm, or an RL reward that gives no signal
   (every group scored alike) for N logged steps, stops the stage with one clear line or warns,
   as the stage's `guard:` block says.
+- `RewardGuard`: an RL reward that scores nothing at all (every completion None, or an error)
+  for `NO_SCORE_LOGS` logged steps in a row always stops the stage, naming the reward and its
+  last error: trl leaves None out of the advantage, so such a reward trains nothing while the
+  run looks healthy.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ import signal
 import threading
 from typing import Any
 
-from rich.console import Console
 from transformers import TrainerCallback
 
-from posttrain.errors import PosttrainError
+from posttrain.errors import PosttrainError, warn
+
+NO_SCORE_LOGS = 3  # logged steps in a row in which a reward scored no completion at all
 
 
 class Interrupted(KeyboardInterrupt):
@@ -64,17 +69,22 @@ class GracefulStop(TrainerCallback):
 
 def _any_rank(flag: bool) -> bool:
     """True when any process saw the signal, so every rank stops at the same step."""
+    return _reduce([flag], every=False)[0]
+
+
+def _reduce(flags: list[bool], every: bool) -> list[bool]:
+    """Each flag combined over the processes: true on every rank (`every`) or on any rank."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
+        return flags
     import torch
 
-    value = torch.tensor([1.0 if flag else 0.0])
+    values = torch.tensor([1.0 if f else 0.0 for f in flags])
     if dist.get_backend() == "nccl":
-        value = value.cuda()
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        values = values.cuda()
+    dist.all_reduce(values, op=dist.ReduceOp.MIN if every else dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 class TrainingGuard(TrainerCallback):
@@ -125,7 +135,38 @@ class TrainingGuard(TrainerCallback):
             raise PosttrainError(problem, key=f"stages.{self.stage}", fix=fix)
         if key not in self.warned:
             self.warned.add(key)
+            warn(f"stages.{self.stage}: {problem} ({fix})")
 
-            Console(stderr=True).print(
-                f"[yellow]warning:[/] stages.{self.stage}: {problem} ({fix})", soft_wrap=True
-            )
+
+class RewardGuard(TrainerCallback):
+    """Stops an RL stage when one of its rewards (posttrain.rewards.Reward) scored no completion,
+    on any rank, in each of the last `logs` logged steps."""
+
+    def __init__(self, stage: str, rewards: list[Any], logs: int = NO_SCORE_LOGS) -> None:
+        self.stage = stage
+        self.rewards = rewards
+        self.logs = logs
+        self.totals = {r.name: (0.0, 0.0) for r in rewards}  # (samples, None scores) at the last log
+        self.silent = dict.fromkeys(self.totals, 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        silent = []
+        for reward in self.rewards:
+            totals = reward.stats.as_dict()
+            before, now = self.totals[reward.name], (totals["samples"], totals["none"])
+            self.totals[reward.name] = now
+            scored = now[0] - before[0] - (now[1] - before[1])
+            silent.append(now[0] > before[0] and scored == 0)
+        for reward, quiet in zip(self.rewards, _reduce(silent, every=True), strict=True):
+            self.silent[reward.name] = self.silent[reward.name] + 1 if quiet else 0
+            if self.silent[reward.name] >= self.logs:
+                control.should_training_stop = True
+                error = f"; its last error: {reward.last_error}" if reward.last_error else ""
+                raise PosttrainError(
+                    f"reward '{reward.name}' scored no completion in {self.logs} logged steps in a row "
+                    f"(every score None, up to step {state.global_step}){error}",
+                    key=f"stages.{self.stage}.rewards",
+                    fix="try it on real completions with `posttrain rewards score samples.jsonl --reward ...`: "
+                    "a reward returns one float (or None) per completion",
+                )
+        return control

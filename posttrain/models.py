@@ -103,6 +103,10 @@ def _check_exists(source: PathModel) -> None:
         raise PosttrainError(
             f"no model at '{source.path}' (no config.json)", fix="check the path, or finish that stage"
         )
+    if not looks_local:
+        from posttrain.hub import check_model_id
+
+        check_model_id(source.path, source.revision)
 
 
 def load_tokenizer(source: PathModel) -> Any:

@@ -17,11 +17,12 @@ from typing import Any
 from posttrain.architecture import model_max_positions, model_source
 from posttrain.artifacts import completed_manifest
 from posttrain.data_tools import load_rows, require_columns
+from posttrain.data_tools.arithmetic import split_size
 from posttrain.errors import PosttrainError
 from posttrain.generation import render_prompts
 from posttrain.memory import Cluster, ModelShape, plan_stage, recommend
 from posttrain.models import TOKENIZER_DIR, load_tokenizer
-from posttrain.recipe import PresetModel, Recipe, StageBase
+from posttrain.recipe import PresetModel, Recipe, StageBase, SyntheticData
 from posttrain.rewards import build_reward
 from posttrain.rewards.text import completion_text
 from posttrain.runner import order_stages
@@ -57,7 +58,9 @@ def preflight(recipe: Recipe) -> list[Finding]:
         try:
             findings += check_slot(recipe, where, slot) if slot else []
         except PosttrainError as e:
-            findings.append(Finding(where, e.message, problem=True, fix=e.fix))
+            in_file = ":".join(str(p) for p in (e.file, e.line) if p is not None)
+            message = f"{in_file}: {e.message}" if in_file else e.message
+            findings.append(Finding(where, message, problem=True, fix=e.fix))
     return findings + packing_findings(recipe)
 
 
@@ -109,8 +112,45 @@ def check_slot(recipe: Recipe, where: str, slot: Slot) -> list[Finding]:
     else:
         require_columns(rows, slot.columns, where.removeprefix("stages."), f"{where}.data")
     found = [Finding(where, f"{len(rows)} rows; columns {', '.join(rows.column_names)}")]
+    found += repeat_findings(where, data)
     found += length_findings(recipe, where, slot.model, rows, slot.new_tokens, slot.max_length)
     return found + run_rewards(where, list(slot.rewards), rows, slot.reward_kind)
+
+
+def repeat_findings(where: str, data: Any) -> list[Finding]:
+    """A synthetic task asked for more rows than its split holds distinct problems (they repeat)."""
+    if not isinstance(data, SyntheticData):
+        return []
+    size = split_size(data.split, data.digits, data.min_digits, data.ops)
+    if size is None or data.n <= size:
+        return []
+    return [
+        Finding(
+            where,
+            f"n {data.n} exceeds the {size} distinct problems of the {data.digits}-digit {data.split} "
+            "split: rows repeat (an evaluation counts each problem once)",
+            fix=f"lower n to {size}, or raise digits",
+        )
+    ]
+
+
+def require_working_rewards(recipe: Recipe) -> None:
+    """Preflight's reward smoke test, which `posttrain run` runs before any weights load: every
+    stage's rewards (and verifiers) on a few real rows. The first one that raises, or returns
+    the wrong number of scores, stops the run with one line. Data that an earlier stage writes,
+    or that lacks a column, is left to the stage (its own check names the reward that needs it)."""
+    stage_dirs = {name: recipe.run_dir / name for name in recipe.stage_names()}
+    for stage in order_stages(recipe):
+        slot = stage_slot(stage)
+        if slot is None or not slot.rewards or (isinstance(slot.data, str) and slot.data in stage_dirs):
+            continue
+        rows = load_rows(slot.data, seed=recipe.seed, stage_dirs=stage_dirs)
+        if any(c not in rows.column_names for c in slot.columns or ()):
+            continue
+        where = f"stages.{stage.name}"
+        for finding in run_rewards(where, list(slot.rewards), rows, slot.reward_kind):
+            if finding.problem:
+                raise PosttrainError(finding.message, key=where, fix=finding.fix)
 
 
 def length_findings(
@@ -119,7 +159,9 @@ def length_findings(
     """Token lengths of a sample of rows against the model's positions and the trainer's max_length."""
     try:
         tokenizer = tokenizer_for(recipe, model)
-    except Exception as e:  # e.g. a config-only folder, or a hub model not cached on this login node
+    except PosttrainError:  # a model that cannot be found or fetched: the run would fail on it too
+        raise
+    except Exception as e:  # e.g. a config-only folder
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return [Finding(where, f"length checks skipped: no tokenizer can be loaded here ({reason})")]
     positions = model_max_positions(recipe, model)

@@ -21,6 +21,8 @@ from posttrain.context import StageContext
 from posttrain.distributed import launch_info, on_main, state
 from posttrain.errors import PosttrainError
 from posttrain.evaluation import check_gate, evaluate_whole
+from posttrain.integrity import CHEAP_HASH, verify_stage
+from posttrain.lock import RunLock
 from posttrain.recipe import (
     FileData,
     PathModel,
@@ -101,18 +103,35 @@ def fingerprint(recipe: Recipe, stage: StageBase, upstream: Mapping[str, dict]) 
 
 
 def stage_status(
-    recipe: Recipe, stage: StageBase, finished: Mapping[str, dict], force: tuple[str, ...]
+    recipe: Recipe,
+    stage: StageBase,
+    finished: Mapping[str, dict],
+    force: tuple[str, ...],
+    hash_limit: int | None = CHEAP_HASH,
 ) -> tuple[str, str, dict | None]:
-    """("cached", fp, manifest) for a finished stage of this fingerprint, else ("resume" | "run", fp, None)."""
+    """("cached", fp, manifest) for a finished stage of this fingerprint whose files still match its
+    manifest, ("rebuild", fp, None) for one whose files do not, else ("resume" | "run", fp, None)."""
     fp = fingerprint(recipe, stage, finished)
     stage_dir = recipe.run_dir / stage.name
     forced = stage.name in force
     manifest = artifacts.completed_manifest(stage_dir)
     if manifest and manifest.get("fingerprint") == fp and not forced:
-        return "cached", fp, manifest
+        intact = damage(stage_dir, stage, hash_limit) is None
+        return ("cached", fp, manifest) if intact else ("rebuild", fp, None)
     running = artifacts.read_json(stage_dir / artifacts.RUNNING)
     resumable = running is not None and running.get("fingerprint") == fp and not forced
     return ("resume" if resumable else "run"), fp, None
+
+
+def damage(stage_dir: Path, stage: StageBase, hash_limit: int | None = CHEAP_HASH) -> str | None:
+    """What is wrong with a finished stage's files, in one line (None when they match its manifest):
+    a stage is reused only when it is intact, so nothing downstream starts on a damaged input."""
+    problems = verify_stage(stage_dir, stage, hash_limit)
+    if not problems:
+        return None
+    return problems[0] + (
+        f" (+{len(problems) - 1} more: `posttrain verify` lists them)" if len(problems) > 1 else ""
+    )
 
 
 def make_plan(recipe: Recipe, force: tuple[str, ...] = ()) -> list[PlannedStage]:
@@ -144,16 +163,35 @@ def run(
     force: tuple[str, ...] = (),
     only: str | None = None,
     report: Reporter | None = None,
+    verify_hashes: bool = False,
 ) -> dict[str, dict]:
     """Run the recipe; returns each stage's metrics. Each stage is skipped, resumed or run fresh.
 
-    Under `accelerate launch` every rank runs this same loop and trains together; the main
-    process alone decides what is cached, writes the run directory and evaluates, and every
-    decision reaches the other ranks through `on_main` (which doubles as the barrier after
-    each stage)."""
+    The main process holds the run directory's lock throughout (a second run is refused; a lock
+    left by a killed run is taken over and said so). A finished stage is reused when its files
+    match its manifest: sizes and safetensors headers always, sha256 of files up to CHEAP_HASH
+    (of every listed file with `verify_hashes`); otherwise it is rebuilt."""
     report = _main_only(report or (lambda name, event, details: None))
     for name in (*force, *([only] if only else [])):
         recipe.stage(name)
+    lock = RunLock(recipe.run_dir)
+    previous = on_main(lock.acquire)
+    if previous is not None:
+        report(recipe.name, "lock", {"dir": str(recipe.run_dir), "holder": str(previous)})
+    try:
+        return _run_stages(recipe, force, only, report, None if verify_hashes else CHEAP_HASH)
+    finally:
+        if state().is_main_process:
+            lock.release()
+
+
+def _run_stages(
+    recipe: Recipe, force: tuple[str, ...], only: str | None, report: Reporter, hash_limit: int | None
+) -> dict[str, dict]:
+    """The loop of `run`. Under `accelerate launch` every rank runs it and trains together; the
+    main process alone decides what is cached, writes the run directory and evaluates, and every
+    decision reaches the other ranks through `on_main` (which doubles as the barrier after each
+    stage)."""
     needed = _upstream_of(recipe, only) if only else set()
     on_main(_write_resolved, recipe)
     finished: dict[str, dict] = {}
@@ -167,22 +205,27 @@ def run(
                     f"--only {only} needs stage '{stage.name}' to be complete first",
                     fix=f"run without --only, or with --only {stage.name} first",
                 )
+            if manifest is not None and stage.name in needed:
+                _require_intact(only, stage, stage_dir, hash_limit)
             if manifest is not None:
                 finished[stage.name] = manifest
             continue
-        status, fp, manifest = on_main(stage_status, recipe, stage, finished, force)
+        status, fp, manifest = on_main(stage_status, recipe, stage, finished, force, hash_limit)
         if manifest is not None:
             finished[stage.name] = manifest
             results[stage.name] = on_main(_reuse_cached, recipe, stage, stage_dir, finished, report)
             report(stage.name, "cached", {"dir": str(stage_dir)})
             _after_stage(recipe, stage, results[stage.name])
             continue
+        if status == "rebuild":
+            report(stage.name, "rebuild", {"why": on_main(damage, stage_dir, stage, hash_limit)})
         resume = on_main(artifacts.start_stage, stage_dir, fp, fresh=status != "resume")
         ctx = _context(recipe, stage, stage_dir, finished, resume)
         report(stage.name, "resume" if resume else "start", {"kind": stage.kind, "dir": str(stage_dir)})
         started = time.time()
         try:
             metrics = stage_module(stage).run(stage, ctx)
+            require_training(stage, metrics)
             metrics = on_main(_with_eval, recipe, stage_dir, ctx, metrics)
         except PosttrainError as e:
             e.key = e.key or f"stages.{stage.name}"
@@ -196,6 +239,40 @@ def run(
         report(stage.name, "done", {"wall_time_s": wall, "metrics": metrics})
         _after_stage(recipe, stage, metrics)
     return results
+
+
+def _require_intact(only: str, stage: StageBase, stage_dir: Path, hash_limit: int | None) -> None:
+    """`--only` never starts on a finished input stage whose files are damaged."""
+    why = on_main(damage, stage_dir, stage, hash_limit)
+    if why is not None:
+        raise PosttrainError(
+            f"--only {only} reads stage '{stage.name}', whose files are damaged: {why}",
+            fix=f"run without --only (it rebuilds '{stage.name}'), or with --only {stage.name} first",
+        )
+
+
+def require_training(stage: StageBase, metrics: dict[str, Any]) -> None:
+    """A trainer stage that took no optimisation step produced nothing worth marking COMPLETE
+    (`num_train_epochs` at or below 0, or no rows left to batch)."""
+    for where, steps in _train_steps(metrics):
+        if steps == 0:
+            raise PosttrainError(
+                f"trained 0 steps{where}: the model is untrained",
+                key=f"stages.{stage.name}.train",
+                fix="set num_train_epochs > 0 or max_steps > 0, and check that the data has rows",
+            )
+
+
+def _train_steps(metrics: dict[str, Any], where: str = "") -> list[tuple[str, int]]:
+    """(`' (student x)'`, steps) of every `train` block in a stage's metrics (distill nests them)."""
+    found = []
+    train = metrics.get("train")
+    if isinstance(train, dict) and isinstance(train.get("steps"), int):
+        found.append((where, train["steps"]))
+    for name, value in (metrics.get("students") or {}).items():
+        if isinstance(value, dict):
+            found += _train_steps(value, f" (student {name})")
+    return found
 
 
 def _main_only(report: Reporter) -> Reporter:

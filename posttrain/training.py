@@ -6,12 +6,14 @@ settings into trl and the trained weights into the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,37 @@ def lora_config(
         return LoraConfig(task_type=task_type, **kwargs)
     except (ValueError, TypeError) as e:
         raise PosttrainError(f"invalid LoRA options: {str(e).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def applying_lora(spec: LoraSpec | None, stage: str) -> Iterator[None]:
+    """Around building a trainer with `lora_config(spec)`: named targets apply as written
+    (lora_targets.literal_targets), and targets that match no module of the model are one line
+    instead of peft's traceback."""
+    from peft import NoMatchingPeftModuleError
+
+    try:
+        with literal_targets(spec is not None and spec.targets is not None):
+            yield
+    except NoMatchingPeftModuleError as e:
+        raise PosttrainError(
+            (str(e).strip().splitlines() or ["LoRA targets match no module"])[0],
+            key=f"stages.{stage}.lora",
+            fix="name the model's Linear layers (e.g. q_proj, o_proj), or use `targets: [attention, ...]`",
+        ) from None
+
+
+def require_rows_left(trainer: Any, rows: int, stage: str) -> None:
+    """trl drops the rows that truncation to `max_length` leaves without a token to learn from;
+    when it drops them all, say so before training (trl would fail in its sampler)."""
+    left = trainer.train_dataset
+    if rows and left is not None and hasattr(left, "__len__") and len(left) == 0:
+        raise PosttrainError(
+            f"all {rows} rows lose every completion token when truncated to max_length "
+            f"{trainer.args.max_length}: nothing to train on",
+            key=f"stages.{stage}.train.max_length",
+            fix="raise train.max_length (`posttrain plan` shows the rows' token lengths) or shorten the prompts",
+        )
 
 
 def last_checkpoint(ctx: StageContext) -> str | None:

@@ -2,10 +2,13 @@
 
 `Reward` calls the reward function with trl's arguments and returns one finite float or None
 per completion, whatever happens. A reward that raises on the batch is retried one sample
-at a time, so a single bad row costs that row (None), not the batch. It counts samples,
+at a time, so a single bad row costs that row (None), not the batch. A reward that returns the
+wrong number of scores is not retried: that is a bug in the reward, not in a row, and a retry
+one by one would hide it; every completion of the batch counts as an error. It counts samples,
 None results, errors and timeouts (`stats`) and reports them through trl's `log_metric`
 as `rewards/<name>/errors`, `rewards/<name>/none_frac` and whatever the reward logs itself
-(the accuracy reward logs `timeouts`).
+(the accuracy reward logs `timeouts`). `last_error` keeps the latest failure, so a guard that
+stops training on a reward that never scores can say why.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Reward:
         self.fn = fn
         self.columns = columns
         self.stats = RewardStats()
+        self.last_error: str | None = None
 
     def __repr__(self) -> str:
         return f"Reward({self.name!r})"
@@ -74,7 +78,12 @@ class Reward:
             scores = _clean(
                 self.fn(prompts=prompts, completions=completions, log_metric=log_metric, **kwargs), n
             )
+        except WrongCount as e:  # the reward's own contract is broken, whatever the rows
+            self.last_error = str(e)
+            logger.warning("reward '%s' %s; counted as %d errors", self.name, e, n)
+            scores, errors = [None] * n, n
         except Exception as e:  # any failure of the batch: retry sample by sample
+            self.last_error = _short(e)
             logger.warning(
                 "reward '%s' failed on a batch of %d (%s); scoring one by one", self.name, n, _short(e)
             )
@@ -114,11 +123,15 @@ class Reward:
 _FAILED = object()
 
 
+class WrongCount(ValueError):
+    """A reward returned a list of scores whose length is not the number of completions."""
+
+
 def _clean(scores: Any, n: int) -> list[float | None]:
     """One finite float or None per completion; anything else is the reward's bug (ValueError)."""
     scores = list(scores)
     if len(scores) != n:
-        raise ValueError(f"returned {len(scores)} scores for {n} completions")
+        raise WrongCount(f"returned {len(scores)} scores for {n} completions")
     out: list[float | None] = []
     for s in scores:
         if s is None:

@@ -108,6 +108,11 @@ def _import_reward(path: str) -> RewardDef:
             f"cannot import reward module '{module_name}': {e}",
             fix="install it or put it on PYTHONPATH (run from the folder that holds it)",
         ) from None
+    except Exception as e:  # the module's own code fails as it runs
+        raise PosttrainError(
+            f"reward module '{module_name}' raised {type(e).__name__} on import: {e}",
+            fix=f"fix the module; `python -c 'import {module_name}'` shows the traceback",
+        ) from None
     obj = getattr(module, attr, None)
     if obj is None:
         public = [n for n in vars(module) if not n.startswith("_")]

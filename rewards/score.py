@@ -35,7 +35,7 @@ class PathResolver:
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a JSONL file; a line that is not a JSON object is an error naming the line."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM, as `posttrain run` accepts it
     except FileNotFoundError:
         raise PosttrainError("no such file", file=str(path)) from None
     except (IsADirectoryError, UnicodeDecodeError) as e:
@@ -52,10 +52,24 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             raise PosttrainError(
                 "each row must be an object with a 'completion'", file=str(path), line=number
             )
+        if not _is_completion(row["completion"]):
+            raise PosttrainError(
+                f"'completion' is {json.dumps(row['completion'])[:40]}, not text or a list of messages",
+                file=str(path),
+                line=number,
+                fix='write the completion as a string, or as [{"role": "assistant", "content": "..."}]',
+            )
         rows.append(row)
     if not rows:
         raise PosttrainError("no rows", file=str(path))
     return rows
+
+
+def _is_completion(value: Any) -> bool:
+    """Text, or a conversation: a list of {role, content} messages (trl's conversational form)."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value)
 
 
 def parse_reward(text: str) -> Any:

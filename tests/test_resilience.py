@@ -1,6 +1,7 @@
 """SIGKILL the whole pipeline at seeded random moments: every re-run resumes, no stage is ever
 COMPLETE with files missing, judge caches and trace files are never corrupted, and the final
-run directory passes `posttrain verify`."""
+run directory passes `posttrain verify`. While one run is live a second run of the same
+directory is refused and touches nothing; each run after a kill takes the dead run's lock over."""
 
 from __future__ import annotations
 
@@ -77,8 +78,11 @@ KILLS = [
 ]
 
 
-def run_until(recipe: Path, runs: Path, event: Callable[[Path], bool], delay: float, log: Path) -> None:
-    """Start `posttrain run`, wait for `event`, sleep `delay`, SIGKILL it (it must still be running)."""
+def run_until(
+    recipe: Path, runs: Path, event: Callable[[Path], bool], delay: float, log: Path, contend: bool = False
+) -> int:
+    """Start `posttrain run`, wait for `event`, sleep `delay`, SIGKILL it (it must still be running);
+    with `contend`, a second run tries the same directory first. Returns the killed run's pid."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "posttrain", "run", str(recipe)], stdout=out, stderr=out
@@ -88,10 +92,31 @@ def run_until(recipe: Path, runs: Path, event: Callable[[Path], bool], delay: fl
         while not event(runs) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.01)
         assert proc.poll() is None, f"the run ended before it could be killed:\n{log.read_text()[-3000:]}"
+        if contend:
+            a_second_run_is_refused(recipe, runs, proc)
         time.sleep(delay)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    return proc.pid
+
+
+def a_second_run_is_refused(recipe: Path, runs: Path, first: subprocess.Popen) -> None:
+    """While the first run is live (paused, so its own timeline is kept), a second run of the same
+    directory with another config is refused with the holder's pid and changes no file."""
+    files = lambda: {(p, p.stat().st_size, p.stat().st_mtime_ns) for p in runs.rglob("*") if p.is_file()}  # noqa: E731
+    first.send_signal(signal.SIGSTOP)
+    try:
+        before = files()
+        second = subprocess.run(
+            [sys.executable, "-m", "posttrain", "run", str(recipe), "--set", "stages.grpo.train.learning_rate=1e-4"],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"is in use by another run (pid {first.pid} on " in second.stderr, second.stderr[-3000:]
+        assert files() == before
+    finally:
+        first.send_signal(signal.SIGCONT)
 
 
 def problems_beyond_unfinished(recipe) -> list[str]:
@@ -104,9 +129,9 @@ def test_pipeline_killed_at_random_moments_resumes_to_a_valid_run(write_recipe, 
     recipe = loading.load(path)
     runs, log = recipe.run_dir, tmp_path / "runs.log"
     rng = random.Random(8)
-    interrupted = []
+    interrupted, killed = [], []
     for event, most in KILLS:
-        run_until(path, runs, event, rng.uniform(0, most), log)
+        killed.append(run_until(path, runs, event, rng.uniform(0, most), log, contend=event is KILLS[3][0]))
         running = [
             s for s in STAGES if (runs / s / "RUNNING").exists() and not (runs / s / "COMPLETE").exists()
         ]
@@ -119,6 +144,9 @@ def test_pipeline_killed_at_random_moments_resumes_to_a_valid_run(write_recipe, 
 
     code, _, err = cli("run", path)
     assert code == 0, err
+    taken_over = log.read_text() + err  # every run after a kill took the dead run's lock over
+    assert all(f"taking over the lock of a run that ended without releasing it (pid {pid} " in taken_over
+               for pid in killed), taken_over[-3000:]  # fmt: skip
     assert verify_run(recipe) == []
     code, out, _ = cli("plan", path, "--json")
     assert [s["status"] for s in json.loads(out)["stages"]] == ["cached"] * len(STAGES)

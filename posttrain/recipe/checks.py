@@ -22,6 +22,7 @@ from posttrain.recipe.data import RowOptions
 from posttrain.recipe.schema import Recipe
 from posttrain.recipe.stages import EvaluateStage, StageBase
 from posttrain.recipe.training import LoraSpec
+from posttrain.recipe.trl_choices import choices_problem
 
 
 def references(value: Any, path: tuple = ()) -> Iterator[tuple[tuple, str]]:
@@ -104,6 +105,10 @@ def check_trainer_keys(recipe: Recipe) -> None:
                 if expected and not any(_is_instance(value, t) for t in expected):
                     names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
                     raise recipe.error(path, f"expects {names}, got {value!r}")
+                problem = choices_problem(trainer_config_class(config), key, value)
+                if problem:
+                    raise recipe.error(path, *problem)
+            _check_length(recipe, ("stages", i, block), getattr(stage, block, None) or {})
         moe = getattr(stage, "moe", None)
         train = getattr(stage, "train", None)
         if moe is not None and moe.aux_loss_coef is not None and train and "router_aux_loss_coef" in train:
@@ -117,10 +122,21 @@ def check_trainer_keys(recipe: Recipe) -> None:
             from peft import LoraConfig
 
             fields = {f.name for f in dataclasses.fields(LoraConfig)}
-            for key in lora.model_extra:
+            for key, value in lora.model_extra.items():
                 if key not in fields:
                     hint = did_you_mean(key, fields | set(LoraSpec.model_fields)) or "see peft's LoraConfig"
                     raise recipe.error(("stages", i, "lora", key), "not a LoRA option", hint)
+                if problem := choices_problem(LoraConfig, key, value):
+                    raise recipe.error(("stages", i, "lora", key), *problem)
+
+
+def _check_length(recipe: Recipe, path: tuple, train: dict[str, Any]) -> None:
+    """`num_train_epochs: 0` (or -1) without `max_steps` trains nothing, silently."""
+    epochs, steps = train.get("num_train_epochs"), train.get("max_steps")
+    if isinstance(epochs, int | float) and epochs <= 0 and not (isinstance(steps, int) and steps > 0):
+        raise recipe.error(
+            (*path, "num_train_epochs"), f"{epochs} epochs train 0 steps", "set it above 0, or set max_steps"
+        )
 
 
 def _scalar_types(annotation: Any) -> tuple[type, ...]:

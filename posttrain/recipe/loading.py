@@ -41,7 +41,7 @@ def _yaml_path(loc: tuple, data: Any) -> tuple:
     """Drop pydantic's union tags and validator names from an error location."""
     path: list = []
     node = data
-    for part in loc:
+    for i, part in enumerate(loc):
         if (
             isinstance(node, dict)
             and part in node
@@ -49,11 +49,21 @@ def _yaml_path(loc: tuple, data: Any) -> tuple:
             and isinstance(part, int)
             and part < len(node)
         ):
+            if _is_tag(node, part, loc[i + 1 :]):
+                continue
             node = node[part]
         else:
             continue
         path.append(part)
     return tuple(path)
+
+
+def _is_tag(node: Any, part: Any, rest: tuple) -> bool:
+    """A union tag that is also a key of the block: in `{synthetic: arithmetic, n: -5}` the error
+    is at ('synthetic', 'n'), and `n` belongs to the block, not to the string 'arithmetic'."""
+    return (
+        bool(rest) and isinstance(node, dict) and not isinstance(node[part], dict | list) and rest[0] in node
+    )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

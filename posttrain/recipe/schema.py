@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Discriminator, Field, PrivateAttr, Tag, model_validator
+from pydantic import Discriminator, Field, PrivateAttr, Tag, field_validator, model_validator
 
 from posttrain.errors import PosttrainError, did_you_mean
 from posttrain.recipe.base import PathModel, PresetModel, Strict, _tag, tagged_union
@@ -52,6 +52,17 @@ class Recipe(Strict):
     @classmethod
     def _eval_defaults(cls, data: Any) -> Any:
         return fill_eval_defaults(data) if isinstance(data, dict) else data
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        """The name is the run's folder under runs/: `../../x` or `/tmp/x` would write elsewhere."""
+        if name.strip() in ("", ".", "..") or "/" in name or "\\" in name:
+            raise ValueError(
+                f"name '{name}' is not a folder name: the run directory runs/<name> must stay inside runs/; "
+                "use letters, digits, '-', '_' or '.' (set output_dir to write elsewhere)"
+            )
+        return name
 
     @model_validator(mode="after")
     def _unique_names(self) -> Recipe:

@@ -115,7 +115,10 @@ def read_yaml(path: str | Path) -> tuple[Any, dict]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
-        raise PosttrainError(f"invalid YAML: {e.problem or e.context}", file=file, line=line) from None
+        problem = e.problem or e.context
+        tab = "\\t" in str(problem) or "tab character" in str(problem)
+        fix = "indent with spaces: YAML does not allow tabs" if tab else None
+        raise PosttrainError(f"invalid YAML: {problem}", file=file, line=line, fix=fix) from None
     except yaml.YAMLError as e:
         raise PosttrainError(f"invalid YAML: {' '.join(str(e).split())}", file=file) from None
     finally:

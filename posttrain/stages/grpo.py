@@ -24,7 +24,6 @@ from posttrain.context import StageContext
 from posttrain.data_tools.peek import peek_columns
 from posttrain.errors import PosttrainError
 from posttrain.generation import render_prompts
-from posttrain.lora_targets import literal_targets
 from posttrain.memory import Workload, trainer_workload
 from posttrain.metrics import Evaluated, MoESummary, ParameterCounts, TrainMetrics, TypedDict
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
@@ -32,6 +31,7 @@ from posttrain.recipe import GRPOStage, PathModel, Recipe, trainer_settings
 from posttrain.rewards import build_reward, reward_columns, reward_label
 from posttrain.stages import Slot
 from posttrain.training import (
+    applying_lora,
     callbacks,
     lora_config,
     release,
@@ -68,6 +68,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
     from trl import GRPOTrainer
 
     from posttrain import moe  # loads transformers (its callbacks subclass TrainerCallback)
+    from posttrain.guards import RewardGuard  # loads transformers (a TrainerCallback)
     from posttrain.samples import SamplesLog  # loads transformers (a TrainerCallback)
 
     set_seed(ctx.seed)
@@ -87,7 +88,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
     samples = SamplesLog(ctx.out_dir / artifacts.SAMPLES, Path(args.output_dir) / TRL_COMPLETIONS)
     model = load_causal_lm(source)
     experts = moe.prepare(model, stage.moe, lora=stage.lora, default_router="freeze")
-    with literal_targets(stage.lora is not None and stage.lora.targets is not None):
+    with applying_lora(stage.lora, ctx.stage):
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=rewards,
@@ -95,7 +96,12 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
-            callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard), samples],
+            callbacks=[
+                *experts.callbacks,
+                *callbacks(ctx, stage.guard),
+                samples,
+                RewardGuard(ctx.stage, rewards),
+            ],
         )
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     if ctx.is_main:

@@ -26,7 +26,6 @@ from typing import Any
 from posttrain.context import StageContext
 from posttrain.data_tools import extract_answer, require_columns
 from posttrain.errors import PosttrainError
-from posttrain.lora_targets import literal_targets
 from posttrain.memory import Workload, trainer_workload
 from posttrain.metrics import Evaluated, NotRequired, ParameterCounts, TrainMetrics, TypedDict
 from posttrain.models import count_parameters, cpu_threads, load_tokenizer, torch_dtype
@@ -35,6 +34,7 @@ from posttrain.rewards.reward_model import reward_model
 from posttrain.rewards.text import completion_text
 from posttrain.stages import Slot
 from posttrain.training import (
+    applying_lora,
     callbacks,
     lora_config,
     release,
@@ -90,7 +90,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> Metrics:
     tokenizer = load_tokenizer(source)
     model = load_reward_model(source)
     args = trainer_args("RewardConfig", stage.train, ctx)
-    with literal_targets(stage.lora is not None and stage.lora.targets is not None):
+    with applying_lora(stage.lora, ctx.stage):
         trainer = RewardTrainer(
             model=model,
             args=args,

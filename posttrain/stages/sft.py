@@ -13,21 +13,25 @@ or `text` (loss on everything). The result is `<stage>/model/` (LoRA merged unle
       train: {num_train_epochs: 2, learning_rate: 3.0e-3}              # any trl SFTConfig key
 """
 
+import functools
 from typing import Any
 
 from posttrain.architecture import check_moe
 from posttrain.context import StageContext
+from posttrain.data_tools import describe
 from posttrain.errors import PosttrainError
-from posttrain.lora_targets import literal_targets
 from posttrain.memory import Workload, trainer_workload
 from posttrain.metrics import Evaluated, MoESummary, ParameterCounts, TrainMetrics
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import Recipe, SFTStage, trainer_settings
+from posttrain.rewards.text import completion_text
 from posttrain.stages import Slot
 from posttrain.training import (
+    applying_lora,
     callbacks,
     lora_config,
     release,
+    require_rows_left,
     resume_checkpoint,
     save_final_model,
     train_metrics,
@@ -50,7 +54,7 @@ def run(stage: SFTStage, ctx: StageContext) -> Metrics:
     from posttrain import moe  # loads transformers (its callbacks subclass TrainerCallback)
 
     set_seed(ctx.seed)
-    dataset = sft_columns(ctx.data(stage.data))
+    dataset = sft_rows(ctx.data(stage.data), stage.data)
     source = ctx.model(stage.model)
     tokenizer = load_tokenizer(source)
     model = load_causal_lm(source)
@@ -62,7 +66,7 @@ def run(stage: SFTStage, ctx: StageContext) -> Metrics:
         assistant_only_loss="messages" in dataset.column_names,
         **moe.train_defaults(stage.moe),
     )
-    with literal_targets(stage.lora is not None and stage.lora.targets is not None):
+    with applying_lora(stage.lora, ctx.stage):
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -71,6 +75,7 @@ def run(stage: SFTStage, ctx: StageContext) -> Metrics:
             peft_config=lora_config(stage.lora, model=model, modules_to_save=experts.modules_to_save),
             callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard)],
         )
+    require_rows_left(trainer, len(dataset), ctx.stage)
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
     save_final_model(trainer, tokenizer, ctx, stage.lora)
     metrics: Metrics = {
@@ -93,7 +98,13 @@ def check(stage: SFTStage, recipe: Recipe, path: tuple) -> None:
 def slot(stage: SFTStage) -> Slot:
     """Preflight: the rows in any SFT format, cut at the trainer's max_length."""
     max_length = trainer_settings(stage).get("max_length")
-    return Slot(stage.model, stage.data, None, max_length=max_length, row_format=sft_columns)
+    return Slot(
+        stage.model,
+        stage.data,
+        None,
+        max_length=max_length,
+        row_format=functools.partial(sft_rows, data=stage.data),
+    )
 
 
 def workload(stage: SFTStage, recipe: Recipe, shapes: dict) -> Workload | str:
@@ -101,6 +112,11 @@ def workload(stage: SFTStage, recipe: Recipe, shapes: dict) -> Workload | str:
 
 
 headline = None  # the report's table row says it all: loss, evaluation
+
+
+def sft_rows(dataset: Any, data: Any) -> Any:
+    """The rows in the first SFT format they have, unless none has anything to learn from."""
+    return require_text(sft_columns(dataset), describe(data))
 
 
 def sft_columns(dataset: Any) -> Any:
@@ -111,4 +127,21 @@ def sft_columns(dataset: Any) -> Any:
     raise PosttrainError(
         f"SFT needs a 'messages' column, 'prompt' + 'completion', or 'text'; the data has: {', '.join(dataset.column_names)}",
         fix="map yours with `columns: {messages: <your column>}`",
+    )
+
+
+def require_text(dataset: Any, label: str) -> Any:
+    """The dataset, unless no row has anything to learn from: every completion, assistant turn or
+    text empty would train an unchanged model and mark it COMPLETE. Stops at the first row with
+    text, so real data costs one row."""
+    columns = dataset.column_names
+    column = "messages" if "messages" in columns else "completion" if "completion" in columns else "text"
+    for row in dataset.select_columns([column]):
+        if completion_text(row[column]).strip():
+            return dataset
+    what = {"messages": "assistant turns", "completion": "completions", "text": "texts"}[column]
+    found = f"all {len(dataset)} rows have empty {what}" if len(dataset) else "no rows"
+    raise PosttrainError(
+        f"{label}: {found}: nothing to train on",
+        fix="check the data file and its `columns:` mapping; drop empty rows",
     )
