@@ -176,6 +176,8 @@ LEDGER = {
         ("posttrain.moe", "RouterMetrics", "on_step_end"),
         ("posttrain.moe", "RouterMetrics", "on_log"),
         ("transformers.integrations", "TensorBoardCallback", "on_log"),
+        ("posttrain.step_log", "StepLog", "on_step_end"),
+        ("posttrain.step_log", "StepLog", "on_log"),
     ],
     "router_hooks": [
         ("posttrain.moe", "RouterLoad", "_count"),

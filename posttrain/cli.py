@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from posttrain.artifacts import write_atomic
+from posttrain.console import console
 from posttrain.distributed import PeerFailed
-from posttrain.errors import PosttrainError
+from posttrain.errors import PosttrainError, did_you_mean
 from posttrain.lock import live_holder
 
 app = typer.Typer(
@@ -39,14 +39,16 @@ app = typer.Typer(
     help="DeepSeek-style post-training from one recipe: SFT, RLAIF reward models, GRPO, distillation. "
     "Add --debug to any command to see tracebacks.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True, highlight=False)
 
 Recipe = Annotated[
     Path,
-    typer.Argument(help="The recipe YAML file, or the name of a shipped one (demo).", show_default=False),
+    typer.Argument(
+        metavar="RECIPE",
+        help="The recipe YAML file, or the name of a shipped one (demo).",
+        show_default=False,
+    ),
 ]
 Set = Annotated[
     list[str] | None,
@@ -54,6 +56,30 @@ Set = Annotated[
         "--set", help="Override a recipe key: --set stages.sft.train.learning_rate=1e-4 (repeatable)."
     ),
 ]
+RunDir = Annotated[
+    Path, typer.Argument(metavar="RUN_DIR", help="A run directory (runs/<name>).", show_default=False)
+]
+StageOption = Annotated[
+    str | None,
+    typer.Option("--stage", help="The stage whose model: sft, grpo, distill/base (default: the last one)."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"posttrain {version('posttrain')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """DeepSeek-style post-training from one recipe: SFT, RLAIF reward models, GRPO, distillation."""
 
 
 def _load(recipe: Path, overrides: list[str] | None):  # -> Recipe
@@ -72,16 +98,22 @@ def shipped_recipe(path: Path) -> Path:
 
 
 def _quiet_libraries() -> None:
-    """Keep the trainer's progress bar; drop datasets' per-map bars and info chatter."""
+    """posttrain's own lines and bars only: no per-map, weight-loading or shard-writing bars from
+    datasets and transformers, no info chatter, no DeepSpeed accelerator notice on a CPU machine."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notices
     import datasets
     import transformers
 
+    from posttrain.training import has_accelerator
+
+    if not has_accelerator():  # what DeepSpeed falls back to anyway, after a warning that says so
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_warning()
+    transformers.logging.disable_progress_bar()
 
 
 @app.command()
@@ -103,16 +135,22 @@ def run(
     ] = False,
 ) -> None:
     """Run a recipe: every stage in order, skipping finished ones and resuming interrupted ones."""
-    loaded = _load(recipe, set_)
+    console.print(f"[dim]posttrain run {escape(str(recipe))}: checking the recipe…[/]", soft_wrap=True)
+    with console.status("[dim]loading trl and transformers, checking every stage…[/]"):  # ~10 s
+        _quiet_libraries()
+        loaded = _load(recipe, set_)
     if dry_run:
         _print_plan(loaded, tuple(force or ()))
         _print_preflight(loaded, with_memory=True)
         return
-    _quiet_libraries()
     from posttrain.preflight import require_working_rewards
+    from posttrain.runner import order_stages
     from posttrain.runner import run as run_recipe
 
     require_working_rewards(loaded)  # a broken reward fails here, before any weights load
+    names = [s.name for s in order_stages(loaded)]
+    console.print(f"[bold]{loaded.name}[/]: {len(names)} stages ({' → '.join(names)}) in {loaded.run_dir}",
+                  soft_wrap=True)  # fmt: skip
     try:
         results = run_recipe(
             loaded, force=tuple(force or ()), only=only, report=_report, verify_hashes=verify_hashes
@@ -124,15 +162,18 @@ def run(
         return
     console.print(f"[bold green]done[/] {loaded.run_dir}")
     for name, metrics in results.items():
-        console.print(f"  {name}: {_summary(metrics)}")
+        console.print(f"  {name}: {_summary(loaded.stage(name).kind, metrics)}")
 
 
 def _report(stage: str, event: str, details: dict) -> None:
     if event == "cached":
-        console.print(f"[dim]✓ {stage}: cached ({details['dir']})[/]")
+        console.print(
+            f"[dim]✓ stage {details['index']}/{details['total']} {stage}: cached ({details['dir']})[/]"
+        )
     elif event in ("start", "resume"):
         verb = "resuming" if event == "resume" else "running"
-        console.rule(f"[bold]{stage}[/] ({details['kind']}): {verb}")
+        where = f"stage {details['index']}/{details['total']}"
+        console.rule(f"[bold]{where} · {stage}[/] ({details['kind']}): {verb}")
     elif event == "re-evaluate":
         console.print(f"[yellow]↻ {stage}: eval changed, re-evaluating[/]")
     elif event == "rebuild":
@@ -144,29 +185,25 @@ def _report(stage: str, event: str, details: dict) -> None:
         console.print(f"[yellow]{details['dir']}: taking over the lock of a run that ended without releasing it "
                       f"({escape(details['holder'])})[/]", soft_wrap=True)  # fmt: skip
     elif event == "done":
-        console.print(f"[green]✓ {stage}[/] in {details['wall_time_s']:.1f}s: {_summary(details['metrics'])}")
+        console.print(
+            f"[green]✓ {stage}[/] in {details['wall_time_s']:.1f}s: {_summary(details['kind'], details['metrics'])}"
+        )
+    elif event == "pushed":
+        console.print(f"[green]↑ {stage}[/] pushed to {', '.join(details['urls'])}")
 
 
-def _summary(metrics: dict) -> str:
-    """A stage's metrics in one line, read through their declared shapes (posttrain.metrics and
-    each kind's `Metrics`): loss, held-out accuracy, a distill stage's models."""
-    from posttrain.metrics import EvalMetrics, TrainMetrics
-    from posttrain.stages.distill import Metrics as DistillMetrics
+def _summary(kind: str, metrics: dict) -> str:
+    """A stage's metrics in one line: what its kind says it did (report.outcome), then the
+    held-out evaluation (posttrain.metrics.EvalMetrics)."""
+    from posttrain.metrics import EvalMetrics
+    from posttrain.report import outcome
 
-    parts = []
-    train: TrainMetrics = metrics.get("train") or {}
-    if train.get("loss_first") is not None:
-        parts.append(f"loss {train['loss_first']:.3f} → {train['loss_last']:.3f}")
+    parts = outcome(kind, metrics)
     evaluation: EvalMetrics = metrics.get("eval") or {}
     if "accuracy" in evaluation:
         parts.append(f"eval accuracy {evaluation['accuracy']:.3f} (n={evaluation['n']})")
     if "pass_at_1" in evaluation:
         parts.append(f"pass@1 {evaluation['pass_at_1']:.3f} (k={evaluation['k']})")
-    distill: DistillMetrics = metrics  # type: ignore[assignment]  (any kind with students)
-    models = {"teacher": distill.get("teacher") or {}, **(distill.get("students") or {})}
-    if "students" in distill and all("accuracy" in m for m in models.values()):
-        sizes = [f"{name} {m['accuracy']:.3f} ({m['parameters'] / 1e6:.2f}M)" for name, m in models.items()]
-        parts.append("accuracy " + ", ".join(sizes))
     return ", ".join(parts) or "ok"
 
 
@@ -245,7 +282,7 @@ def _print_preflight(recipe, with_memory: bool) -> None:
 
     findings = _preflight(recipe) + (memory_findings(recipe) if with_memory else [])
     for finding in findings:
-        style = "red" if finding.problem else "dim"
+        style = "red" if finding.problem else "yellow" if finding.warning else "dim"
         console.print(f"[{style}]{escape(finding.line())}[/]", highlight=False, soft_wrap=True)
     problems = sum(f.problem for f in findings)
     if problems:
@@ -346,9 +383,7 @@ def _print_live_run(recipe) -> None:
 
 
 @app.command()
-def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<name>).", show_default=False)],
-) -> None:
+def report(run_dir: RunDir) -> None:
     """Rebuild a run's report.md and plots from its stage folders."""
     from posttrain.report import write_report
 
@@ -371,6 +406,68 @@ def verify(recipe: Recipe, set_: Set = None) -> None:
     if problems:
         raise typer.Exit(2)
     console.print(f"[green]✓[/] {loaded.run_dir}: {len(loaded.stages)} stages complete and valid")
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe's JSON schema (editors validate recipes with it: see the first line of
+    recipes/demo.yaml)."""
+    from posttrain.recipe.json_schema import recipe_schema
+
+    typer.echo(json.dumps(recipe_schema(), indent=2))
+
+
+@app.command()
+def export(
+    run_dir: RunDir,
+    to: Annotated[Path, typer.Option("--to", help="A new folder for the model.", show_default=False)],
+    stage: StageOption = None,
+    merge: Annotated[
+        bool, typer.Option("--merge/--no-merge", help="Merge a LoRA adapter into its base model.")
+    ] = True,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option("--push-to-hub", metavar="REPO", help="Also upload it to this Hub model repo."),
+    ] = None,
+    license: Annotated[
+        str | None,
+        typer.Option("--license", help="The card's license (default: the base model's, else other)."),
+    ] = None,
+) -> None:
+    """Write a stage's model as a standalone folder: weights, tokenizer and a model card."""
+    from posttrain.export import export_model, push
+
+    dest = export_model(run_dir, stage, to, merge=merge, license=license)
+    loader = (
+        "peft's AutoPeftModelForCausalLM"
+        if (dest / "adapter_config.json").exists()
+        else "AutoModelForCausalLM"
+    )
+    console.print(
+        f"[green]✓[/] {dest}: a model card and weights; loads with {loader}.from_pretrained", soft_wrap=True
+    )
+    if push_to_hub:
+        console.print(f"[green]↑[/] {push(dest, push_to_hub)}")
+
+
+@app.command()
+def chat(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            metavar="MODEL_OR_RUN_DIR", help="A model folder, or a run directory.", show_default=False
+        ),
+    ],
+    stage: StageOption = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Reply length.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")] = 0.0,
+    system: Annotated[str | None, typer.Option("--system", help="A system prompt.")] = None,
+) -> None:
+    """Talk to a model in the terminal through its chat template (/reset forgets, /exit or Ctrl-D ends)."""
+    _quiet_libraries()
+    from posttrain.chat import chat_loop
+
+    chat_loop(model, stage, max_new_tokens=max_new_tokens, temperature=temperature, system=system)
 
 
 data_app = typer.Typer(help="Look at datasets before training on them.", no_args_is_help=True)
@@ -502,16 +599,54 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click's usage errors; a peer rank's failure
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2)
+    except typer.TyperException as e:  # click's errors (typer bundles its own click): usage mistakes
+        if debug:
+            raise
+        if type(e).__name__ != "NoArgsIsHelpError":  # `posttrain` alone has printed its help
+            console.print(f"[bold red]error:[/] {escape(usage_error(e, args))}", soft_wrap=True)
+        sys.exit(2)
+    except Exception as e:  # a peer rank's failure
         if isinstance(e, PeerFailed):  # the main process failed and has printed why
             console.print(f"[dim]stopping{_rank_label()}: {e}[/]", soft_wrap=True)
             sys.exit(2)
         raise
+
+
+# A command people type that posttrain calls something else.
+SYNONYMS = {"train": "run", "fit": "run", "finetune": "run", "check": "validate", "show": "plan"}
+
+
+def usage_error(e: typer.TyperException, args: list[str]) -> str:
+    """A click usage error as one line, with a did-you-mean and where to look."""
+    message = " ".join(e.format_message().split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    command = ctx.command_path if ctx is not None else "posttrain"
+    kind = type(e).__name__
+    if message.startswith("No such command") and "Did you mean" not in message:
+        close = did_you_mean(message.split("'")[1] if "'" in message else "", SYNONYMS)
+        if close:
+            meant = SYNONYMS[close.split("'")[1]]
+            return f"{message}. Did you mean '{meant}'? (see `posttrain {meant} --help`)"
+    if kind == "NoSuchOption" and not e.possibilities and _takes_set(ctx):
+        return f"{message} (a trainer option? --set stages.STAGE.train.{_as_key(e.option_name, args)})"
+    if kind in ("MissingParameter", "BadArgumentUsage") and ctx is not None:
+        message += ". " + " ".join(ctx.get_usage().split())
+    return f"{message} (see `{command} --help`)"
+
+
+def _takes_set(ctx: typer.Context | None) -> bool:
+    return ctx is not None and any("--set" in getattr(p, "opts", ()) for p in ctx.command.params)
+
+
+def _as_key(option: str, args: list[str]) -> str:
+    """`--max-steps 3` (or `--max-steps=3`) as the trl key and value: `max_steps=3`."""
+    key = option.lstrip("-").replace("-", "_")
+    for i, arg in enumerate(args):
+        if arg.startswith(option + "="):
+            return f"{key}={arg.split('=', 1)[1]}"
+        if arg == option and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            return f"{key}={args[i + 1]}"
+    return f"{key}=VALUE"
 
 
 def _rank_label() -> str:

@@ -59,8 +59,9 @@ def evaluate_model(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict
     prompts = render_prompts(tokenizer, list(rows["prompt"]))
     answers = [str(a) for a in rows["answer"]]
     greedy, speed = generate(
-        model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size
-    )
+        model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
+        description="eval (greedy)",
+    )  # fmt: skip
     completions = [o[0] for o in greedy]
     correct, formatted = score(completions, answers)
     n = len(completions)
@@ -122,6 +123,7 @@ def sample(
     sampled, _ = generate(
         model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
         num_return_sequences=spec.k, do_sample=True, temperature=spec.temperature, top_p=spec.top_p,
+        description=f"eval ({spec.k} samples each)",
     )  # fmt: skip
     flat, _ = score([s for group in sampled for s in group], [a for a in answers for _ in range(spec.k)])
     return sampled, [flat[i : i + spec.k] for i in range(0, len(flat), spec.k)]

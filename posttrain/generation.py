@@ -32,10 +32,12 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    description: str | None = None,
 ) -> tuple[list[list[str]], dict[str, float]]:
     """Completions for rendered `prompts` (k per prompt), decoded without special tokens, and
-    throughput stats. Greedy unless `do_sample`; prompts are left-padded in batches."""
-    import torch
+    throughput stats. Greedy unless `do_sample`; prompts are left-padded in batches. With a
+    `description`, a progress bar counts the prompts done."""
+    from posttrain.console import progress
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -45,28 +47,16 @@ def generate(
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
     )
+    k = num_return_sequences
     try:
-        for i in range(0, len(prompts), batch_size):
-            batch = tokenizer(
-                prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            )
-            batch = batch.to(model_device(model))
-            with torch.no_grad():
-                out = model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    num_return_sequences=num_return_sequences,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    top_k=None,
-                    **sampling,
+        with progress(description, len(prompts)) as advance:
+            for i in range(0, len(prompts), batch_size):
+                texts, tokens = _generate_batch(
+                    model, tokenizer, prompts[i : i + batch_size], max_new_tokens, k, sampling
                 )
-            completion_ids = out[:, batch["input_ids"].shape[1] :]
-            finished = completion_ids != tokenizer.pad_token_id
-            new_tokens += int(finished.sum())
-            texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-            k = num_return_sequences
-            outputs.extend(texts[j : j + k] for j in range(0, len(texts), k))
+                outputs.extend(texts[j : j + k] for j in range(0, len(texts), k))
+                new_tokens += tokens
+                advance(len(texts) // k)
     finally:
         tokenizer.padding_side = side
     seconds = time.perf_counter() - started
@@ -75,6 +65,29 @@ def generate(
         "seconds": seconds,
         "tokens_per_s": new_tokens / max(seconds, 1e-9),
     }
+
+
+def _generate_batch(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, k: int, sampling: dict[str, Any]
+) -> tuple[list[str], int]:
+    """k decoded completions per prompt of one left-padded batch, and the tokens generated."""
+    import torch
+
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = batch.to(model_device(model))
+    with torch.no_grad():
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=k,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            top_k=None,
+            **sampling,
+        )
+    completion_ids = out[:, batch["input_ids"].shape[1] :]
+    tokens = int((completion_ids != tokenizer.pad_token_id).sum())
+    return tokenizer.batch_decode(completion_ids, skip_special_tokens=True), tokens
 
 
 # --------------------------------------------------------------------------- vLLM (optional extra)

@@ -65,6 +65,24 @@ MoESummary = TypedDict(
         "moe/bias_update_rate": NotRequired[float],
     },
 )
+Curves = dict[str, list[tuple[int, float]]]  # TensorBoard scalars read back: {name: [(step, value)]}
+
+
+def first_last(curve: list[tuple[int, float]]) -> tuple[float, float] | None:
+    return (curve[0][1], curve[-1][1]) if curve else None
+
+
+def trained(train: TrainMetrics | None, curves: Curves, loss: bool = True) -> list[str]:
+    """A trainer's run in words, for a kind's `outcome`: `loss a → b` (from the loss curve when
+    the metrics lack it) and `N steps`."""
+    train = train or {}
+    ends = (train.get("loss_first"), train.get("loss_last"))
+    if None in ends:
+        ends = first_last(curves.get("loss", [])) or (None, None)
+    parts = [f"loss {ends[0]:.3f} → {ends[1]:.3f}"] if loss and None not in ends else []
+    return parts + ([f"{train['steps']} steps"] if train.get("steps") else [])
+
+
 PER_LAYER = re.compile(r"^moe/[^/]+/(load_cv|router_entropy|dead_experts|max_load|expert_share)$")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from posttrain import artifacts
-from posttrain.metrics import EvalMetrics, MoESummary, TrainMetrics
+from posttrain.metrics import Curves, EvalMetrics, MoESummary, TrainMetrics
 from posttrain.recipe import STAGE_KINDS
 from posttrain.stages import stage_module
 from posttrain.stages.distill import Metrics as DistillMetrics
@@ -40,9 +40,10 @@ class StageSummary:
     status: str  # complete | running | pending
     metrics: dict[str, Any]  # the kind's `Metrics` (posttrain/stages/<kind>.py), as metrics.json holds it
     data: list[dict[str, Any]]
-    curves: dict[str, list[tuple[int, float]]]
+    curves: Curves
     gate: dict[str, float] | None
     source: str | None = None  # the stage whose model this one started from, if any
+    part_curves: dict[str, Curves] = dataclasses.field(default_factory=dict)
 
     @property
     def eval(self) -> EvalMetrics:
@@ -90,6 +91,9 @@ def collect(run_dir: Path) -> tuple[str, list[StageSummary]]:
                 metrics=(artifacts.read_json(folder / artifacts.METRICS) or {}) if done else {},
                 data=(artifacts.read_json(folder / artifacts.DATA_REPORT) or {}).get("steps", []),
                 curves=read_curves(folder / artifacts.LOGS),
+                part_curves={
+                    p.parent.name: read_curves(p) for p in sorted(folder.glob(f"*/{artifacts.LOGS}"))
+                },
                 gate={k: v for k, v in gate.items() if v is not None} if gate else None,
                 source=_source(stage),
             )
@@ -113,28 +117,22 @@ def _num(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _first_last(curve: list[tuple[int, float]]) -> tuple[float, float] | None:
-    return (curve[0][1], curve[-1][1]) if curve else None
+def outcome(kind: str, metrics: dict[str, Any], curves: Curves | None = None) -> list[str]:
+    """What a stage did, in a few words: the report's `training` cell and the console's closing
+    line. Each kind's module says it (`outcome`; curves fill in what its metrics lack)."""
+    describe = stage_module(kind).outcome if kind in STAGE_KINDS and metrics else None
+    return describe(metrics, curves or {}) if describe is not None else []
 
 
 def train_cell(stage: StageSummary) -> str:
-    train = stage.train
-    parts = []
-    loss = (train.get("loss_first"), train.get("loss_last"))
-    if None in loss:
-        loss = _first_last(stage.curves.get("loss", [])) or (None, None)
-    if None not in loss:
-        parts.append(f"loss {loss[0]:.3f} → {loss[1]:.3f}")
-    reward = _first_last(stage.curves.get("reward", []))
-    if reward:
-        parts.append(f"reward {reward[0]:.3f} → {reward[1]:.3f}")
-    if train.get("steps"):
-        parts.append(f"{train['steps']} steps")
-    return ", ".join(parts)
+    return ", ".join(outcome(stage.kind, stage.metrics, stage.curves))
 
 
 def data_cell(stage: StageSummary) -> str:
-    parts = [f"{stage.metrics['rows']} rows"] if "rows" in stage.metrics else []
+    m = stage.metrics
+    parts = [f"{m['rows']} rows"] if "rows" in m else [f"{m['prompts']} prompts"] if "prompts" in m else []
+    if isinstance(m.get("pairs"), dict):  # a reward model's preference pairs
+        parts.append(f"{m['pairs']['train']} pairs + {m['pairs']['held_out']} held out")
     for step, short in (("dedup", "dup"), ("decontaminate", "contaminated")):
         removed = sum(s["removed"] for s in stage.data if s["step"] == step)
         if any(s["step"] == step for s in stage.data):
@@ -252,41 +250,83 @@ def _save(figure: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_curves(stages: list[StageSummary], name: str, path: Path) -> bool:
-    """One line per stage that logged this curve (loss or reward against its own steps)."""
-    import matplotlib.pyplot as plt
+def curve_panels(stages: list[StageSummary], name: str) -> dict[str, list[tuple[str, list]]]:
+    """{panel title: [(line label, curve)]}: one panel per metric family of curve `name`. Each
+    kind's training loss is its own quantity (token cross-entropy, a pairwise ranking loss), so
+    each kind's module names its panel (`loss_panel`; None: no loss worth plotting, as GRPO's,
+    about 0 by construction, whose reward is plotted)."""
+    panels: dict[str, list[tuple[str, list]]] = {}
+    for s in stages:
+        title = "RL: mean reward per step"
+        if name == "loss":
+            title = stage_module(s.kind).loss_panel if s.kind in STAGE_KINDS else None
+            if title is None:
+                continue
+        lines = [(s.name, s.curves.get(name))] + [
+            (f"{s.name}/{p}", c.get(name)) for p, c in s.part_curves.items()
+        ]
+        panels.setdefault(title, []).extend((label, curve) for label, curve in lines if curve)
+    return {title: lines for title, lines in panels.items() if lines}
 
-    drawn = [(s.name, s.curves[name]) for s in stages if s.curves.get(name)]
-    if not drawn:
+
+def plot_curves(stages: list[StageSummary], name: str, path: Path) -> bool:
+    """One panel per metric family (see curve_panels), one line per stage, integer steps, and each
+    line's last value written at its end."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    panels = curve_panels(stages, name)
+    if not panels:
         path.unlink(missing_ok=True)
         return False
-    figure, axes = plt.subplots(figsize=(6, 3.5))
-    for label, curve in drawn:
-        axes.plot([step for step, _ in curve], [value for _, value in curve], label=label)
-    axes.set(xlabel="step", ylabel=name, title=f"training {name} per stage")
-    axes.legend()
+    figure, axes_row = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False)
+    for axes, (title, lines) in zip(axes_row[0], panels.items(), strict=True):
+        for label, curve in lines:
+            steps, values = [step for step, _ in curve], [value for _, value in curve]
+            (line,) = axes.plot(steps, values, marker="." if len(curve) < 30 else None, label=label)
+            axes.annotate(f"{values[-1]:.3f}", (steps[-1], values[-1]), xytext=(4, 0), textcoords="offset points",
+                          va="center", fontsize=8, color=line.get_color())  # fmt: skip
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set(xlabel="step", ylabel=name, title=title)
+        axes.margins(x=0.18)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
     _save(figure, path)
     return True
 
 
+def accuracy_bars(stages: list[StageSummary]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, eval results) of every evaluated model: each stage's, and each distilled student's."""
+    bars = [(s.name, s.eval) for s in stages if "accuracy" in s.eval]
+    for s in stages:
+        for name, student in (s.metrics.get("students") or {}).items():
+            if "accuracy" in student:
+                bars.append((f"{s.name}/{name}", student.get("eval") or {"accuracy": student["accuracy"]}))
+    return bars
+
+
 def plot_accuracy(stages: list[StageSummary], path: Path) -> bool:
-    """Bars per evaluated stage: greedy accuracy, and pass@1 / maj@k when sampled."""
+    """Bars per evaluated model (stages and students): greedy accuracy, and pass@1 / pass@k / maj@k
+    when sampled; every bar carries its value, so a 0 reads as 0, and a metric a model lacks has no bar."""
     import matplotlib.pyplot as plt
 
-    evaluated = [s for s in stages if "accuracy" in s.eval]
-    if not evaluated:
+    bars = accuracy_bars(stages)
+    if not bars:
         path.unlink(missing_ok=True)
         return False
-    keys = [(label, key) for label, key in EVAL_COLUMNS[:4] if any(key in s.eval for s in evaluated)]
+    keys = [(label, key) for label, key in EVAL_COLUMNS[:4] if any(key in e for _, e in bars)]
     width = 0.8 / len(keys)
-    figure, axes = plt.subplots(figsize=(max(4, 1.2 * len(evaluated) + 2), 3.5))
+    figure, axes = plt.subplots(figsize=(max(4.5, 1.3 * len(bars) + 2), 3.6))
     for j, (label, key) in enumerate(keys):
-        xs = [i + j * width for i in range(len(evaluated))]
-        axes.bar(xs, [s.eval.get(key, 0.0) for s in evaluated], width, label=label)
-    axes.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(evaluated))])
-    axes.set_xticklabels([s.name for s in evaluated])
-    axes.set(ylim=(0, 1), ylabel="held-out", title="evaluation per stage")
-    axes.legend()
+        shown = [(i, e[key]) for i, (_, e) in enumerate(bars) if isinstance(e.get(key), int | float)]
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i, _ in shown]
+        container = axes.bar(xs, [v for _, v in shown], width, label=label)
+        axes.bar_label(container, fmt="%.2f", fontsize=7, padding=1)
+    axes.set_xticks(range(len(bars)), [name for name, _ in bars], rotation=20 if len(bars) > 5 else 0)
+    axes.set(
+        ylim=(0, 1.22), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0], ylabel="held-out", title="evaluation per model"
+    )
+    axes.legend(fontsize=8, ncols=len(keys))
     _save(figure, path)
     return True
 

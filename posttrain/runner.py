@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from posttrain import artifacts
+from posttrain import artifacts, cards
 from posttrain.context import StageContext
 from posttrain.distributed import launch_info, on_main, state
 from posttrain.errors import PosttrainError
@@ -196,7 +196,9 @@ def _run_stages(
     on_main(_write_resolved, recipe)
     finished: dict[str, dict] = {}
     results: dict[str, dict] = {}
-    for stage in order_stages(recipe):
+    ordered = order_stages(recipe)
+    for index, stage in enumerate(ordered, 1):
+        position = {"index": index, "total": len(ordered)}
         stage_dir = recipe.run_dir / stage.name
         if only is not None and stage.name != only:
             manifest = on_main(artifacts.completed_manifest, stage_dir)
@@ -214,14 +216,15 @@ def _run_stages(
         if manifest is not None:
             finished[stage.name] = manifest
             results[stage.name] = on_main(_reuse_cached, recipe, stage, stage_dir, finished, report)
-            report(stage.name, "cached", {"dir": str(stage_dir)})
+            report(stage.name, "cached", {"dir": str(stage_dir), **position})
             _after_stage(recipe, stage, results[stage.name])
             continue
         if status == "rebuild":
             report(stage.name, "rebuild", {"why": on_main(damage, stage_dir, stage, hash_limit)})
         resume = on_main(artifacts.start_stage, stage_dir, fp, fresh=status != "resume")
         ctx = _context(recipe, stage, stage_dir, finished, resume)
-        report(stage.name, "resume" if resume else "start", {"kind": stage.kind, "dir": str(stage_dir)})
+        event = "resume" if resume else "start"
+        report(stage.name, event, {"kind": stage.kind, "dir": str(stage_dir), **position})
         started = time.time()
         try:
             metrics = stage_module(stage).run(stage, ctx)
@@ -231,12 +234,14 @@ def _run_stages(
             e.key = e.key or f"stages.{stage.name}"
             raise
         wall = time.time() - started
+        on_main(cards.write_cards, recipe.run_dir, stage.name, metrics, fp)
         manifest = _manifest(recipe, stage, fp, finished, wall)
         finished[stage.name] = on_main(
             artifacts.finish_stage, stage_dir, manifest, {**metrics, "wall_time_s": round(wall, 2)}
         )
         results[stage.name] = metrics
-        report(stage.name, "done", {"wall_time_s": wall, "metrics": metrics})
+        report(stage.name, "done", {"kind": stage.kind, "wall_time_s": wall, "metrics": metrics})
+        _push(recipe, stage, report)
         _after_stage(recipe, stage, metrics)
     return results
 
@@ -288,6 +293,16 @@ def _reuse_cached(
     artifacts.drop_leftovers(stage_dir)
     metrics = artifacts.read_json(stage_dir / artifacts.METRICS) or {}
     return _refresh_eval(recipe, stage, stage_dir, finished, metrics, report)
+
+
+def _push(recipe: Recipe, stage: StageBase, report: Reporter) -> None:
+    """`train: {push_to_hub: true}`: upload the finished model/ (merged, with its card) to the Hub."""
+    from posttrain.export import hub_settings, push_stage
+
+    settings = hub_settings(stage)
+    if settings is not None:
+        urls = on_main(push_stage, recipe.run_dir, stage.name, settings, recipe.name)
+        report(stage.name, "pushed", {"urls": urls})
 
 
 def _after_stage(recipe: Recipe, stage: StageBase, metrics: dict) -> None:
@@ -352,7 +367,9 @@ def _refresh_eval(
     metrics = {k: v for k, v in metrics.items() if k != "eval"}
     metrics = _with_eval(recipe, stage_dir, ctx, metrics)
     artifacts.write_json(stage_dir / artifacts.METRICS, metrics)
-    artifacts.write_json(stage_dir / artifacts.MANIFEST, {**manifest, "eval_hash": _eval_hash(recipe)})
+    cards.write_cards(recipe.run_dir, stage.name, metrics, manifest.get("fingerprint"))  # the new eval
+    manifest = {**manifest, "eval_hash": _eval_hash(recipe), "files": artifacts.list_files(stage_dir)}
+    artifacts.write_json(stage_dir / artifacts.MANIFEST, manifest)
     return metrics
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import artifacts
+from posttrain.console import progress
 from posttrain.errors import PosttrainError
 from posttrain.generation import generate, generate_vllm, render_prompts, vllm_usable
 from posttrain.models import load_causal_lm, load_tokenizer
@@ -161,13 +162,15 @@ def sample_traces(
     todo = [i for i in range(len(rows)) if i not in done]
     speed: dict[str, Any] = {"tokens": 0, "seconds": 0.0}
     if todo:
-        with TeacherSampler(teacher, generation, samples_per_prompt) as sample:
+        bar = progress(f"teacher traces ({samples_per_prompt} per prompt)", len(todo))
+        with TeacherSampler(teacher, generation, samples_per_prompt) as sample, bar as advance:
             for batch in _chunks(todo, generation.batch_size):
                 outputs, stats = sample([rows[i]["prompt"] for i in batch], seed + batch[0])
                 records = rejection_sample([rows[i] for i in batch], outputs, verifiers, keep_per_prompt)
                 artifacts.append_jsonl(path, [{"index": i, **r} for i, r in zip(batch, records, strict=True)])
                 speed["tokens"] += stats["tokens"]
                 speed["seconds"] += stats["seconds"]
+                advance(len(batch))
     speed["tokens_per_s"] = speed["tokens"] / speed["seconds"] if speed["seconds"] else None
     return speed
 

@@ -47,6 +47,8 @@ def trainer_args(config: str, train: dict[str, Any], ctx: StageContext, **defaul
     if not has_accelerator():
         kwargs.update(use_cpu=True, bf16=False)
     kwargs.update(train)
+    # The runner pushes the finished model/ (merged, with its card); the Trainer would push checkpoints.
+    kwargs["push_to_hub"] = False
     report_to = kwargs["report_to"]
     if report_to == "tensorboard" or (isinstance(report_to, list) and "tensorboard" in report_to):
         kwargs["report_to"] = [
@@ -155,6 +157,21 @@ def _at_last_step(checkpoint: Path) -> bool:
     return bool(state.get("max_steps")) and state.get("global_step", 0) >= state["max_steps"]
 
 
+def train(trainer: Any, ctx: StageContext, shown: tuple[tuple[str, str, str], ...]) -> None:
+    """`trainer.train()` from the last checkpoint of an interrupted run, with posttrain's console:
+    one line per logging step with the `shown` metrics (the stage kind's), in place of the
+    Trainer's raw dicts, which still reach TensorBoard and the stage's metrics."""
+    from posttrain.step_log import StepLog, use_step_log
+
+    inside = ctx.out_dir.is_relative_to(ctx.run_dir)
+    log = StepLog(ctx.out_dir.relative_to(ctx.run_dir).as_posix() if inside else ctx.stage, shown)
+    use_step_log(trainer, log)
+    try:
+        trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
+    finally:
+        log.close()
+
+
 def resume_checkpoint(trainer: Any, ctx: StageContext) -> str | None:
     """`last_checkpoint`, with its weights already loaded into `trainer.model`: pass it to
     `trainer.train(resume_from_checkpoint=...)`.
@@ -233,14 +250,15 @@ def save_final_model(trainer: Any, tokenizer: Any, ctx: StageContext, lora: Lora
             (partial / junk).unlink(missing_ok=True)
         tokenizer.save_pretrained(str(partial))
         if lora is not None and lora.merge:
-            _merge_adapter(partial, tokenizer)
+            merge_adapter(partial, tokenizer)
         shutil.rmtree(dest, ignore_errors=True)
         partial.rename(dest)
     ctx.barrier()
     return dest
 
 
-def _merge_adapter(folder: Path, tokenizer: Any) -> None:
+def merge_adapter(folder: Path, tokenizer: Any) -> None:
+    """Replace the LoRA adapter in `folder` by its base model with the adapter merged in."""
 
     from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 

@@ -293,13 +293,15 @@ def test_report_reads_reward_curves_and_data_reports(tmp_path: Path) -> None:
 
     report = write_report(tmp_path).read_text()
     grpo_row = next(line for line in report.splitlines() if line.startswith("| grpo |"))
-    assert "loss 0.900 → 0.600" in grpo_row and "reward 0.100 → 0.450" in grpo_row and "3 steps" in grpo_row
+    assert "reward 0.100 → 0.450" in grpo_row and "3 steps" in grpo_row
+    assert "loss" not in grpo_row  # about 0 by construction in RL: the reward says what moved
     assert "−2 contaminated" in grpo_row and "accuracy ≥ 0.5 ✗" in grpo_row and "| 0.400 |" in grpo_row
     assert "| distill | distill | running |" in report
     assert "decontaminate removed 2 of 10 rows from `train.jsonl`" in report
-    for plot in ("loss", "reward", "accuracy"):
+    for plot in ("reward", "accuracy"):
         assert f"![{plot}]({plot}.png)" in report
         assert (tmp_path / f"{plot}.png").read_bytes().startswith(b"\x89PNG")
+    assert "loss.png" not in report  # GRPO's loss alone: nothing worth a loss panel
 
 
 def test_report_headlines_say_whether_each_stage_did_its_job() -> None:
@@ -326,3 +328,50 @@ def test_report_headlines_say_whether_each_stage_did_its_job() -> None:
         "- **grpo** lifted held-out accuracy 0.410 → 0.535 (+12.5 points over sft)",
         "- **distill/base** keeps 90% of the teacher's accuracy (0.450 vs 0.500) with 40% of its parameters",
     ]
+
+
+def test_plots_have_a_panel_per_loss_family_integer_steps_and_visible_zeros(
+    monkeypatch, tmp_path: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from posttrain import report
+    from posttrain.report import StageSummary
+
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda figure, path: figures.append(figure))
+
+    def stage(name, kind, metrics, curves=None, parts=None) -> StageSummary:
+        return StageSummary(name, kind, "complete", metrics, [], curves or {}, None, None, parts or {})
+
+    stages = [
+        stage("sft", "sft", {"eval": {"accuracy": 0.0, "n": 4, "pass_at_1": 0.25}},
+              {"loss": [(1, 2.0), (2, 1.5), (3, 1.2)]}),
+        stage("rm", "reward_model", {}, {"loss": [(1, 0.69), (2, 0.6)]}),
+        stage("grpo", "grpo", {"eval": {"accuracy": 0.5, "n": 4}},
+              {"loss": [(1, 0.0), (2, 0.0)], "reward": [(1, 0.2), (2, 0.4)]}),
+        stage("distill", "distill", {"students": {"small": {"accuracy": 0.25, "parameters": 10,
+                                                            "eval": {"accuracy": 0.25, "n": 4}}}},
+              parts={"small": {"loss": [(2, 3.0), (4, 2.5)]}}),
+    ]  # fmt: skip
+    assert report.plot_curves(stages, "loss", tmp_path / "loss.png")
+    [loss] = figures
+    titles = [a.get_title() for a in loss.axes]
+    assert titles == [
+        "SFT: token cross-entropy",
+        "reward model: pairwise loss",
+        "distillation students: token cross-entropy",
+    ]  # fmt: skip (no GRPO "loss")
+    assert [line.get_label() for line in loss.axes[2].get_lines()] == ["distill/small"]
+    loss.canvas.draw()
+    ticks = [t.get_text() for t in loss.axes[1].get_xticklabels() if t.get_text()]
+    assert ticks and all(t.lstrip("−-").isdigit() for t in ticks)  # integer steps only
+    assert "1.200" in [t.get_text() for t in loss.axes[0].texts]  # the last value, written at the line's end
+
+    assert report.plot_accuracy(stages, tmp_path / "accuracy.png")
+    axes = figures[-1].axes[0]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["sft", "grpo", "distill/small"]
+    labels = [t.get_text() for t in axes.texts]
+    assert labels.count("0.00") == 1 and "0.25" in labels  # sft's 0 accuracy is labelled, not invisible
+    assert len(axes.patches) == 4  # 3 accuracies + sft's pass@1: no zero-height bar for a missing metric

@@ -93,6 +93,16 @@ def test_tiny_grpo_run_logs_samples_and_reward_metrics(write_recipe, cli, tmp_pa
     recipe = grpo_recipe(write_recipe)
     code, _, err = cli("run", recipe)
     assert code == 0, err
+    # The console: one compact line per logging step with GRPO's signals, no raw metric dicts, and a
+    # closing line that says what moved (the reward), not "loss 0.000 -> 0.000".
+    lines = err.splitlines()
+    assert any("stage 1/1 · grpo (grpo): running" in line for line in lines)
+    steps = [line for line in lines if line.startswith("  grpo  step ")]
+    assert [line.split()[2] for line in steps] == ["1/2", "2/2"], err
+    assert all("reward " in line and "± " in line and "length " in line for line in steps)
+    assert "{'" not in err and "moe/" not in err and "Loading weights" not in err
+    [done] = [line for line in lines if line.startswith("✓ grpo in ")]
+    assert "reward " in done and "loss" not in done
     stage = tmp_path / "runs" / "grpo"
     assert (stage / "COMPLETE").exists() and (stage / "model" / "config.json").exists()
     samples = artifacts.read_jsonl(stage / "samples.jsonl")

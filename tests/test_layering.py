@@ -22,8 +22,15 @@ from posttrain.runner import order_stages
 from posttrain.stages import stage_module
 
 REPO = Path(__file__).resolve().parents[1]
-HOOKS = ("run", "check", "slot", "workload", "headline")  # what every stage module exposes, and `Metrics`
-OPTIONAL = {"check", "workload", "headline"}  # None says "this kind needs none"
+HOOKS = (
+    "run",
+    "check",
+    "slot",
+    "workload",
+    "headline",
+    "outcome",
+)  # what every stage module exposes, and `Metrics`
+OPTIONAL = {"check", "workload", "headline", "outcome"}  # None says "this kind needs none"
 
 
 def loaded_modules(code: str) -> set[str]:
@@ -70,6 +77,9 @@ def test_a_stage_kind_is_one_schema_class_and_one_module(kind: str) -> None:
         assert hasattr(module, hook), f"{module_name} must say what its `{hook}` is (None if it has none)"
         value = getattr(module, hook)
         assert callable(value) or (value is None and hook in OPTIONAL), (module_name, hook)
+    assert isinstance(getattr(module, "loss_panel", 0), str | None), (
+        f"{module_name} names its loss panel (or None)"
+    )
     assert hasattr(module.Metrics, "__required_keys__"), f"{module_name}.Metrics declares its metrics"
 
 

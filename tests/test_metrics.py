@@ -68,12 +68,17 @@ def test_the_report_shows_every_line_the_declared_metrics_feed(declared_run: Pat
         assert "| complete | 0.5 |" in row, row  # wall time
         if "eval" in fields:
             assert "| 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.5 | 3 |" in row, row  # evaluation columns
-        if "train" in fields:
-            assert "| loss 0.500 → 0.500, 3 steps |" in row, row
+        outcome = stage_module(stage["kind"]).outcome
+        if outcome is not None:  # the training cell is what the kind says it did
+            cell = ", ".join(outcome(example(stage_module(stage["kind"]).Metrics), {}))
+            assert cell and f"| {cell} |" in row, row
         if "rows" in fields:
             assert "| 3 rows |" in row, row
         if stage_module(stage["kind"]).headline is not None:
             assert f"- **{stage['name']}" in report, stage["kind"]
+    for name, cell in (("sft", "loss 0.500 → 0.500, 3 steps"), ("grpo", "3 steps"), ("label", "kept 3 of 3 pairs"),
+                       ("rm", "held-out pairwise accuracy 0.500 (n=3)"), ("distill", "accuracy teacher 0.500")):  # fmt: skip
+        assert cell in next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
     assert "- **grpo** lifted held-out accuracy 0.500 → 0.500 (+0.0 points over sft; pass@1" in report
     assert "| small | 0.00 M | 0.00 M | 0.500 | 0.50 | 0.5 | 0.50 |" in report  # the distillation table
     assert "**distill**: trace pass rate 0.500" in report
@@ -82,9 +87,9 @@ def test_the_report_shows_every_line_the_declared_metrics_feed(declared_run: Pat
 
 def test_the_cli_summary_reads_the_declared_fields() -> None:
     sft = example(stage_module("sft").Metrics)
-    assert _summary(sft) == "loss 0.500 → 0.500, eval accuracy 0.500 (n=3), pass@1 0.500 (k=3)"
+    assert _summary("sft", sft) == "loss 0.500 → 0.500, 3 steps, eval accuracy 0.500 (n=3), pass@1 0.500 (k=3)"
     distill = example(stage_module("distill").Metrics)
-    assert _summary(distill) == "accuracy teacher 0.500 (0.00M), small 0.500 (0.00M)"
+    assert _summary("distill", distill) == "accuracy teacher 0.500 (0.00M), small 0.500 (0.00M)"
 
 
 @pytest.mark.parametrize("kind", sorted(STAGE_REGISTRY))

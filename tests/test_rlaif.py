@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fake_openai import VERDICT_A, ScriptedServer, chat_reply
 
 from posttrain.errors import PosttrainError
 from posttrain.judges import Judge, PairQuery
@@ -206,68 +205,6 @@ def test_pairwise_prompt_and_strict_verdicts():
 # --------------------------------------------------------------------------- openai backend over HTTP
 
 
-class ScriptedServer:
-    """An OpenAI-compatible /v1/chat/completions on 127.0.0.1 that plays a script: each request
-    takes the next step (`("status", code)`, `("hang", seconds)`, `("reply", body)`); once the
-    script runs out it repeats its last step. Records requests and peak concurrency."""
-
-    def __init__(self, script: list[tuple]) -> None:
-        self.script = list(script)
-        self.requests: list[dict] = []
-        self.headers: list[dict] = []
-        self.in_flight = 0
-        self.peak = 0
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.requests.append(body)
-                    server.headers.append(dict(self.headers))
-                    step = server.script.pop(0) if len(server.script) > 1 else server.script[0]
-                    server.in_flight += 1
-                    server.peak = max(server.peak, server.in_flight)
-                try:
-                    self.play(step, body)
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
-
-            def play(self, step: tuple, body: dict) -> None:
-                kind, value = step
-                if kind == "hang":
-                    time.sleep(value)
-                    return
-                if kind == "status":
-                    self.send_response(value)
-                    self.send_header("Retry-After", "0")
-                    self.send_header("Content-Length", "2")
-                    self.end_headers()
-                    self.wfile.write(b"no")
-                    return
-                reply = value(body) if callable(value) else value
-                data = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def serve():
     servers: list[ScriptedServer] = []
@@ -279,28 +216,6 @@ def serve():
     yield start
     for server in servers:
         server.close()
-
-
-def chat_reply(text: str, logprobs: list[tuple[str, float, dict[str, float]]] | None = None) -> dict:
-    choice: dict = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-    if logprobs is not None:
-        choice["logprobs"] = {
-            "content": [
-                {
-                    "token": t,
-                    "logprob": lp,
-                    "top_logprobs": [{"token": k, "logprob": v} for k, v in top.items()],
-                }
-                for t, lp, top in logprobs
-            ]
-        }
-    return {"id": "x", "object": "chat.completion", "choices": [choice]}
-
-
-VERDICT_A = chat_reply(
-    "Verdict: A",
-    [("Verdict", -0.01, {}), (":", -0.01, {}), (" A", math.log(0.6), {" A": math.log(0.6), " B": math.log(0.15), "B": math.log(0.05)})],
-)  # fmt: skip
 
 
 def openai_judge(url: str, **options):
@@ -375,6 +290,70 @@ def test_openai_judge_limits_concurrency(serve):
     verdicts = judge.compare([PairQuery("q", str(i), "x") for i in range(12)])
     judge.close()
     assert len(verdicts) == 12 and 1 < server.peak <= 3
+
+
+def test_openai_judge_reuses_connections(serve):
+    server = serve(("reply", VERDICT_A))
+    judge = openai_judge(server.url, max_concurrency=2)
+    judge.compare([PairQuery("q", str(i), "x") for i in range(20)])
+    judge.close()
+    assert len(server.requests) == 20 and len(server.connections) <= 2  # keep-alive, not one per call
+
+
+def test_openai_judge_says_once_that_the_server_ignores_logprobs(serve, capsys):
+    server = serve(("reply", chat_reply("Verdict: A")))  # asked for logprobs, sent none
+    judge = openai_judge(server.url, max_concurrency=2)
+    verdicts = judge.compare([PairQuery("q", str(i), "x") for i in range(6)])
+    assert [v["p_first"] for v in verdicts] == [1.0] * 6 and all(v["mass"] is None for v in verdicts)
+    err = capsys.readouterr().err
+    assert err.count("returns no logprobs") == 1 and "Verdict:" in err
+    judge = openai_judge(server.url, logprobs=False)  # not asked: nothing to say
+    judge.compare([PairQuery("q", "a", "b")])
+    assert "logprobs" not in capsys.readouterr().err
+
+
+def test_openai_judge_stores_a_rationale_only_when_asked(serve):
+    server = serve(("reply", chat_reply("Both look fine to me, but the first is shorter.\nVerdict: A")))
+    [quiet] = openai_judge(server.url, logprobs=False).compare([PairQuery("q", "a", "b")])
+    [asked] = openai_judge(server.url, logprobs=False, rationale=True).compare([PairQuery("q", "a", "b")])
+    assert quiet == {"p_first": 1.0, "rationale": None, "mass": None}
+    assert asked["rationale"] == "Both look fine to me, but the first is shorter."
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason", "hint"),
+    [
+        ("I cannot decide.", "invalid", "no usable verdict on 6 of 6 pairs"),
+        (
+            "Verdict: A",
+            "inconsistent",
+            "two orders disagreed on 6 of 6 pairs (the answer shown first won 100%",
+        ),
+    ],
+)
+def test_a_label_stage_that_keeps_nothing_says_why_and_leaves_its_counts(
+    serve, write_recipe, cli, tmp_path: Path, reply: str, reason: str, hint: str
+):
+    server = serve(("reply", chat_reply(reply)))
+    data = tmp_path / "answers.jsonl"
+    rows = [{"prompt": f"{i}+1=", "responses": [f"<answer>{i + 1}</answer>", f"<answer>{i}</answer>", "?"]}
+            for i in range(2)]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(f"""
+        name: nothing-kept
+        base_model: {{preset: tiny-dense}}
+        stages:
+          - name: label
+            kind: rlaif_label
+            data: {{path: {data}}}
+            judge: {{backend: openai, base_url: "{server.url}", model: m, api_key_env: null, logprobs: false}}
+        """)
+    code, _, err = cli("run", recipe)
+    assert code == 2 and hint in err and "Traceback" not in err, err
+    metrics = json.loads((tmp_path / "runs" / "label" / "metrics.json").read_text())
+    assert metrics["pairs_judged"] == 6 and metrics["kept"] == 0
+    assert metrics["dropped_by_reason"][reason] == 6 and hint in metrics["problem"]
+    assert not (tmp_path / "runs" / "label" / "COMPLETE").exists()
 
 
 # --------------------------------------------------------------------------- local judges on a tiny model
@@ -546,6 +525,13 @@ def test_label_then_reward_model_and_a_rerun_that_hits_the_cache(
     run = tmp_path / "runs"
     records = [json.loads(line) for line in (run / "label/data/preferences.jsonl").read_text().splitlines()]
     label = json.loads((run / "label/metrics.json").read_text())
+    # The console: the label row says what was kept, the RM's steps show accuracy and margin, its
+    # closing line the held-out accuracy.
+    lines = err.splitlines()
+    assert "✓ label in " in err and f"kept {label['kept']} of 72 pairs" in err
+    steps = [line for line in lines if line.startswith("  rm  step ")]
+    assert len(steps) >= 2 and all("accuracy " in line and "margin " in line for line in steps)
+    assert any(line.startswith("✓ rm in ") and "held-out pairwise accuracy" in line for line in lines)
     assert label["pairs_judged"] == 72 and label["kept"] == len(records) > 30
     assert label["kept"] + label["dropped"] == label["pairs_judged"]
     assert label["position_consistency"] == 1.0  # a pointwise judge has no positions

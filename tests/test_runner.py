@@ -21,7 +21,8 @@ stages:
     kind: sft
     model: a
     data: {synthetic: arithmetic, n: 64, seed: 1}
-    train: {max_steps: 2, per_device_train_batch_size: 16, gradient_checkpointing: false, save_strategy: 'no'}
+    train: {max_steps: 2, per_device_train_batch_size: 16, gradient_checkpointing: false, save_strategy: 'no',
+            logging_steps: 1}
 eval: {data: {synthetic: arithmetic, split: test, n: 8}, max_new_tokens: 16}
 """
 
@@ -35,6 +36,12 @@ def test_second_run_is_cached_and_changes_rerun_only_what_they_touch(write_recip
     runs = tmp_path / "runs"
     code, _, err = cli("run", recipe)
     assert code == 0, err
+    lines = err.splitlines()
+    assert lines[0].endswith("checking the recipe…") and "cache-test: 2 stages (a → b)" in lines[1]
+    assert any("stage 2/2 · b (sft): running" in line for line in lines)
+    steps = [line.split() for line in lines if line.startswith("  b  step ")]
+    assert [s[2] for s in steps] == ["1/2", "2/2"] and all(s[3] == "loss" and s[5] == "lr" for s in steps)
+    assert "{'" not in err and "moe/" not in err
     first = {s: completion_id(runs, s) for s in "ab"}
     assert json.loads((runs / "b" / "metrics.json").read_text())["eval"]["n"] == 8
     # What a kill between COMPLETE and the cleanup after it leaves behind.
@@ -42,7 +49,7 @@ def test_second_run_is_cached_and_changes_rerun_only_what_they_touch(write_recip
     (runs / "a" / "RUNNING").write_text("{}")
 
     code, _, err = cli("run", recipe)
-    assert code == 0 and err.count("cached") >= 2, err
+    assert code == 0 and "stage 1/2 a: cached" in err and "stage 2/2 b: cached" in err, err
     assert {s: completion_id(runs, s) for s in "ab"} == first
     assert not (runs / "a" / "checkpoints").exists() and not (runs / "a" / "RUNNING").exists()
 

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from posttrain.console import progress
+
 
 def cache_key(*parts: Any) -> str:
     """A stable key for a judge call: (judge id, prompt, answers...), whatever their types."""
@@ -58,9 +60,16 @@ class JudgeCache:
                 f.flush()
                 os.fsync(f.fileno())
 
-    def map(self, keys: Sequence[str], compute: Callable[[list[int]], list[Any]], chunk: int) -> list[Any]:
+    def map(
+        self,
+        keys: Sequence[str],
+        compute: Callable[[list[int]], list[Any]],
+        chunk: int,
+        description: str | None = None,
+    ) -> list[Any]:
         """The value of every key: cached ones read, the rest computed `chunk` at a time by
-        `compute(indices)` and stored after each chunk, so a crash loses one chunk at most."""
+        `compute(indices)` and stored after each chunk, so a crash loses one chunk at most.
+        With a `description`, a progress bar counts the computed ones."""
         values: list[Any] = [None] * len(keys)
         todo: list[int] = []
         first: dict[str, int] = {}
@@ -74,10 +83,12 @@ class JudgeCache:
                 first[key] = i
                 todo.append(i)
         self.misses += len(todo)
-        for start in range(0, len(todo), chunk):
-            batch = todo[start : start + chunk]
-            results = compute(batch)
-            self.put_many((keys[i], r) for i, r in zip(batch, results, strict=True))
+        with progress(description, len(todo)) as advance:
+            for start in range(0, len(todo), chunk):
+                batch = todo[start : start + chunk]
+                results = compute(batch)
+                self.put_many((keys[i], r) for i, r in zip(batch, results, strict=True))
+                advance(len(batch))
         for i, key in enumerate(keys):
             if values[i] is None:
                 values[i] = self._values[key]

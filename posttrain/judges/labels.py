@@ -84,7 +84,9 @@ def judge_pairs(
         for first, second in ((p.a, p.b), (p.b, p.a))
     ]
     keys = [cache_key(judge.id, q.prompt, q.first, q.second) for q in queries]
-    verdicts = cache.map(keys, lambda idx: judge.compare([queries[i] for i in idx]), judge.batch_size)
+    verdicts = cache.map(
+        keys, lambda idx: judge.compare([queries[i] for i in idx]), judge.batch_size, "judging (both orders)"
+    )
     judged = []
     for i, pair in enumerate(pairs):
         ab, ba = verdicts[2 * i], verdicts[2 * i + 1]
@@ -116,7 +118,10 @@ def _judge_pointwise(
     ]
     keys = [cache_key(judge.id, prompt, answer, *([cols] if cols else [])) for prompt, answer, cols in items]
     values = cache.map(
-        keys, lambda idx: [{"score": s} for s in judge.score([items[i] for i in idx])], judge.batch_size
+        keys,
+        lambda idx: [{"score": s} for s in judge.score([items[i] for i in idx])],
+        judge.batch_size,
+        "judging (each answer)",
     )
     score = {item: v["score"] for item, v in zip(needed, values, strict=True)}
     judged = []
@@ -214,6 +219,34 @@ def label_metrics(judged: list[JudgedPair], decisions: list[str]) -> dict[str, A
     if masses:
         metrics["mean_label_mass"] = sum(masses) / len(masses)
     return metrics
+
+
+def nothing_kept(metrics: dict[str, Any], min_margin: float, max_disagreement: float) -> PosttrainError:
+    """The error for a labelling that kept no pair, with the fix for its main reason."""
+    judged, reasons = metrics["pairs_judged"], metrics["dropped_by_reason"]
+    if judged == 0:
+        return PosttrainError(
+            "no pairs to judge: every prompt's answers were identical",
+            fix="sample more diverse answers: raise sampling.temperature or samples_per_prompt",
+        )
+    main = max(reasons, key=lambda r: reasons[r])
+    where = "label/metrics.json has the counts"
+    if main == "invalid":
+        return PosttrainError(
+            f"the judge gave no usable verdict on {reasons['invalid']} of {judged} pairs",
+            fix=f"its reply must end with `Verdict: <label>` (check the judge model, its labels and max_tokens); {where}",
+        )
+    if main == "inconsistent":
+        rate = metrics.get("first_position_win_rate")
+        bias = f" (the answer shown first won {rate:.0%} of the time)" if rate is not None else ""
+        return PosttrainError(
+            f"the judge's two orders disagreed on {reasons['inconsistent']} of {judged} pairs{bias}",
+            fix=f"a position-biased judge: use a stronger one, or raise max_disagreement (now {max_disagreement}); {where}",
+        )
+    return PosttrainError(
+        f"the judge kept no pairs out of {judged}: {reasons}",
+        fix=f"sample more diverse answers (sampling.temperature), or lower min_margin (now {min_margin}); {where}",
+    )
 
 
 def agreement(judged: list[JudgedPair], decisions: list[str], truth: dict[tuple[int, int], bool]) -> dict:

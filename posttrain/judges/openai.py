@@ -1,27 +1,28 @@
-"""The `openai` judge: any OpenAI-compatible chat endpoint (vLLM, SGLang, a hosted API) over plain
-HTTP (urllib; the `openai` package is not needed).
+"""The `openai` judge: any OpenAI-compatible chat endpoint (vLLM, SGLang, a hosted API), through
+one pooled httpx client (keep-alive connections, `max_concurrency` at once) with tenacity retries.
 
 The judge replies `Verdict: A` (after a rationale when asked). When the server returns logprobs,
 p(first better) is read from the top logprobs of the label token after `Verdict:`, so it is a
-probability; otherwise the strict verdict line gives 1 or 0, and a reply without one counts as
-no verdict (the pair is dropped as `invalid`). Timeouts, connection errors, 408/409/429 and 5xx
-are retried with exponential backoff (a server's Retry-After wins); `max_concurrency` requests
-run at once. The API key comes from the environment variable the recipe names.
+probability; a server that ignores `logprobs` is named once on the console and its strict
+verdict line gives 1 or 0; a reply without one counts as no verdict (the pair is dropped as
+`invalid`). Timeouts, connection errors, 408/409/429 and 5xx are retried with exponential
+backoff and jitter (a server's Retry-After wins); any other status fails at once. The API key
+comes from the environment variable the recipe names.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import math
 import os
-import random
-import time
-import urllib.error
-import urllib.request
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx2
+import tenacity
+
+from posttrain.console import console
 from posttrain.context import StageContext
 from posttrain.errors import PosttrainError
 from posttrain.judges import Judge, PairQuery
@@ -43,7 +44,12 @@ def build(spec: OpenAIJudgeSpec, ctx: StageContext | None, judge_id: str) -> Jud
                 fix=f"export {spec.api_key_env}=..., or set `api_key_env: null` for a server without keys",
             )
         headers["Authorization"] = f"Bearer {key}"
+    limits = httpx2.Limits(
+        max_connections=spec.max_concurrency, max_keepalive_connections=spec.max_concurrency
+    )
+    client = httpx2.Client(headers=headers, timeout=spec.timeout_s, limits=limits)
     pool = ThreadPoolExecutor(max_workers=spec.max_concurrency)
+    no_logprobs = threading.Event()  # said once per judge
 
     def one(query: PairQuery) -> dict[str, Any]:
         user = pairwise_prompt(
@@ -54,18 +60,29 @@ def build(spec: OpenAIJudgeSpec, ctx: StageContext | None, judge_id: str) -> Jud
             spec.labels,
             spec.rationale,
         )
-        reply = post(url, headers, request_body(spec, user), spec)
-        return read_verdict(reply, spec.labels)
+        reply = post(client, url, request_body(spec, user), spec)
+        if spec.logprobs and not _has_logprobs(reply) and not no_logprobs.is_set():
+            no_logprobs.set()
+            console.print(
+                f"[yellow]warning:[/] the judge server at {spec.base_url} returns no logprobs: reading the "
+                "`Verdict:` line instead, so each label is 0 or 1, not a probability (`logprobs: false` asks for none)",
+                soft_wrap=True,
+            )
+        return read_verdict(reply, spec.labels, keep_rationale=spec.rationale)
 
     def compare(queries: list[PairQuery]) -> list[dict[str, Any]]:
         return list(pool.map(one, queries))
+
+    def close() -> None:
+        pool.shutdown(wait=False, cancel_futures=True)
+        client.close()
 
     return Judge(
         id=judge_id,
         batch_size=4 * spec.max_concurrency,
         compare=compare,
         principles=spec.principles,
-        close=lambda: pool.shutdown(wait=False, cancel_futures=True),
+        close=close,
     )
 
 
@@ -81,48 +98,71 @@ def request_body(spec: OpenAIJudgeSpec, user: str) -> dict[str, Any]:
     return {**body, **spec.extra_body}
 
 
-def post(url: str, headers: dict[str, str], body: dict[str, Any], spec: OpenAIJudgeSpec) -> dict[str, Any]:
+def post(client: httpx2.Client, url: str, body: dict[str, Any], spec: OpenAIJudgeSpec) -> dict[str, Any]:
     """POST with retries: transient failures back off and retry; a 4xx the server means is an error."""
-    data = json.dumps(body).encode()
-    problem = ""
-    for attempt in range(spec.max_retries + 1):
-        wait = None
-        try:
-            request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-            with urllib.request.urlopen(request, timeout=spec.timeout_s) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            detail = e.read()[:300].decode(errors="replace")
-            if e.code not in RETRY_STATUS:
-                raise PosttrainError(
-                    f"judge endpoint {url} answered {e.code}: {detail}",
-                    fix="check base_url, model and the API key",
-                ) from None
-            problem, wait = f"HTTP {e.code}", _retry_after(e.headers.get("Retry-After"))
-        except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:  # timeouts, refused, reset
-            problem = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-        if attempt < spec.max_retries:
-            backoff = min(spec.backoff_s * 2**attempt, MAX_BACKOFF_S) * (1 + 0.25 * random.random())
-            time.sleep(wait if wait is not None else backoff)
+
+    def send() -> dict[str, Any]:
+        response = client.post(url, json=body)
+        response.raise_for_status()
+        return response.json()
+
+    backoff = tenacity.wait_exponential(multiplier=spec.backoff_s, max=MAX_BACKOFF_S)
+    jitter = tenacity.wait_random(0, spec.backoff_s / 4)
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(spec.max_retries + 1),
+        wait=lambda state: (
+            _retry_after(state) if _retry_after(state) is not None else (backoff + jitter)(state)
+        ),
+        retry=tenacity.retry_if_exception(_transient),
+        reraise=True,
+    )
+    try:
+        return retrying(send)
+    except httpx2.HTTPStatusError as e:
+        if e.response.status_code not in RETRY_STATUS:
+            raise PosttrainError(
+                f"judge endpoint {url} answered {e.response.status_code}: {e.response.text[:300]}",
+                fix="check base_url, model and the API key",
+            ) from None
+        problem = f"HTTP {e.response.status_code}"
+    except (httpx2.TransportError, json.JSONDecodeError) as e:  # timeouts, refused, reset, a torn reply
+        problem = f"{type(e).__name__}: {e}"
     raise PosttrainError(
         f"judge endpoint {url} failed {spec.max_retries + 1} times (last: {problem})",
         fix="is the server up? raise timeout_s / max_retries, or lower max_concurrency",
     )
 
 
-def _retry_after(value: str | None) -> float | None:
+def _transient(error: BaseException) -> bool:
+    if isinstance(error, httpx2.HTTPStatusError):
+        return error.response.status_code in RETRY_STATUS
+    return isinstance(error, httpx2.TransportError | json.JSONDecodeError)
+
+
+def _retry_after(state: tenacity.RetryCallState) -> float | None:
+    """The seconds a 429/503's Retry-After asks for (capped), else None."""
+    error = state.outcome.exception() if state.outcome else None
+    value = error.response.headers.get("Retry-After") if isinstance(error, httpx2.HTTPStatusError) else None
     try:
         return min(float(value), MAX_BACKOFF_S) if value else None
     except ValueError:
         return None
 
 
-def read_verdict(reply: dict[str, Any], labels: tuple[str, str]) -> dict[str, Any]:
+def _has_logprobs(reply: dict[str, Any]) -> bool:
+    choice = (reply.get("choices") or [{}])[0]
+    return bool((choice.get("logprobs") or {}).get("content"))
+
+
+def read_verdict(
+    reply: dict[str, Any], labels: tuple[str, str], keep_rationale: bool = False
+) -> dict[str, Any]:
     """{"p_first", "rationale", "mass"} from a chat completion: label logprobs when present,
-    else the strict verdict line."""
+    else the strict verdict line. The rationale is kept only when one was asked for (a chatty
+    judge's preamble is not a rationale)."""
     choice = (reply.get("choices") or [{}])[0]
     text = (choice.get("message") or {}).get("content") or ""
-    rationale = split_rationale(text) or None
+    rationale = (split_rationale(text) or None) if keep_rationale else None
     tokens = ((choice.get("logprobs") or {}).get("content")) or []
     from_logprobs = label_logprobs(tokens, labels)
     if from_logprobs is not None:

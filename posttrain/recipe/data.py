@@ -66,8 +66,14 @@ class RowOptions(Strict):
     """Options every data block accepts, applied after loading, in this order."""
 
     system_prompt: str | None = None  # a system turn before each prompt / conversation
-    dedup: Annotated[DedupSpec | None, BeforeValidator(_on_off)] = None  # true, exact, or {...}
-    decontaminate: Annotated[DecontaminateSpec | None, BeforeValidator(_on_off)] = None  # true or {...}
+    dedup: Annotated[
+        DedupSpec | None,
+        BeforeValidator(_on_off, json_schema_input_type=DedupSpec | bool | Literal["exact"] | None),
+    ] = None  # true, exact, or {...}
+    decontaminate: Annotated[
+        DecontaminateSpec | None,
+        BeforeValidator(_on_off, json_schema_input_type=DecontaminateSpec | bool | None),
+    ] = None  # true or {...}
     curriculum: CurriculumSpec | None = None
 
 

@@ -14,6 +14,10 @@ Every module exposes the same names, and nothing outside it branches on the kind
     headline(name, metrics, start) -> list[str]
                                             the report's sentence on whether the stage did its job
                                             (posttrain.report); None: the table says it all
+    outcome(metrics, curves) -> list[str]   what it did in a few words: the report's `training`
+                                            cell and the console's closing line; None: nothing
+    loss_panel: str | None                  the title of its panel in loss.png; None: no loss
+                                            worth plotting (RL's reward is plotted instead)
 
 Modules are imported when first needed, so `posttrain --help` stays instant.
 """

@@ -41,7 +41,7 @@ from posttrain.data_tools.mixture import concatenate
 from posttrain.data_tools.peek import peek_columns
 from posttrain.errors import PosttrainError
 from posttrain.evaluation import evaluate_model
-from posttrain.metrics import EvalMetrics, Evaluated, NotRequired, Timed, TrainMetrics, TypedDict
+from posttrain.metrics import Curves, EvalMetrics, Evaluated, NotRequired, Timed, TrainMetrics, TypedDict
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.recipe import DistillStage, MixSpec, PathModel, Recipe, StudentSpec
 from posttrain.rewards import build_reward, reward_columns, reward_label
@@ -51,14 +51,17 @@ from posttrain.traces import Verifier, kept_rows, sample_traces, trace_stats
 from posttrain.training import (
     callbacks,
     release,
-    resume_checkpoint,
     save_final_model,
+    train,
     train_metrics,
     trainer_args,
 )
 
 # Folders of the stage itself, so no student may take their name (each student has <stage>/<name>/).
 RESERVED = (artifacts.DATA, artifacts.TEACHER, artifacts.CHECKPOINTS, artifacts.LOGS)
+
+# What the console shows of each student's logging steps (the full logs go to TensorBoard and metrics.json).
+CONSOLE = (("loss", "loss", ".4f"), ("learning_rate", "lr", ".2e"))
 
 
 class Description(TypedDict):
@@ -164,6 +167,20 @@ def slot(stage: DistillStage) -> Slot:
 
 
 workload = None  # not estimated yet (students and a frozen teacher): the memory plan says "no trainer"
+
+
+loss_panel = "distillation students: token cross-entropy"
+
+
+def outcome(metrics: Metrics, curves: Curves) -> list[str]:
+    """Each model's held-out accuracy and size, teacher first (when the recipe evaluates)."""
+    models = {"teacher": metrics["teacher"], **metrics["students"]}
+    if not all("accuracy" in m for m in models.values()):
+        return []
+    return [
+        "accuracy "
+        + ", ".join(f"{n} {m['accuracy']:.3f} ({m['parameters'] / 1e6:.2f}M)" for n, m in models.items())
+    ]
 
 
 def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:
@@ -361,7 +378,7 @@ def fit(held: list[Any], tokenizer: Any, ctx: StageContext) -> dict[str, Any]:
     """Train `held[0]` (from the last checkpoint of an interrupted run), save `model/` atomically,
     and free the trainer and the models `held` holds the last references to."""
     trainer = held[0]
-    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
+    train(trainer, ctx, CONSOLE)
     save_final_model(trainer, tokenizer, ctx, None)
     metrics = train_metrics(trainer)
     del trainer

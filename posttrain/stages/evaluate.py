@@ -35,6 +35,8 @@ def run(stage: EvaluateStage, ctx: StageContext) -> Metrics:
 check = None  # the schema's evaluation checks cover it (data, gates, harness tasks)
 workload = None  # trains nothing
 headline = None  # the report's table row is its result
+outcome = None  # trains nothing: its evaluation is the table row
+loss_panel = None
 
 
 def slot(stage: EvaluateStage) -> Slot:

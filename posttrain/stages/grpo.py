@@ -25,7 +25,16 @@ from posttrain.data_tools.peek import peek_columns
 from posttrain.errors import PosttrainError
 from posttrain.generation import render_prompts
 from posttrain.memory import Workload, trainer_workload
-from posttrain.metrics import Evaluated, MoESummary, ParameterCounts, TrainMetrics, TypedDict
+from posttrain.metrics import (
+    Curves,
+    Evaluated,
+    MoESummary,
+    ParameterCounts,
+    TrainMetrics,
+    TypedDict,
+    first_last,
+    trained,
+)
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import GRPOStage, PathModel, Recipe, trainer_settings
 from posttrain.rewards import build_reward, reward_columns, reward_label
@@ -35,8 +44,8 @@ from posttrain.training import (
     callbacks,
     lora_config,
     release,
-    resume_checkpoint,
     save_final_model,
+    train,
     train_metrics,
     trainer_args,
 )
@@ -47,6 +56,10 @@ TRL_COMPLETIONS = "completions"  # trl's folder (under checkpoints/) for each lo
 GRPO_DEFAULTS = {"logging_steps": 5, "log_completions": True, "num_completions_to_print": 0}
 RL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/clipped_ratio",
               "completions/mean_length", "kl", "entropy")  # fmt: skip
+
+# What the console shows of each logging step (the full logs go to TensorBoard and metrics.json).
+CONSOLE = (("reward", "reward", ".3f"), ("reward_std", "±", ".3f"), ("kl", "kl", ".4f"),
+           ("completions/mean_length", "length", ".1f"), ("learning_rate", "lr", ".2e"))  # fmt: skip
 
 
 class FirstLast(TypedDict):
@@ -103,7 +116,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
                 RewardGuard(ctx.stage, rewards),
             ],
         )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
+    train(trainer, ctx, CONSOLE)
     if ctx.is_main:
         samples.collect()
     save_final_model(trainer, tokenizer, ctx, stage.lora)
@@ -239,6 +252,18 @@ def slot(stage: GRPOStage) -> Slot:
 
 def workload(stage: GRPOStage, recipe: Recipe, shapes: dict) -> Workload | str:
     return trainer_workload(recipe, shapes, stage.model, trainer_settings(stage), stage.lora, stage.moe)
+
+
+loss_panel = None  # about 0 by construction: reward.png shows what it optimises
+
+
+def outcome(metrics: Metrics, curves: Curves) -> list[str]:
+    """How the mean reward moved (the loss says nothing), and the steps."""
+    reward = (metrics.get("rl") or {}).get("reward")
+    moved = (reward["first"], reward["last"]) if reward else first_last(curves.get("reward", []))
+    return ([f"reward {moved[0]:.3f} → {moved[1]:.3f}"] if moved else []) + trained(
+        metrics.get("train"), curves, loss=False
+    )
 
 
 def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:

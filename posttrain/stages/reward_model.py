@@ -27,7 +27,15 @@ from posttrain.context import StageContext
 from posttrain.data_tools import extract_answer, require_columns
 from posttrain.errors import PosttrainError
 from posttrain.memory import Workload, trainer_workload
-from posttrain.metrics import Evaluated, NotRequired, ParameterCounts, TrainMetrics, TypedDict
+from posttrain.metrics import (
+    Curves,
+    Evaluated,
+    NotRequired,
+    ParameterCounts,
+    TrainMetrics,
+    TypedDict,
+    trained,
+)
 from posttrain.models import count_parameters, cpu_threads, load_tokenizer, torch_dtype
 from posttrain.recipe import PathModel, Recipe, RewardModelStage, trainer_settings
 from posttrain.rewards.reward_model import reward_model
@@ -38,14 +46,18 @@ from posttrain.training import (
     callbacks,
     lora_config,
     release,
-    resume_checkpoint,
     save_final_model,
+    train,
     train_metrics,
     trainer_args,
 )
 
 MAX_LABEL_P = 0.95  # soft labels above this give the same margin (logit(0.95) = 2.94)
 BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+# What the console shows of each logging step (the full logs go to TensorBoard and metrics.json).
+CONSOLE = (("accuracy", "accuracy", ".3f"), ("margin", "margin", ".3f"), ("loss", "loss", ".4f"),
+           ("learning_rate", "lr", ".2e"))  # fmt: skip
 
 
 class Pairs(TypedDict):
@@ -100,7 +112,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> Metrics:
             peft_config=lora_config(stage.lora, task_type="SEQ_CLS", model=model),
             callbacks=callbacks(ctx, stage.guard),
         )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
+    train(trainer, ctx, CONSOLE)
     saved = save_final_model(trainer, tokenizer, ctx, stage.lora)
     metrics: Metrics = {
         "train": train_metrics(trainer),
@@ -126,6 +138,17 @@ def slot(stage: RewardModelStage) -> Slot:
 
 def workload(stage: RewardModelStage, recipe: Recipe, shapes: dict) -> Workload | str:
     return trainer_workload(recipe, shapes, stage.model, trainer_settings(stage), stage.lora)
+
+
+loss_panel = "reward model: pairwise loss"
+
+
+def outcome(metrics: Metrics, curves: Curves) -> list[str]:
+    held_out = metrics.get("held_out")
+    ranked = (
+        [f"held-out pairwise accuracy {held_out['accuracy']:.3f} (n={held_out['n']})"] if held_out else []
+    )
+    return trained(metrics.get("train"), curves) + ranked
 
 
 def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:

@@ -25,7 +25,6 @@ from typing import Any
 from posttrain import artifacts
 from posttrain.context import StageContext
 from posttrain.data_tools import require_columns
-from posttrain.errors import PosttrainError
 from posttrain.generation import generate, render_prompts
 from posttrain.judges import build_judge, load_local_model, principles_hash
 from posttrain.judges.cache import JudgeCache
@@ -39,10 +38,11 @@ from posttrain.judges.labels import (
     judge_columns,
     judge_pairs,
     label_metrics,
+    nothing_kept,
     preference_record,
     verified,
 )
-from posttrain.metrics import Evaluated, NotRequired, Timed, TypedDict
+from posttrain.metrics import Curves, Evaluated, NotRequired, Timed, TypedDict
 from posttrain.recipe import OpenAIJudgeSpec, PresetModel, RewardJudgeSpec, RlaifLabelStage
 from posttrain.stages import Slot
 from posttrain.training import release
@@ -91,6 +91,18 @@ workload = None  # trains nothing
 def slot(stage: RlaifLabelStage) -> Slot:
     """Preflight: prompts for the policy, which writes max_new_tokens per candidate."""
     return Slot(stage.policy, stage.data, ("prompt",), stage.sampling.max_new_tokens)
+
+
+loss_panel = None  # trains nothing
+
+
+def outcome(metrics: Metrics, curves: Curves) -> list[str]:
+    """What the judge kept, and how often it agrees with the reference answer."""
+    parts = [f"kept {metrics['kept']} of {metrics['pairs_judged']} pairs"]
+    agreement = metrics.get("agreement_with_answer")
+    if agreement and agreement["n"]:
+        parts.append(f"agrees with the answer on {agreement['accuracy']:.3f} (n={agreement['n']})")
+    return parts
 
 
 def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:
@@ -155,11 +167,10 @@ def label(stage: RlaifLabelStage, ctx: StageContext) -> Metrics:
         "judge": {"id": judge.id, "cache_hits": cache.hits, "cache_misses": cache.misses},
         **judge_accuracy(rows, answers, judged, decisions, from_data=stage.policy is None),
     }
-    if not records:
-        raise PosttrainError(
-            f"the judge kept no pairs out of {len(judged)}: {metrics['dropped_by_reason']}",
-            fix="sample more diverse answers (sampling.temperature), or lower min_margin",
-        )
+    if not records:  # the counts stay on disk, to see why
+        error = nothing_kept(metrics, stage.min_margin, stage.max_disagreement)
+        artifacts.write_json(ctx.out_dir / artifacts.METRICS, {**metrics, "problem": str(error)})
+        raise error
     return metrics
 
 
@@ -207,6 +218,7 @@ def sample(stage: RlaifLabelStage, ctx: StageContext, prompts: list[Any]) -> tup
         do_sample=True,
         temperature=options.temperature,
         top_p=options.top_p,
+        description=f"candidates ({stage.samples_per_prompt} per prompt)",
     )
     held = [model]
     del model  # `held` keeps the last reference: release() drops it

@@ -21,7 +21,7 @@ from posttrain.context import StageContext
 from posttrain.data_tools import describe
 from posttrain.errors import PosttrainError
 from posttrain.memory import Workload, trainer_workload
-from posttrain.metrics import Evaluated, MoESummary, ParameterCounts, TrainMetrics
+from posttrain.metrics import Curves, Evaluated, MoESummary, ParameterCounts, TrainMetrics, trained
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
 from posttrain.recipe import Recipe, SFTStage, trainer_settings
 from posttrain.rewards.text import completion_text
@@ -32,13 +32,16 @@ from posttrain.training import (
     lora_config,
     release,
     require_rows_left,
-    resume_checkpoint,
     save_final_model,
+    train,
     train_metrics,
     trainer_args,
 )
 
 SFT_FORMATS = (["messages"], ["prompt", "completion"], ["text"])
+
+# What the console shows of each logging step (the full logs go to TensorBoard and metrics.json).
+CONSOLE = (("loss", "loss", ".4f"), ("learning_rate", "lr", ".2e"))
 
 
 class Metrics(Evaluated, MoESummary):
@@ -76,7 +79,7 @@ def run(stage: SFTStage, ctx: StageContext) -> Metrics:
             callbacks=[*experts.callbacks, *callbacks(ctx, stage.guard)],
         )
     require_rows_left(trainer, len(dataset), ctx.stage)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer, ctx))
+    train(trainer, ctx, CONSOLE)
     save_final_model(trainer, tokenizer, ctx, stage.lora)
     metrics: Metrics = {
         "train": train_metrics(trainer),
@@ -112,6 +115,11 @@ def workload(stage: SFTStage, recipe: Recipe, shapes: dict) -> Workload | str:
 
 
 headline = None  # the report's table row says it all: loss, evaluation
+loss_panel = "SFT: token cross-entropy"
+
+
+def outcome(metrics: Metrics, curves: Curves) -> list[str]:
+    return trained(metrics.get("train"), curves)
 
 
 def sft_rows(dataset: Any, data: Any) -> Any:
