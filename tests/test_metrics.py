@@ -87,7 +87,9 @@ def test_the_report_shows_every_line_the_declared_metrics_feed(declared_run: Pat
 
 def test_the_cli_summary_reads_the_declared_fields() -> None:
     sft = example(stage_module("sft").Metrics)
-    assert _summary("sft", sft) == "loss 0.500 → 0.500, 3 steps, eval accuracy 0.500 (n=3), pass@1 0.500 (k=3)"
+    assert (
+        _summary("sft", sft) == "loss 0.500 → 0.500, 3 steps, eval accuracy 0.500 (n=3), pass@1 0.500 (k=3)"
+    )
     distill = example(stage_module("distill").Metrics)
     assert _summary("distill", distill) == "accuracy teacher 0.500 (0.00M), small 0.500 (0.00M)"
 
