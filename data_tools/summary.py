@@ -2,9 +2,11 @@
 
 Loads a source exactly as a recipe would (with `columns:` / `template:`), renders a few rows
 through the model's chat template, and reports rows, columns, token-length percentiles and
-duplicates, with a PNG histogram of the lengths:
+duplicates, with a PNG histogram of the lengths. With `loss_mask`, each example also shows
+which of its tokens SFT would train on (the same mask the sft stage uses, see chat_mask):
 
     posttrain data inspect data/train.jsonl --columns prompt=question,answer=solution --model Qwen/Qwen2.5-0.5B
+    posttrain data inspect chats.jsonl --model meta-llama/Llama-3.1-8B-Instruct --loss-mask
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from posttrain.data_tools.chat_mask import describe_masking, masking_path, row_mask, trained_text
+from posttrain.data_tools.chat_template import read_chat_template
 from posttrain.data_tools.hygiene import find_duplicates, row_text
 from posttrain.data_tools.loading import load_rows
 from posttrain.errors import PosttrainError
@@ -62,6 +66,25 @@ def render_row(tokenizer: Any, row: dict[str, Any]) -> str:
     return row_text(row)
 
 
+def masked_example(tokenizer: Any, row: dict[str, Any], label: str, index: int) -> dict[str, Any]:
+    """One example as SFT trains on it: its text, the loss-carrying tokens decoded, and the text in
+    runs of trained / untrained tokens (what the terminal colours)."""
+    ids, mask = row_mask(tokenizer, row, label, index)
+    runs: list[dict[str, Any]] = []
+    for token, trained in zip(ids, mask, strict=True):
+        if runs and runs[-1]["trained"] == bool(trained):
+            runs[-1]["ids"].append(token)
+        else:
+            runs.append({"trained": bool(trained), "ids": [token]})
+    return {
+        "text": tokenizer.decode(ids, skip_special_tokens=False),
+        "trained_text": trained_text(tokenizer, ids, mask),
+        "trained_tokens": sum(mask),
+        "tokens": len(ids),
+        "runs": [{"text": tokenizer.decode(r["ids"]), "trained": r["trained"]} for r in runs],
+    }
+
+
 def percentiles(lengths: list[int]) -> dict[str, float]:
     import numpy as np
 
@@ -94,11 +117,16 @@ def inspect_data(
     model: str | None = None,
     examples: int = 3,
     out_dir: Path = Path("."),
+    loss_mask: bool = False,
+    chat_template: str | None = None,
 ) -> dict[str, Any]:
-    """Rows, columns, rendered examples, token-length percentiles, duplicates, and the histogram path."""
+    """Rows, columns, rendered examples, token-length percentiles, duplicates, and the histogram path;
+    with `loss_mask`, each example as {text, trained_text, runs} and the conversations' masking path."""
     spec = FileData(path=source, columns=columns or {}, template=template, split=split, name=name)
     rows = load_rows(spec)
     tokenizer = load_tokenizer_for(model)
+    if chat_template is not None:
+        tokenizer.chat_template = read_chat_template(chat_template, "--chat-template")
     rendered = [render_row(tokenizer, row) for row in rows]
     lengths = (
         [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]] if rendered else []
@@ -107,6 +135,10 @@ def inspect_data(
     stem = Path(source.rstrip("/")).stem or "data"
     histogram = Path(out_dir) / f"{stem}.lengths.png"
     plot_lengths(lengths, f"{source}: {len(rows)} rows", histogram)
+    extra: dict[str, Any] = {}
+    if loss_mask:
+        shown = [masked_example(tokenizer, rows[i], source, i + 1) for i in range(min(examples, len(rows)))]
+        extra = {"examples": shown, "masking": describe_masking(masking_path(tokenizer))}
     return {
         "source": source,
         "rows": len(rows),
@@ -119,4 +151,5 @@ def inspect_data(
         },
         "examples": rendered[:examples],
         "histogram": str(histogram),
+        **extra,
     }

@@ -489,6 +489,12 @@ def data_inspect(
     examples: Annotated[int, typer.Option("--examples", help="Rows to show rendered.")] = 3,
     out: Annotated[Path, typer.Option("--out", help="Folder for the length histogram.")] = Path("."),
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary on stdout.")] = False,
+    loss_mask: Annotated[
+        bool, typer.Option("--loss-mask", help="Show which tokens SFT trains on (JSON: trained_text).")
+    ] = False,
+    chat_template: Annotated[
+        str | None, typer.Option("--chat-template", help="A .jinja file or trl built-in to render with.")
+    ] = None,
 ) -> None:
     """Rows, columns, examples through the chat template, token lengths, duplicates, histogram."""
     _quiet_libraries()
@@ -496,7 +502,7 @@ def data_inspect(
 
     summary = inspect_data(
         source, columns=parse_columns(columns), template=template, split=split, name=name,
-        model=model, examples=examples, out_dir=out,
+        model=model, examples=examples, out_dir=out, loss_mask=loss_mask, chat_template=chat_template,
     )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
@@ -510,10 +516,28 @@ def data_inspect(
     )
     dup = summary["duplicates"]
     console.print(f"duplicates: {dup['exact']} exact, {dup['near']} near")
-    for i, text in enumerate(summary["examples"], 1):
+    if loss_mask:
+        console.print(f"{summary['masking']}; [bold green]trained[/], [dim]not trained[/]")
+    for i, example in enumerate(summary["examples"], 1):
         console.rule(f"example {i}")
-        console.print(text, markup=False, highlight=False)
+        if loss_mask:
+            console.print(masked_text(example), highlight=False)
+        else:
+            console.print(example, markup=False, highlight=False)
     console.print(f"length histogram: {summary['histogram']}")
+
+
+def masked_text(example: dict):  # -> rich.text.Text
+    """An example's text with its loss-carrying tokens in bold green (plain text: the colour is gone,
+    so trained runs are also set in ⟦ ⟧)."""
+    from rich.text import Text
+
+    text = Text()
+    plain = not console.is_terminal
+    for run in example["runs"]:
+        piece = f"⟦{run['text']}⟧" if plain and run["trained"] else run["text"]
+        text.append(piece, style="bold green" if run["trained"] else "dim")
+    return text
 
 
 # --------------------------------------------------------------------------- rewards

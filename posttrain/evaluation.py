@@ -26,7 +26,7 @@ from typing import Any
 from posttrain import artifacts
 from posttrain.artifacts import write_atomic
 from posttrain.context import StageContext
-from posttrain.data_tools import extract_answer, require_columns
+from posttrain.data_tools import describe, extract_answer, require_columns
 from posttrain.distributed import unsharded_loading
 from posttrain.errors import PosttrainError, warn
 from posttrain.generation import generate, render_prompts
@@ -53,10 +53,10 @@ def evaluate_model(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict
         raise PosttrainError("the evaluation data has no rows", key="eval.data")
     rows = distinct_problems(rows, f"stages.{ctx.stage}: evaluation data")
     tokenizer = load_tokenizer(source)
+    prompts = render_prompts(tokenizer, list(rows["prompt"]), describe(spec.data))  # before the weights load
     model = load_causal_lm(source).eval()
     if _has_cuda():
         model = model.to("cuda")
-    prompts = render_prompts(tokenizer, list(rows["prompt"]))
     answers = [str(a) for a in rows["answer"]]
     greedy, speed = generate(
         model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,

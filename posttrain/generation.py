@@ -6,15 +6,14 @@ import importlib.util
 import time
 from typing import Any
 
+from posttrain.data_tools.chat_template import render_prompt
 
-def render_prompts(tokenizer: Any, prompts: list[Any]) -> list[str]:
-    """Conversational prompts go through the chat template (with the assistant header); text stays."""
-    return [
-        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-        if isinstance(p, list)
-        else p
-        for p in prompts
-    ]
+
+def render_prompts(tokenizer: Any, prompts: list[Any], label: str = "prompts") -> list[str]:
+    """Conversational prompts go through the chat template (with the assistant header); text stays.
+    A prompt the template refuses (a system turn Gemma has no place for) is one line naming its
+    row of `label`."""
+    return [render_prompt(tokenizer, p, label, row) for row, p in enumerate(prompts, 1)]
 
 
 def model_device(model: Any) -> Any:

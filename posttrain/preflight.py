@@ -16,8 +16,9 @@ from typing import Any
 
 from posttrain.architecture import model_max_positions, model_source
 from posttrain.artifacts import completed_manifest
-from posttrain.data_tools import load_rows, require_columns
+from posttrain.data_tools import describe, load_rows, require_columns
 from posttrain.data_tools.arithmetic import split_size
+from posttrain.data_tools.chat_template import render_chat
 from posttrain.errors import PosttrainError
 from posttrain.generation import render_prompts
 from posttrain.memory import Cluster, ModelShape, plan_stage, recommend
@@ -112,9 +113,25 @@ def check_slot(recipe: Recipe, where: str, slot: Slot) -> list[Finding]:
     else:
         require_columns(rows, slot.columns, where.removeprefix("stages."), f"{where}.data")
     found = [Finding(where, f"{len(rows)} rows; columns {', '.join(rows.column_names)}")]
+    found += row_findings(recipe, where, slot, rows)
     found += repeat_findings(where, data)
-    found += length_findings(recipe, where, slot.model, rows, slot.new_tokens, slot.max_length)
+    found += length_findings(
+        recipe, where, slot.model, rows, slot.new_tokens, slot.max_length, describe(data)
+    )
     return found + run_rewards(where, list(slot.rewards), rows, slot.reward_kind)
+
+
+def row_findings(recipe: Recipe, where: str, slot: Slot, rows: Any) -> list[Finding]:
+    """The slot's own check of a sample of rows through the model's tokenizer (SFT: every
+    conversation renders, and which loss-masking path it takes)."""
+    if slot.row_check is None:
+        return []
+    try:
+        tokenizer = tokenizer_for(recipe, slot.model)
+    except Exception:  # the length checks say why no tokenizer loads here
+        return []
+    sample = rows.select(range(min(len(rows), SAMPLE_ROWS)))
+    return [Finding(where, fact) for fact in slot.row_check(tokenizer, sample, describe(slot.data))]
 
 
 def repeat_findings(where: str, data: Any) -> list[Finding]:
@@ -154,7 +171,13 @@ def require_working_rewards(recipe: Recipe) -> None:
 
 
 def length_findings(
-    recipe: Recipe, where: str, model: Any, rows: Any, new_tokens: int | None, max_length: int | None
+    recipe: Recipe,
+    where: str,
+    model: Any,
+    rows: Any,
+    new_tokens: int | None,
+    max_length: int | None,
+    label: str = "data",
 ) -> list[Finding]:
     """Token lengths of a sample of rows against the model's positions and the trainer's max_length."""
     try:
@@ -166,7 +189,7 @@ def length_findings(
         return [Finding(where, f"length checks skipped: no tokenizer can be loaded here ({reason})")]
     positions = model_max_positions(recipe, model)
     sample = rows.select(range(min(len(rows), SAMPLE_ROWS)))
-    lengths = [len(ids) for ids in token_ids(tokenizer, sample, prompt_only=new_tokens is not None)]
+    lengths = [len(ids) for ids in token_ids(tokenizer, sample, new_tokens is not None, label)]
     if not lengths:
         return [Finding(where, "no rows", problem=True, fix="check the data's path, split and filters")]
     longest = max(lengths)
@@ -207,16 +230,16 @@ def length_findings(
     return found
 
 
-def token_ids(tokenizer: Any, rows: Any, prompt_only: bool) -> list[list[int]]:
+def token_ids(tokenizer: Any, rows: Any, prompt_only: bool, label: str = "data") -> list[list[int]]:
     """Each row as the model sees it: the rendered prompt where the model generates the rest,
     else the chat template over messages, or prompt + completion."""
     columns = rows.column_names
     if prompt_only and "prompt" in columns:
-        texts = render_prompts(tokenizer, list(rows["prompt"]))
+        texts = render_prompts(tokenizer, list(rows["prompt"]), label)
     elif "messages" in columns:
-        texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in rows["messages"]]
+        texts = [render_chat(tokenizer, m, label, row) for row, m in enumerate(rows["messages"], 1)]
     elif "prompt" in columns:
-        texts = render_prompts(tokenizer, list(rows["prompt"]))
+        texts = render_prompts(tokenizer, list(rows["prompt"]), label)
         for extra in ("completion", "chosen"):
             if extra in columns:
                 texts = [t + completion_text(c) for t, c in zip(texts, rows[extra], strict=True)]

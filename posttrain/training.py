@@ -244,6 +244,12 @@ def save_final_model(trainer: Any, tokenizer: Any, ctx: StageContext, lora: Lora
     partial = ctx.out_dir / artifacts.MODEL_PARTIAL
     if ctx.is_main:
         shutil.rmtree(partial, ignore_errors=True)
+    config = getattr(trainer.model, "config", None)
+    if getattr(config, "output_router_logits", False):
+        # trl's SFTTrainer turns router logits on to add the MoE aux loss; saved that way, the model
+        # computes the aux loss inside generate(), which breaks Mixtral / Qwen-MoE decoding with
+        # padded batches (the next stage's GRPO, evaluation or teacher). Training passes it per call.
+        config.output_router_logits = False
     trainer.save_model(str(partial))
     if ctx.is_main:
         for junk in ("training_args.bin",):

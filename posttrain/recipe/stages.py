@@ -65,11 +65,16 @@ class SFTStage(StageBase):
     """Supervised fine-tuning with trl's SFTTrainer, full or LoRA.
 
     Data rows hold `messages` (a conversation), `prompt` + `completion`, or `text`. The loss
-    covers the assistant turns only, unless `train.assistant_only_loss: false`."""
+    covers every assistant turn and nothing else, whatever the chat template (trl's mask where
+    it has `{% generation %}` markers, spans posttrain derives otherwise), unless
+    `train.assistant_only_loss: false`."""
 
     kind: Literal["sft"]
     model: ModelRef | None = None  # a stage name, {path: ...} or {preset: ...}; absent = base_model
     data: DataSpec
+    # Train with this chat template instead of the tokenizer's, and save it with the model: a
+    # .jinja file, or a template trl ships (llama3, qwen2_5, gemma, deepseekv3, ..., `*_training`).
+    chat_template: str | None = None
     lora: LoraSpec | None = None
     moe: MoESpec = MoESpec()  # router train/freeze, aux loss, bias balancing (MoE models)
     guard: GuardSpec = GuardSpec()  # NaN/inf loss: stop (default) or warn

@@ -45,6 +45,9 @@ class Slot:
     rewards: tuple[Any, ...] = ()  # rewards (or verifiers) to run on a few rows
     reward_kind: str = "reward"
     row_format: Callable[[Any], Any] | None = None  # rows in one of several formats (SFT's), or raises
+    # (tokenizer, rows, data label) -> facts about the rows as the stage will train on them (SFT: its
+    # loss masking path); raises PosttrainError naming the first row the stage would refuse
+    row_check: Callable[[Any, Any, str], list[str]] | None = None
 
 
 def stage_module(stage: StageBase | str) -> ModuleType:

@@ -14,6 +14,7 @@ the clipped-completion ratio and KL (when beta > 0) go to metrics.json and Tenso
       train: {num_generations: 8, learning_rate: 5.0e-5, beta: 0.0, max_completion_length: 48}
 """
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from posttrain import artifacts
 from posttrain.architecture import check_moe, config_positions, model_max_positions
 from posttrain.context import StageContext
+from posttrain.data_tools import describe
 from posttrain.data_tools.peek import peek_columns
 from posttrain.errors import PosttrainError
 from posttrain.generation import render_prompts
@@ -96,6 +98,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
         **GRPO_DEFAULTS,
         **moe.train_defaults(stage.moe, aux_loss_coef=0.0),  # aux losses hurt RL (NeMo-RL)
     )
+    render_prompts(tokenizer, list(dataset["prompt"]), describe(stage.data))  # a refused turn: one line, now
     check_lengths(dataset, tokenizer, source, args.max_completion_length, ctx.stage)
     rewards = [build_reward(spec, ctx) for spec in stage.rewards]
     samples = SamplesLog(ctx.out_dir / artifacts.SAMPLES, Path(args.output_dir) / TRL_COMPLETIONS)
@@ -247,7 +250,14 @@ def slot(stage: GRPOStage) -> Slot:
     tokens; the rewards run on a few rows."""
     columns = ("prompt", *reward_data_columns(stage))
     new_tokens = trainer_settings(stage).get("max_completion_length")
-    return Slot(stage.model, stage.data, columns, new_tokens, rewards=tuple(stage.rewards))
+    check = functools.partial(preflight_prompts, stage.system_prompt)
+    return Slot(stage.model, stage.data, columns, new_tokens, rewards=tuple(stage.rewards), row_check=check)
+
+
+def preflight_prompts(system_prompt: str | None, tokenizer: Any, rows: Any, label: str) -> list[str]:
+    """Preflight: the prompts render as the stage will build them, with its `system_prompt`."""
+    render_prompts(tokenizer, list(with_system_prompt(rows, system_prompt)["prompt"]), label)
+    return []
 
 
 def workload(stage: GRPOStage, recipe: Recipe, shapes: dict) -> Workload | str:

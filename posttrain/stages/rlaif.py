@@ -24,7 +24,7 @@ from typing import Any
 
 from posttrain import artifacts
 from posttrain.context import StageContext
-from posttrain.data_tools import require_columns
+from posttrain.data_tools import describe, require_columns
 from posttrain.generation import generate, render_prompts
 from posttrain.judges import build_judge, load_local_model, principles_hash
 from posttrain.judges.cache import JudgeCache
@@ -211,7 +211,7 @@ def sample(stage: RlaifLabelStage, ctx: StageContext, prompts: list[Any]) -> tup
     answers, speed = generate(
         model,
         tokenizer,
-        render_prompts(tokenizer, prompts),
+        render_prompts(tokenizer, prompts, describe(stage.data)),
         max_new_tokens=options.max_new_tokens,
         batch_size=options.batch_size,
         num_return_sequences=stage.samples_per_prompt,

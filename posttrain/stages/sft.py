@@ -9,6 +9,7 @@ or `text` (loss on everything). The result is `<stage>/model/` (LoRA merged unle
       kind: sft
       data: {synthetic: arithmetic, n: 4000}
       lora: {r: 16, targets: [attention, shared_experts]}   # or null: full fine-tune
+      chat_template: llama3                                 # optional: a .jinja file or a trl built-in
       moe: {bias_update_rate: 0.001}                        # DeepSeek-V3 loss-free balancing
       train: {num_train_epochs: 2, learning_rate: 3.0e-3}              # any trl SFTConfig key
 """
@@ -19,6 +20,15 @@ from typing import Any
 from posttrain.architecture import check_moe
 from posttrain.context import StageContext
 from posttrain.data_tools import describe
+from posttrain.data_tools.chat_mask import (
+    DERIVED,
+    MARKERS,
+    describe_masking,
+    masking_path,
+    sft_tokens,
+    untrained,
+)
+from posttrain.data_tools.chat_template import read_chat_template, render_chat
 from posttrain.errors import PosttrainError
 from posttrain.memory import Workload, trainer_workload
 from posttrain.metrics import Curves, Evaluated, MoESummary, ParameterCounts, TrainMetrics, trained
@@ -60,13 +70,18 @@ def run(stage: SFTStage, ctx: StageContext) -> Metrics:
     dataset = sft_rows(ctx.data(stage.data), stage.data)
     source = ctx.model(stage.model)
     tokenizer = load_tokenizer(source)
+    if stage.chat_template is not None:  # trained with, and saved with the model
+        tokenizer.chat_template = read_chat_template(
+            stage.chat_template, f"stages.{stage.name}.chat_template"
+        )
+    masking = conversation_masking(stage, tokenizer, dataset.column_names)
+    dataset = prepare_conversations(dataset, tokenizer, masking, describe(stage.data))
     model = load_causal_lm(source)
     experts = moe.prepare(model, stage.moe, lora=stage.lora)
     args = trainer_args(
         "SFTConfig",
-        stage.train,
+        {**stage.train, "assistant_only_loss": masking == MARKERS} if masking else stage.train,
         ctx,
-        assistant_only_loss="messages" in dataset.column_names,
         **moe.train_defaults(stage.moe),
     )
     with applying_lora(stage.lora, ctx.stage):
@@ -93,9 +108,36 @@ def run(stage: SFTStage, ctx: StageContext) -> Metrics:
     return metrics
 
 
+def conversation_masking(stage: SFTStage, tokenizer: Any, columns: list[str]) -> str | None:
+    """MARKERS or DERIVED for conversations trained on their assistant turns; None for other rows,
+    or with `train.assistant_only_loss: false` (every token trains)."""
+    if "messages" not in columns or not stage.train.get("assistant_only_loss", True):
+        return None
+    return masking_path(tokenizer)
+
+
+def prepare_conversations(dataset: Any, tokenizer: Any, masking: str | None, label: str) -> Any:
+    """Every conversation rendered now, before the model loads (a refused turn names its row); on
+    the derived path, tokenised with its assistant mask for trl."""
+    if masking == DERIVED:
+        return sft_tokens(dataset, tokenizer, label)
+    if "messages" in dataset.column_names:
+        for row, messages in enumerate(dataset["messages"], 1):
+            render_chat(tokenizer, messages, label, row)
+            if masking == MARKERS and not any(turn["role"] == "assistant" for turn in messages):
+                raise untrained(label, row)
+    return dataset
+
+
 def check(stage: SFTStage, recipe: Recipe, path: tuple) -> None:
-    """The `moe:` block asks only for what the model has (from its config, before any weights load)."""
+    """The `moe:` block asks only for what the model has (from its config, before any weights load);
+    `chat_template:` names a file or a built-in."""
     check_moe(stage.moe, stage.model, recipe, path)
+    if stage.chat_template is not None:
+        try:
+            read_chat_template(stage.chat_template)
+        except PosttrainError as e:
+            raise recipe.error((*path, "chat_template"), e.message, e.fix) from None
 
 
 def slot(stage: SFTStage) -> Slot:
@@ -107,7 +149,24 @@ def slot(stage: SFTStage) -> Slot:
         None,
         max_length=max_length,
         row_format=functools.partial(sft_rows, data=stage.data),
+        row_check=functools.partial(preflight_rows, stage),
     )
+
+
+def preflight_rows(stage: SFTStage, tokenizer: Any, rows: Any, label: str) -> list[str]:
+    """Preflight: the rows go through what `run` does to them before training; say how their loss is masked."""
+    if stage.chat_template is not None:
+        tokenizer.chat_template = read_chat_template(
+            stage.chat_template, f"stages.{stage.name}.chat_template"
+        )
+    rows = sft_columns(rows)
+    masking = conversation_masking(stage, tokenizer, rows.column_names)
+    prepare_conversations(rows, tokenizer, masking, label)
+    if masking is not None:
+        return [describe_masking(masking)]
+    if "messages" in rows.column_names or "text" in rows.column_names:
+        return ["loss on every token"]
+    return ["loss on the completion"]
 
 
 def workload(stage: SFTStage, recipe: Recipe, shapes: dict) -> Workload | str:
