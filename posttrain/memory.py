@@ -248,15 +248,20 @@ def trainer_workload(
     train: dict[str, Any],
     lora: Any = None,
     moe: Any = None,
+    reference: bool | None = None,
 ) -> Workload | str:
     """The Workload of a trainer stage, from its model slot's config and its trl settings (`train:`
     over trl's defaults, `recipe.trainer_settings`); a reason string when the config is not
-    available offline. `shapes` caches one ModelShape per architecture across the stages."""
+    available offline. `shapes` caches one ModelShape per architecture across the stages.
+    `reference`: whether the trainer holds a frozen copy of the policy; None: when `beta` > 0 and
+    without LoRA (trl's RL trainers; under LoRA the reference is the model with its adapter off)."""
     shape_of = _shape(recipe, model, shapes)
     if shape_of is None:
         return "model config not available offline"
     frozen = []
-    if (train.get("beta") or 0) > 0 and lora is None:  # trl keeps a reference copy of the policy
+    if reference is None:
+        reference = (train.get("beta") or 0) > 0 and lora is None
+    if reference:  # trl keeps a reference copy of the policy
         frozen.append(shape_of.total)
     seq = train.get("max_length") or (train.get("max_prompt_length") or 512) + (
         train.get("max_completion_length") or 0

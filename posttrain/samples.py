@@ -11,6 +11,10 @@ run; `SamplesLog.on_log` turns the files written so far into JSONL lines (append
 fsync: a SIGKILL loses at most a torn last line, which readers skip) and `collect()` picks
 up the rest at the end. Steps already in the file (a resumed run) are not written twice,
 nor is a batch identical to the previous one (logging more often than generating).
+
+trl's RLOOTrainer keeps the same table of the logged batch in memory and writes no parquet:
+`SamplesLog(path, trainer=...)`, given the trainer once it is built, reads that table in
+`on_log`, while it still holds the step being logged.
 """
 
 from __future__ import annotations
@@ -27,28 +31,36 @@ TABLE_COLUMNS = {"step", "prompt", "completion", "advantage"}  # the rest are re
 
 
 class SamplesLog(TrainerCallback):
-    def __init__(self, path: Path, parquet_dir: Path) -> None:
+    def __init__(self, path: Path, parquet_dir: Path | None = None) -> None:
         self.path = path
         self.parquet_dir = parquet_dir
+        self.trainer: Any = None  # a trainer whose in-memory `_logs` table to read (no parquet_dir)
         self.rows = 0
         self._last_batch: int | None = None
         self._logged = {row.get("step") for row in artifacts.read_jsonl(path)}
 
     def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self.collect()
+        if not state.is_world_process_zero:
+            return
+        if self.trainer is not None and state.global_step not in self._logged:
+            self._append(logged_table(self.trainer, state.global_step))
+            self._logged.add(state.global_step)
+        self.collect()
 
     def collect(self) -> None:
+        if self.parquet_dir is None:
+            return
+        import pandas as pd
+
         for file in sorted(self.parquet_dir.glob("completions_*.parquet")):
             step = int(file.stem.rpartition("_")[2])
             if step not in self._logged:
-                self._append(file)
+                self._append(pd.read_parquet(file))
                 self._logged.add(step)
 
-    def _append(self, file: Path) -> None:
-        import pandas as pd
-
-        frame = pd.read_parquet(file)
+    def _append(self, frame: Any) -> None:
+        if frame is None or not len(frame):
+            return
         batch = hash(frame.drop(columns=["step"]).to_json())
         if batch == self._last_batch:
             return
@@ -56,6 +68,21 @@ class SamplesLog(TrainerCallback):
         rows = [sample_row(record) for record in frame.to_dict(orient="records")]
         artifacts.append_jsonl(self.path, rows)
         self.rows += len(rows)
+
+
+def logged_table(trainer: Any, step: int) -> Any:
+    """The trainer's table of the batch it is logging, as the parquet files hold it (None if empty)."""
+    import pandas as pd
+
+    logs = getattr(trainer, "_logs", None) or {}
+    if not logs.get("prompt"):
+        return None
+    table = {"step": [step] * len(logs["prompt"]), "prompt": list(logs["prompt"]),
+             "completion": list(logs["completion"]),
+             **{name: list(values) for name, values in logs.get("rewards", {}).items()},
+             **{name: list(values) for name, values in logs.get("extra", {}).items()},
+             "advantage": list(logs["advantages"])}  # fmt: skip
+    return pd.DataFrame(table)
 
 
 def sample_row(record: dict[str, Any]) -> dict[str, Any]:

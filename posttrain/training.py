@@ -70,7 +70,10 @@ def callbacks(ctx: StageContext, guard: GuardSpec | None = None) -> list[Any]:
     from posttrain.guards import GracefulStop, TrainingGuard  # loads transformers (TrainerCallbacks)
 
     guard = guard or GuardSpec()
-    found: list[Any] = [GracefulStop(), TrainingGuard(ctx.stage, **guard.model_dump())]
+    watched = guard.model_dump(
+        include=set(GuardSpec.model_fields)
+    )  # an RL guard's other checks are the stage's
+    found: list[Any] = [GracefulStop(), TrainingGuard(ctx.stage, **watched)]
     if ctx.is_main:
         found.append(TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out_dir / artifacts.LOGS))))
     return found
@@ -298,6 +301,18 @@ def train_metrics(trainer: Any) -> dict[str, Any]:
     if tokens and final.get("train_runtime"):
         metrics["tokens"] = tokens[-1]
     return metrics
+
+
+def logged_first_last(history: list[dict[str, Any]], keys: list[str]) -> dict[str, dict[str, float]]:
+    """{key: {first, last}} for each key a trainer logged: the mean of its first (up to) 3 logged
+    values and of its last 3, so one noisy step does not stand for the start or the end."""
+    out: dict[str, dict[str, float]] = {}
+    for key in keys:
+        values = [h[key] for h in history if isinstance(h.get(key), int | float)]
+        if values:
+            window = min(3, len(values))
+            out[key] = {"first": sum(values[:window]) / window, "last": sum(values[-window:]) / window}
+    return out
 
 
 def release(held: list[Any] | None = None) -> None:

@@ -88,3 +88,28 @@ def declared():
         return problems
 
     return check
+
+
+@pytest.fixture
+def kill_when():
+    """kill_when(recipe, path): start `posttrain run recipe` in a subprocess (one CPU thread), SIGKILL
+    it once `path` exists (asserting it was still running), and return; the caller resumes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def kill(recipe: Path, path: Path, timeout: float = 180) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "posttrain", "run", str(recipe)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+        try:
+            deadline = time.time() + timeout
+            while time.time() < deadline and not path.exists() and proc.poll() is None:
+                time.sleep(0.02)
+            assert proc.poll() is None, "the run finished (or failed) before it could be killed"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+    return kill

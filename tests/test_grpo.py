@@ -26,11 +26,16 @@ RUN_TRAIN = (
 )
 
 
-def grpo_recipe(write_recipe, data="{synthetic: arithmetic, n: 16, seed: 1}", rewards=None, train=RUN_TRAIN):
+def grpo_recipe(
+    write_recipe, data="{synthetic: arithmetic, n: 16, seed: 1}", rewards=None, train=RUN_TRAIN, kind="grpo"
+):
     rewards = rewards or "[{name: accuracy}, {name: format, weight: 0.2}, {name: tag_count, weight: 0.1}]"
-    return write_recipe(GRPO_RECIPE.format(data=data, rewards=rewards, train=train))
+    return write_recipe(
+        GRPO_RECIPE.format(data=data, rewards=rewards, train=train).replace("kind: grpo", f"kind: {kind}")
+    )
 
 
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -47,8 +52,10 @@ def grpo_recipe(write_recipe, data="{synthetic: arithmetic, n: 16, seed: 1}", re
         ({"rewards": "[{name: reward_model, model: rmm}]"}, "'rmm' is not a stage"),
     ],
 )
-def test_bad_grpo_recipes_exit_2_with_one_line(write_recipe, cli, overrides: dict, message: str) -> None:
-    recipe = grpo_recipe(write_recipe, **overrides)
+def test_bad_grpo_recipes_exit_2_with_one_line(
+    write_recipe, cli, overrides: dict, message: str, kind
+) -> None:
+    recipe = grpo_recipe(write_recipe, kind=kind, **overrides)
     code, _, err = cli("validate", recipe)
     assert code == 2, err
     assert message in err and "recipe.yaml:" in err
@@ -89,14 +96,18 @@ def test_missing_column_in_unpeekable_data_fails_before_the_model_loads(
     assert code == 2 and "reward 'level_bonus' needs column 'level'" in err and "prompt, answer" in err
 
 
-def test_tiny_grpo_run_logs_samples_and_reward_metrics(write_recipe, cli, tmp_path: Path) -> None:
-    recipe = grpo_recipe(write_recipe)
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_tiny_grpo_run_logs_samples_and_reward_metrics(
+    write_recipe, cli, tmp_path: Path, kind: str, declared
+) -> None:
+    """rloo runs grpo's stage code with trl's RLOOTrainer: the same samples.jsonl and metrics."""
+    recipe = grpo_recipe(write_recipe, kind=kind)
     code, _, err = cli("run", recipe)
     assert code == 0, err
     # The console: one compact line per logging step with GRPO's signals, no raw metric dicts, and a
     # closing line that says what moved (the reward), not "loss 0.000 -> 0.000".
     lines = err.splitlines()
-    assert any("stage 1/1 · grpo (grpo): running" in line for line in lines)
+    assert any(f"stage 1/1 · grpo ({kind}): running" in line for line in lines)
     steps = [line for line in lines if line.startswith("  grpo  step ")]
     assert [line.split()[2] for line in steps] == ["1/2", "2/2"], err
     assert all("reward " in line and "± " in line and "length " in line for line in steps)
@@ -119,6 +130,24 @@ def test_tiny_grpo_run_logs_samples_and_reward_metrics(write_recipe, cli, tmp_pa
         assert key in rl, key
     assert metrics["rewards"]["accuracy"]["samples"] == 16 and metrics["train"]["steps"] == 2
     assert list((stage / "logs").glob("events.out.tfevents.*"))
+    assert declared(tmp_path / "runs") == []
+
+
+def test_rloo_resumes_after_a_kill_without_logging_a_step_twice(
+    write_recipe, cli, tmp_path, kill_when
+) -> None:
+    train = RUN_TRAIN.replace("max_steps: 2", "max_steps: 8").replace("save_steps: 100", "save_steps: 2")
+    recipe = grpo_recipe(
+        write_recipe, data="{synthetic: arithmetic, n: 64, seed: 1}", train=train, kind="rloo"
+    )
+    stage = tmp_path / "runs" / "grpo"
+    kill_when(recipe, stage / "checkpoints" / "checkpoint-2" / "trainer_state.json")
+    assert not (stage / artifacts.COMPLETE).exists()
+    code, _, err = cli("run", recipe)
+    assert code == 0 and "resuming" in err, err
+    steps = [row["step"] for row in artifacts.read_jsonl(stage / "samples.jsonl")]
+    assert sorted(set(steps)) == list(range(1, 9)) and len(steps) == 8 * 8  # each step once
+    assert json.loads((stage / "metrics.json").read_text())["train"]["steps"] == 8
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "r1-zero.yaml", "r1-grpo-moe.yaml"])

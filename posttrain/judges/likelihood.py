@@ -56,10 +56,18 @@ def encode(tokenizer: Any, prompt: Any, answer: str) -> tuple[list[int], int]:
 
 def mean_logprobs(model: Any, tokenizer: Any, items: list[tuple[Any, str]], batch_size: int) -> list[float]:
     """Mean log p(answer token | everything before it) over each answer's tokens."""
+    return [total / max(count, 1) for total, count in logprob_sums(model, tokenizer, items, batch_size)]
+
+
+def logprob_sums(
+    model: Any, tokenizer: Any, items: list[tuple[Any, str]], batch_size: int
+) -> list[tuple[float, int]]:
+    """(sum of log p(answer token | everything before it), number of answer tokens) per item: the
+    sequence log-probability a DPO implicit reward is built from."""
     import torch
 
     pad = tokenizer.pad_token_id
-    scores: list[float] = []
+    sums: list[tuple[float, int]] = []
     for i in range(0, len(items), batch_size):
         encoded = [encode(tokenizer, prompt, answer) for prompt, answer in items[i : i + batch_size]]
         width = max(len(ids) for ids, _ in encoded)
@@ -77,6 +85,5 @@ def mean_logprobs(model: Any, tokenizer: Any, items: list[tuple[Any, str]], batc
         targets = input_ids[:, 1:].to(device)
         token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         keep = scored[:, 1:].to(device)
-        means = (token_lp * keep).sum(-1) / keep.sum(-1).clamp(min=1)
-        scores.extend(means.tolist())
-    return scores
+        sums.extend(zip((token_lp * keep).sum(-1).tolist(), keep.sum(-1).tolist(), strict=True))
+    return sums

@@ -13,9 +13,9 @@ name, or else a path / hub id; `references()` lists them so the runner can order
 
 The schema is split by topic: base.py (`Strict`, references, model slots, `tagged_union`),
 data.py (data blocks and row options), training.py (LoRA, MoE, rewards), evaluation.py (eval,
-gates, harness), stages.py (`StageBase`, guard, sft / evaluate / grpo), distill.py, rlaif.py
-(judges, labels, reward model), schema.py (STAGE_REGISTRY, `Recipe`); source.py reads YAML with
-line numbers, loading.py is `load_recipe`, checks.py the cross-checks. Import from
+gates, harness), stages.py (`StageBase`, guard, sft / evaluate / grpo / rloo), distill.py, rlaif.py
+(judges, labels, reward model), preference.py (dpo, kto, orpo), schema.py (STAGE_REGISTRY, `Recipe`);
+source.py reads YAML with line numbers, loading.py is `load_recipe`, checks.py the cross-checks. Import from
 `posttrain.recipe`; every public name is re-exported here.
 """
 
@@ -66,6 +66,7 @@ from posttrain.recipe.distill import (
 )
 from posttrain.recipe.evaluation import EvalOptions, EvalSpec, GateSpec, HarnessSpec, fill_eval_defaults
 from posttrain.recipe.loading import load_recipe
+from posttrain.recipe.preference import SMOOTHED_LOSSES, DPOStage, KTOStage, ORPOStage, PreferenceStage
 from posttrain.recipe.rlaif import (
     CONSTITUTIONS,
     ENV_NAME,
@@ -85,12 +86,23 @@ from posttrain.recipe.rlaif import (
 )
 from posttrain.recipe.schema import STAGE_KINDS, STAGE_REGISTRY, Recipe, Stage
 from posttrain.recipe.source import RecipeLoader, SourceMap, apply_override, parse_value, read_yaml
-from posttrain.recipe.stages import STAGE_NAME, EvaluateStage, GRPOStage, GuardSpec, SFTStage, StageBase
+from posttrain.recipe.stages import (
+    STAGE_NAME,
+    EvaluateStage,
+    GRPOStage,
+    GuardSpec,
+    RLGuardSpec,
+    RLOOStage,
+    RLStage,
+    SFTStage,
+    StageBase,
+)
 from posttrain.recipe.training import LoraSpec, LoraTarget, MoESpec, RewardSpec
 
 __all__ = [
     "CONSTITUTIONS",
     "DENSE_SIZE_KEYS",
+    "SMOOTHED_LOSSES",
     "ENV_NAME",
     "JUDGE_BACKENDS",
     "STAGE_KINDS",
@@ -102,6 +114,7 @@ __all__ = [
     "DataSpec",
     "DecontaminateSpec",
     "DedupSpec",
+    "DPOStage",
     "DistillStage",
     "EvalOptions",
     "EvalSpec",
@@ -114,6 +127,7 @@ __all__ = [
     "HFJudgeSpec",
     "HarnessSpec",
     "JudgeSpec",
+    "KTOStage",
     "Labels",
     "LikelihoodJudgeSpec",
     "LoraSpec",
@@ -124,8 +138,10 @@ __all__ = [
     "MoESpec",
     "ModelRef",
     "ModelReference",
+    "ORPOStage",
     "OpenAIJudgeSpec",
     "PathModel",
+    "PreferenceStage",
     "PresetModel",
     "Principles",
     "Recipe",
@@ -133,6 +149,9 @@ __all__ = [
     "RewardJudgeSpec",
     "RewardModelStage",
     "RewardSpec",
+    "RLGuardSpec",
+    "RLOOStage",
+    "RLStage",
     "RlaifLabelStage",
     "RowOptions",
     "SFTStage",

@@ -8,6 +8,7 @@ files' columns, harness tasks, each stage kind's own rules) run in posttrain.loa
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Iterator
@@ -74,9 +75,13 @@ def check_references(recipe: Recipe) -> None:
 
 
 def trainer_config_class(name: str) -> type:
-    import trl
+    """trl's config class `name` ("GRPOConfig"), or one in a trl submodule ("experimental.orpo.ORPOConfig")."""
+    import importlib
 
-    return getattr(trl, name)
+    module, _, cls = name.rpartition(".")
+    if module.startswith("experimental"):  # the recipe asked for it by name: no warning on every load
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    return getattr(importlib.import_module(f"trl.{module}" if module else "trl"), cls)
 
 
 def trainer_defaults(name: str) -> dict[str, Any]:

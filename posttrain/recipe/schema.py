@@ -14,9 +14,10 @@ from posttrain.errors import PosttrainError, did_you_mean
 from posttrain.recipe.base import PathModel, PresetModel, Strict, _tag, tagged_union
 from posttrain.recipe.distill import DistillStage
 from posttrain.recipe.evaluation import EvalSpec, fill_eval_defaults
+from posttrain.recipe.preference import DPOStage, KTOStage, ORPOStage
 from posttrain.recipe.rlaif import RewardModelStage, RlaifLabelStage
 from posttrain.recipe.source import SourceMap
-from posttrain.recipe.stages import EvaluateStage, GRPOStage, SFTStage, StageBase
+from posttrain.recipe.stages import EvaluateStage, GRPOStage, RLOOStage, SFTStage, StageBase
 
 # kind -> (schema class, the module that runs it). The module is named, not imported: the schema
 # stays importable on its own, and posttrain.stages imports a kind's module when it is needed.
@@ -27,6 +28,10 @@ STAGE_REGISTRY: dict[str, tuple[type[StageBase], str]] = {
     "rlaif_label": (RlaifLabelStage, "posttrain.stages.rlaif"),
     "reward_model": (RewardModelStage, "posttrain.stages.reward_model"),
     "distill": (DistillStage, "posttrain.stages.distill"),
+    "dpo": (DPOStage, "posttrain.stages.dpo"),
+    "kto": (KTOStage, "posttrain.stages.kto"),
+    "orpo": (ORPOStage, "posttrain.stages.orpo"),
+    "rloo": (RLOOStage, "posttrain.stages.rloo"),
 }
 STAGE_KINDS: dict[str, type[StageBase]] = {kind: schema for kind, (schema, _) in STAGE_REGISTRY.items()}
 

@@ -1,6 +1,6 @@
 """What every stage is (`StageBase`: name, kind, gate, its trl config, the model it starts from,
 the models it saves), the guard against NaN losses and dead reward signal, and the stage kinds
-built from the shared blocks alone: `sft`, `evaluate` and `grpo`. Distillation and RLAIF stages
+built from the shared blocks alone: `sft`, `evaluate`, `grpo` and `rloo`. Distillation and RLAIF stages
 live in distill.py and rlaif.py; STAGE_REGISTRY (schema.py) lists them all, each with its module
 in posttrain/stages/ (which holds the kind's recipe-time checks that need more than the schema)."""
 
@@ -25,6 +25,16 @@ class GuardSpec(Strict):
     nan: Literal["stop", "warn"] = "stop"  # the loss or gradient norm became NaN or inf
     constant_reward_steps: int | None = Field(None, gt=0)  # RL: logged steps in a row where every
     constant_reward: Literal["stop", "warn"] = "warn"  # group scored alike (no learning signal)
+
+
+class RLGuardSpec(GuardSpec):
+    """An RL stage's guard: also watches a learned reward (a reward model, a judge: any reward with
+    a `model:`) mixed with verifiable ones for reward hacking (posttrain/reward_hacking.py)."""
+
+    # Logged steps over which the learned reward rising while the verifiable rewards fall counts as
+    # hacking (None: not watched). Only where the stage mixes the two.
+    reward_hacking_steps: int | None = Field(8, ge=3)
+    reward_hacking: Literal["stop", "warn"] = "warn"
 
 
 class StageBase(Strict):
@@ -91,18 +101,15 @@ class EvaluateStage(EvalOptions, StageBase):
     data: DataSpec | None = None  # absent = the recipe's eval.data (unset options also come from eval:)
 
 
-# --------------------------------------------------------------------------- grpo
+# --------------------------------------------------------------------------- grpo, rloo
 
 
-class GRPOStage(StageBase):
-    """GRPO with verifiable rewards (DeepSeek-R1) through trl's GRPOTrainer, full or LoRA.
-
-    Data rows hold `prompt` plus the columns the rewards read (`answer` for `accuracy`). The
-    rewards' weights become GRPOConfig.reward_weights. Checked before any weights load: the
+class RLStage(StageBase):
+    """What the online RL kinds (grpo, rloo) share: a policy, prompts, and a list of rewards whose
+    weights become the trl config's reward_weights. Checked before any weights load: the
     generation batch divides into groups of `num_generations`, the rewards' columns exist in
     the data, `max_completion_length` fits the model (posttrain/stages/grpo.py)."""
 
-    kind: Literal["grpo"]
     model: ModelRef | None = (
         None  # the policy: a stage name, {path: ...} or {preset: ...}; absent = base_model
     )
@@ -111,12 +118,12 @@ class GRPOStage(StageBase):
     system_prompt: str | None = None  # sent before every prompt (a plain-text prompt becomes a user turn)
     lora: LoraSpec | None = None
     moe: MoESpec = MoESpec()  # routers frozen and no aux loss unless set here (MoE models)
-    guard: GuardSpec = GuardSpec(constant_reward_steps=10)  # NaN/inf loss; 10 logged steps without signal
-    train: dict[str, Any] = {}  # keys of trl's GRPOConfig
-    trainer_config: ClassVar[str | None] = "GRPOConfig"
+    # NaN/inf loss; 10 logged steps without signal; reward hacking over 8 logged steps (warn)
+    guard: RLGuardSpec = RLGuardSpec(constant_reward_steps=10)
+    train: dict[str, Any] = {}  # keys of the kind's trl config
 
     @model_validator(mode="after")
-    def _rewards(self) -> GRPOStage:
+    def _rewards(self) -> RLStage:
         if "reward_weights" in self.train:
             raise ValueError("set `weight:` on each reward instead of train.reward_weights")
         labels = [r.display_name for r in self.rewards]
@@ -124,3 +131,21 @@ class GRPOStage(StageBase):
         if twice:
             raise ValueError(f"two rewards are called '{twice[0]}'; give one a `label:`")
         return self
+
+
+class GRPOStage(RLStage):
+    """GRPO with verifiable rewards (DeepSeek-R1) through trl's GRPOTrainer, full or LoRA.
+
+    Data rows hold `prompt` plus the columns the rewards read (`answer` for `accuracy`)."""
+
+    kind: Literal["grpo"]
+    trainer_config: ClassVar[str | None] = "GRPOConfig"
+
+
+class RLOOStage(RLStage):
+    """REINFORCE leave-one-out (Ahmadian et al. 2024) through trl's RLOOTrainer: each completion's
+    baseline is the mean reward of the other completions of its prompt. The same rewards, data,
+    samples.jsonl, metrics and guards as grpo."""
+
+    kind: Literal["rloo"]
+    trainer_config: ClassVar[str | None] = "RLOOConfig"

@@ -31,6 +31,7 @@ from posttrain.metrics import (
     Curves,
     Evaluated,
     MoESummary,
+    NotRequired,
     ParameterCounts,
     TrainMetrics,
     TypedDict,
@@ -38,12 +39,13 @@ from posttrain.metrics import (
     trained,
 )
 from posttrain.models import count_parameters, load_causal_lm, load_tokenizer
-from posttrain.recipe import GRPOStage, PathModel, Recipe, trainer_settings
+from posttrain.recipe import GRPOStage, PathModel, Recipe, RLStage, trainer_settings
 from posttrain.rewards import build_reward, reward_columns, reward_label
 from posttrain.stages import Slot
 from posttrain.training import (
     applying_lora,
     callbacks,
+    logged_first_last,
     lora_config,
     release,
     save_final_model,
@@ -69,6 +71,15 @@ class FirstLast(TypedDict):
     last: float  # and of the last 3
 
 
+class HackingSummary(TypedDict):
+    action: str | None  # stop | warn when the reward-hacking guard tripped, else None
+    step: NotRequired[int]
+    reason: NotRequired[str]
+    learned: NotRequired[list[str]]
+    verifiable: NotRequired[list[str]]
+    curves: dict[str, list[list[float]]]  # learned | verifiable: [step, weighted mean] per logged step
+
+
 class Metrics(Evaluated, MoESummary):
     train: TrainMetrics
     rl: dict[str, FirstLast]  # RL_METRICS and rewards/<label>/mean|std, as trl logs them
@@ -76,11 +87,23 @@ class Metrics(Evaluated, MoESummary):
     parameters: ParameterCounts
     rows: int  # prompts
     samples_logged: int  # rows of samples.jsonl
+    guard: NotRequired[HackingSummary]  # when a learned reward is mixed with verifiable ones
 
 
 def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
-    from transformers import set_seed
     from trl import GRPOTrainer
+
+    return reinforce(stage, ctx, GRPOTrainer)
+
+
+def reinforce(
+    stage: RLStage, ctx: StageContext, trainer_class: Any, in_memory_samples: bool = False
+) -> Metrics:
+    """The body the online RL kinds share: prompts, rewards, `trainer_class` (trl's GRPOTrainer or
+    RLOOTrainer, configured by the stage's trl config), samples.jsonl, save, metrics.
+    `in_memory_samples`: the trainer keeps its table of logged completions in memory (RLOO)
+    rather than writing it to parquet files (GRPO)."""
+    from transformers import set_seed
 
     from posttrain import moe  # loads transformers (its callbacks subclass TrainerCallback)
     from posttrain.guards import RewardGuard  # loads transformers (a TrainerCallback)
@@ -91,7 +114,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
     source = ctx.model(stage.model)
     tokenizer = load_tokenizer(source)
     args = trainer_args(
-        "GRPOConfig",
+        stage.trainer_config,
         stage.train,
         ctx,
         reward_weights=[r.weight for r in stage.rewards],
@@ -101,11 +124,13 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
     render_prompts(tokenizer, list(dataset["prompt"]), describe(stage.data))  # a refused turn: one line, now
     check_lengths(dataset, tokenizer, source, args.max_completion_length, ctx.stage)
     rewards = [build_reward(spec, ctx) for spec in stage.rewards]
-    samples = SamplesLog(ctx.out_dir / artifacts.SAMPLES, Path(args.output_dir) / TRL_COMPLETIONS)
+    hacking = hacking_guard(stage, ctx)
+    parquet = None if in_memory_samples else Path(args.output_dir) / TRL_COMPLETIONS
+    samples = SamplesLog(ctx.out_dir / artifacts.SAMPLES, parquet)
     model = load_causal_lm(source)
     experts = moe.prepare(model, stage.moe, lora=stage.lora, default_router="freeze")
     with applying_lora(stage.lora, ctx.stage):
-        trainer = GRPOTrainer(
+        trainer = trainer_class(
             model=model,
             reward_funcs=rewards,
             args=args,
@@ -117,8 +142,10 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
                 *callbacks(ctx, stage.guard),
                 samples,
                 RewardGuard(ctx.stage, rewards),
+                *hacking,
             ],
         )
+    samples.trainer = trainer if in_memory_samples else None
     train(trainer, ctx, CONSOLE)
     if ctx.is_main:
         samples.collect()
@@ -132,6 +159,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
         "rows": len(dataset),
         "samples_logged": samples.rows,
         **experts.summary(ctx.out_dir if ctx.is_main else None),
+        **({"guard": hacking[0].summary()} if hacking else {}),
     }
     held = [trainer, model]
     del trainer, model  # `held` keeps the last references: release() drops them
@@ -139,7 +167,23 @@ def run(stage: GRPOStage, ctx: StageContext) -> Metrics:
     return metrics
 
 
-def grpo_columns(dataset: Any, stage: GRPOStage) -> Any:
+def hacking_guard(stage: RLStage, ctx: StageContext) -> list[Any]:
+    """The reward-hacking guard, when the stage mixes a learned reward (one with a `model:`: a reward
+    model, a judge) with verifiable ones and its guard watches for it; else nothing."""
+    from posttrain.reward_hacking import HackingGuard  # loads transformers (a TrainerCallback)
+
+    learned = {reward_label(r): r.weight for r in stage.rewards if r.model is not None and r.weight > 0}
+    verifiable = {reward_label(r): r.weight for r in stage.rewards if r.model is None and r.weight > 0}
+    if not (learned and verifiable and stage.guard.reward_hacking_steps):
+        return []
+    return [
+        HackingGuard(
+            ctx.stage, learned, verifiable, stage.guard.reward_hacking_steps, stage.guard.reward_hacking
+        )
+    ]
+
+
+def grpo_columns(dataset: Any, stage: RLStage) -> Any:
     """Keep `prompt` and the columns the rewards read; say which are missing, before any model loads."""
     problem = missing_column(stage, dataset.column_names)
     if problem:
@@ -162,14 +206,14 @@ def with_system_prompt(dataset: Any, system_prompt: str | None) -> Any:
     return dataset.map(conversation)
 
 
-def reward_data_columns(stage: GRPOStage) -> list[str]:
+def reward_data_columns(stage: RLStage) -> list[str]:
     """The dataset columns the stage's rewards read, each once."""
     return list(dict.fromkeys(c for spec in stage.rewards for c in reward_columns(spec)))
 
 
-def missing_column(stage: GRPOStage, columns: list[str]) -> str | None:
+def missing_column(stage: RLStage, columns: list[str]) -> str | None:
     """'<who> needs column <c>, but the data has: ...' for the first missing column, else None."""
-    needs = [("GRPO", "prompt")] + [
+    needs = [(stage.kind.upper(), "prompt")] + [
         (f"reward '{reward_label(r)}'", c) for r in stage.rewards for c in reward_columns(r)
     ]
     for who, column in needs:
@@ -186,7 +230,7 @@ def _column_fix(problem: str) -> str:
 # --------------------------------------------------------------------------- checks
 
 
-def check(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
+def check(stage: RLStage, recipe: Recipe, path: tuple) -> None:
     """Recipe-time checks (no weights, no data loading beyond a peek): batch, columns, MoE, lengths."""
     train = trainer_settings(stage, **GRPO_DEFAULTS)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -216,7 +260,7 @@ def check(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
         )
 
 
-def _check_columns(stage: GRPOStage, recipe: Recipe, path: tuple) -> None:
+def _check_columns(stage: RLStage, recipe: Recipe, path: tuple) -> None:
     columns = peek_columns(stage.data)
     problem = missing_column(stage, columns) if columns is not None else None
     if problem:  # unknown columns are checked again at stage start, before the model loads
@@ -245,7 +289,7 @@ def check_lengths(
 # --------------------------------------------------------------------------- preflight, memory, report
 
 
-def slot(stage: GRPOStage) -> Slot:
+def slot(stage: RLStage) -> Slot:
     """Preflight: prompts with the rewards' columns, each followed by max_completion_length new
     tokens; the rewards run on a few rows."""
     columns = ("prompt", *reward_data_columns(stage))
@@ -260,7 +304,7 @@ def preflight_prompts(system_prompt: str | None, tokenizer: Any, rows: Any, labe
     return []
 
 
-def workload(stage: GRPOStage, recipe: Recipe, shapes: dict) -> Workload | str:
+def workload(stage: RLStage, recipe: Recipe, shapes: dict) -> Workload | str:
     return trainer_workload(recipe, shapes, stage.model, trainer_settings(stage), stage.lora, stage.moe)
 
 
@@ -277,11 +321,14 @@ def outcome(metrics: Metrics, curves: Curves) -> list[str]:
 
 
 def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:
-    """Did RL beat the model it started from, on held-out accuracy (and sampled pass@1)?"""
+    """Did RL beat the model it started from, on held-out accuracy (and sampled pass@1)? And did the
+    reward-hacking guard stop or warn, and why?"""
+    tripped = (metrics.get("guard") or {}).get("reason")
+    lines = [f"- **{name}**: {tripped}"] if tripped else []
     before = (start[1].get("eval") or {}) if start else {}
     after = metrics.get("eval") or {}
     if start is None or before.get("accuracy") is None or after.get("accuracy") is None:
-        return []
+        return lines
     sampled = (before.get("pass_at_1"), after.get("pass_at_1"))
     pass_at_1 = (
         f"; pass@1 {sampled[0]:.3f} → {sampled[1]:.3f} ({(sampled[1] - sampled[0]) * 100:+.1f})"
@@ -289,8 +336,9 @@ def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -
         else ""
     )
     gain = (after["accuracy"] - before["accuracy"]) * 100
-    return [f"- **{name}** lifted held-out accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f} "
-            f"({gain:+.1f} points over {start[0]}{pass_at_1})"]  # fmt: skip
+    verb = "lowered" if gain < 0 else "lifted"
+    return [*lines, f"- **{name}** {verb} held-out accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f} "
+                    f"({gain:+.1f} points over {start[0]}{pass_at_1})"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- logging
@@ -300,10 +348,4 @@ def rl_metrics(history: list[dict[str, Any]], labels: list[str]) -> dict[str, An
     """First and last logged value (mean of up to 3 log steps each) of the RL signals."""
     keys = [*RL_METRICS, *(f"rewards/{label}/{s}" for label in labels for s in ("mean", "std"))]
     keys += sorted({k for h in history for k in h if k.startswith("rewards/") and k not in keys})
-    out: dict[str, Any] = {}
-    for key in keys:
-        values = [h[key] for h in history if isinstance(h.get(key), int | float)]
-        if values:
-            window = min(3, len(values))
-            out[key] = {"first": sum(values[:window]) / window, "last": sum(values[-window:]) / window}
-    return out
+    return logged_first_last(history, keys)
