@@ -201,6 +201,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument(
+        "--json", nargs="?", const="-", help="write the figures as JSON (to a file, or stdout)"
+    )
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.worker:
@@ -211,14 +214,20 @@ def main() -> None:
     print(
         f"{'preset':<18} {'scale':>5} {'setting':<7} {'estimate MiB':>12} {'measured MiB':>12} {'ratio':>6}"
     )
+    rows = []
     for preset in args.preset or ["tiny-deepseek-v3", "tiny-dense"]:
         for setting in args.settings:
             guess = estimate(preset, args.scale, setting, args.batch, args.seq)
             peak = measure(preset, args.scale, setting, args, Path(args.out))
+            rows.append({"preset": preset, "scale": args.scale, "setting": setting, "estimate_bytes": guess,
+                         "measured_bytes": peak, "estimate_vs_measured": guess / peak})  # fmt: skip
             print(
                 f"{preset:<18} {args.scale:>5} {setting:<7} {guess / mib:>12.1f} {peak / mib:>12.1f} {guess / peak:>6.2f}",
                 flush=True,
             )
+    if args.json:
+        text = json.dumps(rows, indent=2)
+        print(text) if args.json == "-" else Path(args.json).write_text(text)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--digits", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
     from posttrain.data_tools import arithmetic_rows
 
@@ -65,7 +66,10 @@ def main() -> None:
         stage: evaluate(args.run_dir / stage / "model", rows, args.k, args.temperature, args.max_new_tokens)
         for stage in args.stages
     }
-    print(json.dumps(results, indent=2))
+    text = json.dumps(results, indent=2)
+    if args.json:
+        args.json.write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

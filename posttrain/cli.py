@@ -282,7 +282,7 @@ def _print_preflight(recipe, with_memory: bool) -> None:
 
     findings = _preflight(recipe) + (memory_findings(recipe) if with_memory else [])
     for finding in findings:
-        style = "red" if finding.problem else "dim"
+        style = "red" if finding.problem else "yellow" if finding.warning else "dim"
         console.print(f"[{style}]{escape(finding.line())}[/]", highlight=False, soft_wrap=True)
     problems = sum(f.problem for f in findings)
     if problems:

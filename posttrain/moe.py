@@ -144,7 +144,9 @@ class RouterLoad:
     Each router's output gives its chosen experts (the integer tensor; DeepSeek-V3's choice
     includes the correction bias) and its logits (for the entropy). Padding is left out when
     the model was called with a 2-D `attention_mask`. With `training_only`, only forward passes
-    that build a graph count, so generation and reference-model passes do not.
+    that build a graph count, so generation and reference-model passes do not, and neither does
+    gradient checkpointing's second run of a layer inside the backward pass (it would count every
+    token twice, at twice the cost).
 
     `take()` returns the counts since the last call, summed over all ranks, as one tensor of
     shape [layers, experts + 2]: token counts per expert, then the entropy sum and the tokens."""
@@ -170,7 +172,7 @@ class RouterLoad:
         def hook(module: Any, args: Any, output: Any) -> None:
             import torch
 
-            if self.training_only and not torch.is_grad_enabled():
+            if self.training_only and (not torch.is_grad_enabled() or _in_backward()):
                 return
             with torch.no_grad():
                 self._count(row, *_indices_and_logits(output, self.n_experts, self.top_k), sigmoid)
@@ -223,6 +225,14 @@ class RouterLoad:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (torch.utils.checkpoint asks the same way)."""
+    import torch
+
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
 
 
 def _indices_and_logits(output: Any, n_experts: int, top_k: int) -> tuple[Any, Any]:

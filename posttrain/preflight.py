@@ -39,15 +39,17 @@ SKIPPED_POSITIONS = (
 
 @dataclass(frozen=True)
 class Finding:
-    """One line of the preflight: a problem (the run would fail or silently cut data) or a fact."""
+    """One line of the preflight: a problem (the run would fail or silently cut data), a warning
+    (it would run, much slower than it need) or a fact."""
 
     where: str  # `stages.<name>` or `eval`
     message: str
     problem: bool = False
     fix: str | None = None
+    warning: bool = False
 
     def line(self) -> str:
-        mark = "✗" if self.problem else "✓"
+        mark = "✗" if self.problem else "!" if self.warning else "✓"
         return f"{mark} {self.where}: {self.message}" + (f" (fix: {self.fix})" if self.fix else "")
 
 
@@ -64,7 +66,33 @@ def preflight(recipe: Recipe) -> list[Finding]:
             in_file = ":".join(str(p) for p in (e.file, e.line) if p is not None)
             message = f"{in_file}: {e.message}" if in_file else e.message
             findings.append(Finding(where, message, problem=True, fix=e.fix))
-    return findings
+    return findings + packing_findings(recipe)
+
+
+PACKING_ON_CPU = 7.0  # padding's tokens/s over packing's on 2 CPU cores, bench/sft_bench.py: 6.0 and 7.4
+
+
+def packing_findings(recipe: Recipe) -> list[Finding]:
+    """`packing: true` without an accelerator: trl packs padding-free, one flattened row per batch,
+    which flash-attention's varlen kernels keep apart per sequence; a CPU has no such kernel, so
+    sdpa attends across the whole flattened row under a block-diagonal mask, quadratic in the
+    batch's tokens (bench/README.md, "Why packing is slow on a CPU")."""
+    import torch
+
+    if torch.accelerator.is_available():
+        return []
+    return [
+        Finding(
+            f"stages.{stage.name}",
+            f"`{block}.packing: true` on a CPU trains about {PACKING_ON_CPU:.0f}x slower than padding "
+            "(no varlen attention kernel: each batch's rows are attended as one)",
+            warning=True,
+            fix=f"set {block}.packing: false, or pack on a GPU with flash-attention",
+        )
+        for stage in order_stages(recipe)
+        for block in stage.trainer_blocks()
+        if (getattr(stage, block, None) or {}).get("packing")
+    ]
 
 
 def stage_slot(stage: StageBase) -> Slot | None:

@@ -5,11 +5,15 @@ GSM8K `#### N` line; the gold `answer` may itself be a GSM8K solution (`... ####
 a `\\boxed{}`. Equivalence is math-verify's, fed whole answers (`math_judge.py`), so `1/2`
 matches `0.5`, `50%` matches `50`, `\\frac{1}{n+1}` matches `1/(n+1)`, `1,000` matches `1000`.
 
-Throughput: exact rationals on both sides (`72`, `1,200`, `3/4`, `\\frac{3}{4}`, `50%`) are
-compared in-process, exactly, with no parser; verdicts are cached by (gold, answer), which
-pays off because a GRPO group repeats answers; the rest go to a persistent pool of worker
-processes with a hard per-sample timeout (`pool.py`), which works from any thread. A
-timeout or a crash scores None (not judged) and is counted.
+Throughput: simple answers on both sides (`72`, `1,200`, `3/4`, `\\frac{3}{4}`, `50%`,
+`3\\sqrt{2}`, `(x+1)^2`, `(1, 2]`, `\\{1, 2\\}`) are compared in-process, exactly, with no
+LaTeX parser (`math_judge.quick_verdict`); verdicts are cached by (gold, answer), which pays
+off because a GRPO group repeats answers; the rest go to a pool of worker processes with a
+hard per-sample timeout (`pool.py`), which works from any thread and starts on the first
+answer that needs it (a run whose answers are all numbers never starts it). A timeout or a
+crash scores None (not judged) and is counted; an answer built to choke the parser (braces
+nested far deeper than the gold's, a four-digit exponent, an exponent tower) scores 0 unparsed
+and is counted as `rejected`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from posttrain.data_tools.answers import final_answer, gsm8k_answer, last_boxed
-from posttrain.rewards.math_judge import quick_verdict
+from posttrain.rewards.math_judge import pathological, quick_verdict
 from posttrain.rewards.pool import OK, TIMEOUT, WorkerPool, shared_pool
 from posttrain.rewards.registry import RewardFunc, register
 from posttrain.rewards.text import completion_text
@@ -52,8 +56,8 @@ def accuracy(
         preds = [p if p is None or len(p) <= max_answer_chars else "" for p in preds]
         scores, counts = judge.score([gold_answer(a) for a in answer], preds)
         if log_metric is not None:
-            log_metric("timeouts", counts["timeouts"])
-            log_metric("errors", counts["errors"])
+            for key in ("timeouts", "errors", "rejected"):
+                log_metric(key, counts[key])
         return scores
 
     return accuracy_reward
@@ -81,7 +85,6 @@ class AnswerJudge:
         self.workers = workers
         self._cache: dict[tuple[str, str], bool] = {}
         self._lock = threading.Lock()
-        self.pool().start()  # workers import math-verify while the caller loads its model
 
     def pool(self) -> WorkerPool:
         return shared_pool(JUDGE, self.workers, PRELOAD)
@@ -91,6 +94,7 @@ class AnswerJudge:
     ) -> tuple[list[float | None], dict[str, int]]:
         scores: list[float | None] = [None] * len(golds)
         todo: dict[tuple[str, str], list[int]] = {}
+        counts = {"timeouts": 0, "errors": 0, "rejected": 0}
         for i, (gold, pred) in enumerate(zip(golds, preds, strict=True)):
             if not gold:
                 continue  # no gold answer: nothing to judge against
@@ -98,11 +102,13 @@ class AnswerJudge:
                 scores[i] = 0.0
                 continue
             verdict = self._quick(gold, pred)
+            if verdict is None and pathological(gold, pred):
+                counts["rejected"] += 1  # built to choke the parser: wrong, and never sent
+                verdict = False
             if verdict is None:
                 todo.setdefault((gold, pred), []).append(i)
             else:
                 scores[i] = float(verdict)
-        counts = {"timeouts": 0, "errors": 0}
         if todo:
             pairs = list(todo)
             outcomes = self.pool().map(pairs, self.timeout)
@@ -116,7 +122,7 @@ class AnswerJudge:
         return scores, counts
 
     def _quick(self, gold: str, pred: str) -> bool | None:
-        """A verdict without math-verify: cached, or both sides exact rationals (math_judge)."""
+        """A verdict without math-verify: cached, or both sides simple (math_judge.quick_verdict)."""
         cached = self._cache.get((gold, pred))
         return cached if cached is not None else quick_verdict(gold, pred)
 

@@ -6,6 +6,13 @@ each item runs in a worker process; a worker that overruns its item's deadline i
 and replaced by a fresh one, the item is reported as a timeout, and the other items carry
 on. A worker that dies (segfault, OOM) is reported as an error the same way. Any thread may
 call `map`; calls are serialised. The worker side is `pool_worker.py`.
+
+A worker is a fresh `python -m` interpreter, never a fork or a multiprocessing spawn: those
+would copy the trainer's threads and CUDA state (fork) or import the caller's main script in
+every worker (spawn, forkserver: a user's script without a `__main__` guard would run again).
+A fresh interpreter takes a second or two to import math-verify, so a pool that has had to
+kill a worker keeps one spare started, and the next replacement is ready at once.
+bench/pool_bench.py measures this pool against pebble's ProcessPool.
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ class WorkerPool:
         self.preload = preload
         self.processes = max(1, processes)
         self._workers: list[_Worker] = []
+        self._spare: _Worker | None = None  # started after the first kill, for the next one
         self._lock = threading.Lock()
         self.restarts = 0
 
@@ -99,9 +107,9 @@ class WorkerPool:
 
     def close(self) -> None:
         with self._lock:
-            for worker in self._workers:
+            for worker in [*self._workers, *([self._spare] if self._spare else [])]:
                 worker.stop()
-            self._workers = []
+            self._workers, self._spare = [], None
 
     def _start(self) -> None:
         while len(self._workers) < self.processes:
@@ -109,7 +117,8 @@ class WorkerPool:
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
-        fresh = _Worker(self.target, self.preload)
+        fresh = self._spare or _Worker(self.target, self.preload)
+        self._spare = _Worker(self.target, self.preload)  # imports while idle
         self._workers[self._workers.index(worker)] = fresh
         self.restarts += 1
         return fresh

@@ -102,6 +102,20 @@ def test_router_load_counts_real_tokens_only(moe_model):
     assert ((entropy > 0.5) & (entropy <= 1)).all()
 
 
+def test_gradient_checkpointing_recompute_is_not_counted_twice(moe_model):
+    """The backward pass re-runs each checkpointed layer; its tokens were counted in the forward."""
+    batch = torch.randint(5, 40, (2, 6))
+    moe_model.train()
+    counts = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            moe_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with moe.RouterLoad(moe_model) as load:
+            moe_model(input_ids=batch, labels=batch).loss.backward()
+            counts.append(load.take())
+    assert torch.equal(counts[0], counts[1]) and (counts[1][:, -1] == 12).all()
+
+
 def test_prepare_freezes_routers_and_keeps_them_under_lora(moe_model):
     setup = moe.prepare(moe_model, MoESpec(router="freeze"))
     routers = [n for n, p in moe_model.named_parameters() if ".mlp.gate." in n]

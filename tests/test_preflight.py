@@ -96,3 +96,20 @@ def test_shipped_demo_passes_preflight(cli, tmp_path):
     demo = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
     code, out, err = cli("plan", demo, "--set", f"output_dir={tmp_path}")
     assert code == 0 and "preflight: ok" in out + err, out + err
+
+
+def test_packing_on_a_cpu_is_warned_with_the_measured_slowdown(write_recipe, cli, monkeypatch):
+    import torch
+
+    from posttrain.preflight import PACKING_ON_CPU
+
+    recipe = write_recipe(PIPELINE.replace("n: 50}}", "n: 50}, train: {packing: true}}"))
+    code, out, err = cli("run", recipe, "--dry-run")
+    text = out + err
+    assert code == 0, text  # a warning, not a problem: the run would work, slowly
+    line = next(x for x in text.splitlines() if "packing: true" in x)
+    assert line.startswith(f"! stages.sft: `train.packing: true` on a CPU trains about {PACKING_ON_CPU:.0f}x")
+    assert "fix: set train.packing: false" in line and PACKING_ON_CPU > 2
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    code, out, err = cli("run", recipe, "--dry-run")
+    assert "packing: true" not in out + err  # with an accelerator (and flash-attention) packing may pay

@@ -38,6 +38,7 @@ from posttrain.metrics import (
 )
 from posttrain.models import (
     count_parameters,
+    cpu_threads,
     load_tokenizer,
     prepared,
     pretrained_kwargs,
@@ -178,7 +179,7 @@ def load_reward_model(source: PathModel) -> Any:
     kwargs = {"dtype": "float32", **pretrained_kwargs(source, trainable=True), "num_labels": 1}
     with suppress_seqcls_warning():  # the new head is missing from the checkpoint, as it should be
         model = AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs)
-    return prepared(model, source, trainable=True)
+    return cpu_threads(prepared(model, source, trainable=True))
 
 
 def split_by_prompt(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
