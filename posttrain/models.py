@@ -48,18 +48,24 @@ def materialize_preset(name: str, seed: int, dest: Path) -> Path:
     Written to a temporary folder and renamed, so a crash never leaves half a model behind."""
     if (dest / artifacts.MODEL_CONFIG).exists():
         return dest
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    spec = preset_spec(name)
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    config = AutoConfig.for_model(
+    return save_random_init(config_for(preset_spec(name), tokenizer), tokenizer, seed, dest)
+
+
+def config_for(spec: dict[str, Any], tokenizer: Any) -> Any:
+    """The transformers config of `spec` (`model_type` and sizes) sized to `tokenizer`: its
+    vocabulary and its BOS, EOS and pad ids."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
         **spec,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return save_random_init(config, tokenizer, seed, dest)
 
 
 def save_random_init(config: Any, tokenizer: Any, seed: int, dest: Path) -> Path:

@@ -105,18 +105,9 @@ def family_tokenizer(name: str) -> Any:
 
 def build_family(name: str, dest: Path, seed: int = 0) -> Path:
     """A saved tiny random `name` model with its family's tokenizer and template, at `dest`."""
-    from transformers import AutoConfig
-
-    from posttrain.models import save_random_init
+    from posttrain.models import config_for, save_random_init
 
     if (dest / "config.json").exists():
         return dest
     tokenizer = family_tokenizer(name)
-    config = AutoConfig.for_model(
-        **FAMILIES[name]["config"],
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return save_random_init(config, tokenizer, seed, dest)
+    return save_random_init(config_for(FAMILIES[name]["config"], tokenizer), tokenizer, seed, dest)
