@@ -30,7 +30,7 @@ from rich.table import Table
 
 from posttrain.artifacts import write_atomic
 from posttrain.console import console
-from posttrain.distributed import PeerFailed
+from posttrain.distributed import PeerFailed, leave
 from posttrain.errors import PosttrainError, did_you_mean
 from posttrain.lock import live_holder
 
@@ -158,6 +158,7 @@ def run(
     except KeyboardInterrupt as e:  # typer would turn it into a silent exit code
         console.print(f"[yellow]interrupted[/]{': ' + str(e) if str(e) else ''}")
         raise typer.Exit(130) from None
+    leave()  # all ranks together, before the interpreter's exit-time destructors run
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch, the main process reports
         return
     console.print(f"[bold green]done[/] {loaded.run_dir}")

@@ -78,6 +78,20 @@ def zero_stage() -> int:
     return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
 
 
+def leave() -> None:
+    """Every rank leaves the process group together, before the interpreter exits.
+
+    Left to exit-time destructors, the process group's C++ worker threads can be torn down while
+    still joinable: a rank that finished its work then aborts ("terminate called without an
+    active exception", SIGABRT) and the launcher reports a failed run. A barrier first, so no
+    rank leaves while a peer still needs it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def broadcast(value: T) -> T:
     """The main process's `value`, on every rank (a no-op in a single process)."""
     from accelerate.utils import broadcast_object_list
