@@ -130,8 +130,9 @@ def student_source(spec: StudentSpec, ctx: StageContext) -> PathModel:
     if spec.preset is not None:
         return ctx.model(PresetModel(preset=spec.preset))
     dest = ctx.out_dir / spec.name / artifacts.STUDENT_INIT
+    origin = ctx.model(spec.dense_from)  # every rank: a preset is materialised through a collective
     if not (dest / artifacts.MODEL_CONFIG).exists() and ctx.is_main:
-        build_dense_student(ctx.model(spec.dense_from), spec, ctx.seed, dest)
+        build_dense_student(origin, spec, ctx.seed, dest)
     ctx.barrier()
     return PathModel(path=str(dest))
 

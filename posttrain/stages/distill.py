@@ -39,6 +39,7 @@ from posttrain.context import StageContext
 from posttrain.data_tools import require_columns
 from posttrain.data_tools.mixture import concatenate
 from posttrain.data_tools.peek import peek_columns
+from posttrain.distributed import on_main
 from posttrain.errors import PosttrainError
 from posttrain.evaluation import evaluate_model
 from posttrain.metrics import Curves, EvalMetrics, Evaluated, NotRequired, Timed, TrainMetrics, TypedDict
@@ -68,7 +69,7 @@ class Description(TypedDict):
     """One model's size, and (with the recipe's `eval:`) its held-out accuracy and speed."""
 
     model: str
-    parameters: int
+    parameters: NotRequired[int]  # unknown for a served teacher whose config is not at hand
     active_parameters: NotRequired[int]  # an MoE teacher's parameters per token
     accuracy: NotRequired[float]
     tokens_per_s: NotRequired[float]
@@ -78,7 +79,7 @@ class Description(TypedDict):
 class Student(Description):
     init: str  # where its weights started
     train: dict[str, TrainMetrics]  # per phase: sft, logits
-    parameters_vs_teacher: float
+    parameters_vs_teacher: NotRequired[float]
     accuracy_vs_teacher: NotRequired[float | None]  # None where the teacher scores 0
     speedup_vs_teacher: NotRequired[float | None]
     trace_pass_rate: NotRequired[float]
@@ -116,7 +117,10 @@ def run(stage: DistillStage, ctx: StageContext) -> Metrics:
     sources = {spec.name: student_source(spec, ctx) for spec in stage.students}
     if stage.mode != "traces":
         check_tokenizers(teacher, sources)
-    metrics: Any = {"mode": stage.mode, "teacher": describe(teacher, _sub(ctx, artifacts.TEACHER))}
+    metrics: Any = {
+        "mode": stage.mode,
+        "teacher": describe_teacher(stage, teacher, _sub(ctx, artifacts.TEACHER)),
+    }
     traces = None
     if stage.mode != "logits":
         traces, metrics["traces"] = make_traces(stage, ctx, teacher, rows, verifiers)
@@ -177,10 +181,8 @@ def outcome(metrics: Metrics, curves: Curves) -> list[str]:
     models = {"teacher": metrics["teacher"], **metrics["students"]}
     if not all("accuracy" in m for m in models.values()):
         return []
-    return [
-        "accuracy "
-        + ", ".join(f"{n} {m['accuracy']:.3f} ({m['parameters'] / 1e6:.2f}M)" for n, m in models.items())
-    ]
+    sizes = {n: f" ({m['parameters'] / 1e6:.2f}M)" if "parameters" in m else "" for n, m in models.items()}
+    return ["accuracy " + ", ".join(f"{n} {m['accuracy']:.3f}{sizes[n]}" for n, m in models.items())]
 
 
 def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:
@@ -221,20 +223,17 @@ def make_traces(
     from datasets import Dataset
 
     samples, traces = ctx.out_dir / artifacts.SAMPLES, ctx.out_dir / artifacts.TRACES
-    speed: dict[str, Any] = {}
-    if ctx.is_main:
-        speed = sample_traces(
-            teacher,
-            rows.to_list(),
-            verifiers,
-            samples_per_prompt=stage.samples_per_prompt,
-            keep_per_prompt=stage.keep_per_prompt,
-            generation=stage.generation,
-            path=samples,
-            seed=ctx.seed,
-        )
-        artifacts.write_jsonl(traces, kept_rows(artifacts.iter_jsonl(samples), teacher.path))
-    ctx.barrier()
+    speed = sample_traces(
+        None if stage.generation.served else teacher,  # a served teacher is not loaded here
+        rows.to_list(),
+        verifiers,
+        samples_per_prompt=stage.samples_per_prompt,
+        keep_per_prompt=stage.keep_per_prompt,
+        generation=stage.generation,
+        path=samples,
+        seed=ctx.seed,
+    )  # every rank samples a share
+    on_main(artifacts.write_jsonl, traces, kept_rows(artifacts.iter_jsonl(samples), teacher.path))
     stats = {**trace_stats(artifacts.iter_jsonl(samples)), "sampling_tokens_per_s": speed.get("tokens_per_s")}
     stats["verifier_stats"] = {v.name: v.fn.stats.as_dict() for v in verifiers if hasattr(v.fn, "stats")}
     if stats["kept"] == 0:
@@ -397,21 +396,48 @@ def _init_of(spec: StudentSpec) -> str:
 # --------------------------------------------------------------------------- metrics
 
 
-def describe(source: PathModel, ctx: StageContext) -> Description:
-    """Parameters, held-out accuracy and greedy generation tokens/s of one model (cached in its folder)."""
+def describe_teacher(stage: DistillStage, teacher: PathModel, ctx: StageContext) -> Description:
+    """The teacher's size, and its held-out accuracy unless `teacher_eval` is off (the default
+    for a served teacher: evaluating it here would load it after all). A served teacher with
+    `teacher_eval: true` is evaluated through its server."""
+    if not stage.evaluates_teacher:
+        return describe(teacher, dataclasses.replace(ctx, eval=None), counts_required=False)
+    if stage.generation.served:
+        served = {"backend": "server", "server": stage.generation.server}
+        return describe(None, dataclasses.replace(ctx, eval=ctx.eval and ctx.eval.model_copy(update=served)),
+                        counts_required=False, name=teacher.path)  # fmt: skip
+    return describe(teacher, ctx)
+
+
+def describe(
+    source: PathModel | None, ctx: StageContext, counts_required: bool = True, name: str | None = None
+) -> Description:
+    """Parameters, held-out accuracy and greedy generation tokens/s of one model (cached in its
+    folder); every rank evaluates a share of the prompts. A served model's size is counted when
+    its config is at hand (`counts_required=False`), and `source` is None when it is evaluated
+    through its server."""
     saved = artifacts.read_json(ctx.out_dir / artifacts.DESCRIPTION)
     if saved is not None:
         return saved
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    counts = parameter_counts(source)
-    about: Description = {"model": source.path, "parameters": counts["total"]}
-    if "active" in counts:
-        about["active_parameters"] = counts["active"]
+    about: Description = {"model": name or (source.path if source else "")}
+    try:
+        counts = parameter_counts(source or PathModel(path=about["model"]))
+    except (OSError, ValueError, PosttrainError):  # a hub id offline, a served name with no config
+        if counts_required:
+            raise
+        counts = {}
+    about |= {"parameters": counts["total"]} if "total" in counts else {}
+    about |= {"active_parameters": counts["active"]} if "active" in counts else {}
     if ctx.eval is not None:
         result = evaluate_model(source, ctx.eval, ctx)
         about.update(accuracy=result["accuracy"], tokens_per_s=result["tokens_per_s"], eval=result)
-    artifacts.write_json(ctx.out_dir / artifacts.DESCRIPTION, about)
+    on_main(_save_description, ctx, about)
     return about
+
+
+def _save_description(ctx: StageContext, about: Description) -> None:
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json(ctx.out_dir / artifacts.DESCRIPTION, about)
 
 
 def compare(metrics: Metrics) -> Metrics:
@@ -419,7 +445,8 @@ def compare(metrics: Metrics) -> Metrics:
     teacher = metrics["teacher"]
     pass_rate = (metrics.get("traces") or {}).get("pass_rate")
     for student in metrics["students"].values():
-        student["parameters_vs_teacher"] = student["parameters"] / teacher["parameters"]
+        if "parameters" in teacher:  # a served teacher's size may be unknown here
+            student["parameters_vs_teacher"] = student["parameters"] / teacher["parameters"]
         if "accuracy" in teacher:  # None where the teacher scores 0: no ratio to take
             student["accuracy_vs_teacher"] = _ratio(student["accuracy"], teacher["accuracy"])
             student["speedup_vs_teacher"] = _ratio(student["tokens_per_s"], teacher["tokens_per_s"])
