@@ -301,6 +301,8 @@ def _memory_plan(recipe, gpus_per_node: int, nodes: int, gpu_memory: str) -> dic
 
 
 def _print_memory(memory: dict) -> None:
+    """The per-GPU table: a row per stage (a phased stage's peak), then a row per phase and per frozen
+    model or vLLM share it holds; then each stage's breakdown under its lightest fitting setting."""
     from posttrain.memory import GIB, SHARDINGS
 
     gpus = memory["gpus_per_node"] * memory["nodes"]
@@ -311,20 +313,9 @@ def _print_memory(memory: dict) -> None:
     for column in ("stage", "params total / active / trainable", *(s.name for s in SHARDINGS)):
         table.add_column(column, justify="right" if column in {s.name for s in SHARDINGS} else "left")
     for row in memory["stages"]:
-        if "skipped" in row:
-            table.add_row(row["name"], f"[dim]{row['skipped']}[/]", *("-" for _ in SHARDINGS))
-            continue
-        p = row["params"]
-        cells = []
-        for s in SHARDINGS:
-            e = row["estimates"][s.name]
-            cells.append(f"[{'green' if e['fits'] else 'red'}]{e['total'] / GIB:.1f}[/]")
-        table.add_row(
-            row["name"],
-            f"{_count(p['total'])} / {_count(p['active'])} / {_count(p['trainable'])}"
-            + (" (LoRA)" if p["lora"] else ""),
-            *cells,
-        )
+        _memory_rows(table, row, row["name"])
+        for phase in row.get("phases", []):
+            _memory_rows(table, phase, f"  {phase['name']}")
     console.print(table)
     for row in memory["stages"]:
         if "estimates" not in row:
@@ -332,7 +323,9 @@ def _print_memory(memory: dict) -> None:
         name = (row["fits_with"] or ["zero3_offload"])[0]
         best = row["estimates"][name]
         parts = ", ".join(
-            f"{k} {best[k] / GIB:.1f}" for k in best if k not in ("total", "fits", "cpu_offload") and best[k]
+            f"{k} {best[k] / GIB:.1f}"
+            for k in best
+            if k not in ("total", "fits", "cpu_offload", "peak") and best[k]
         )
         host = best["cpu_offload"] / GIB
         offload = (
@@ -340,7 +333,8 @@ def _print_memory(memory: dict) -> None:
             if host
             else ""
         )
-        console.print(f"  {row['name']} with {name}: {best['total'] / GIB:.1f} GiB = {parts}{offload}")
+        peak = f" (peak: {best['peak']})" if "peak" in best else ""
+        console.print(f"  {row['name']} with {name}{peak}: {best['total'] / GIB:.1f} GiB = {parts}{offload}")
         for hint in row["suggestions"]:
             console.print(f"    [yellow]→ {hint}[/]")
     rec = memory["recommended"]
@@ -349,6 +343,40 @@ def _print_memory(memory: dict) -> None:
         if rec
         else "[red]no shipped setting fits every stage[/]"
     )
+
+
+def _memory_rows(table: Table, row: dict, name: str) -> None:
+    """A stage's (or phase's) row of the table, and one below it per frozen model and vLLM share."""
+    from posttrain.memory import GIB, SHARDINGS, VLLM_ROW
+
+    if "skipped" in row:
+        table.add_row(name, f"[dim]{escape(row['skipped'])}[/]", *("-" for _ in SHARDINGS))
+        return
+    estimates = row["estimates"]
+    cells = [f"[{'green' if estimates[s.name]['fits'] else 'red'}]{estimates[s.name]['total'] / GIB:.1f}[/]"
+             for s in SHARDINGS]  # fmt: skip
+    if "phases" in row:  # a phased stage: its row is the peak phase's
+        peaks = dict.fromkeys(estimates[s.name]["peak"] for s in SHARDINGS)
+        table.add_row(name, f"peak: {', '.join(peaks)}", *cells)
+        return
+    p = row["params"]
+    counts = f"{_count(p['total'])} / {_count(p['active'])} / {_count(p['trainable'])}"
+    table.add_row(
+        name, counts + (" (LoRA)" if p["lora"] else " (sampling)" if p["inference"] else ""), *cells
+    )
+    held = [(f["label"], f["params"], f["note"]) for f in p["frozen"]]
+    share = p["vllm"]["gpu_memory_utilization"]
+    if share or p["vllm"]["note"]:
+        held.append(
+            (VLLM_ROW if share else "vllm", 0, f"{share:g} × GPU memory" if share else p["vllm"]["note"])
+        )
+    for label, params, note in held:
+        what = " · ".join(x for x in (f"{_count(params)} frozen" if params else "", note) if x)
+        table.add_row(
+            f"    · {label}",
+            f"[dim]{escape(what)}[/]",
+            *(f"[dim]{estimates[s.name].get(label, 0) / GIB:.1f}[/]" for s in SHARDINGS),
+        )
 
 
 def _count(n: int) -> str:

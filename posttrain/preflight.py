@@ -21,7 +21,7 @@ from posttrain.data_tools.arithmetic import split_size
 from posttrain.data_tools.chat_template import render_chat
 from posttrain.errors import PosttrainError
 from posttrain.generation import render_prompts
-from posttrain.memory import Cluster, ModelShape, plan_stage, recommend
+from posttrain.memory import Cluster, ModelShape, params, plan_phases, plan_stage, recommend
 from posttrain.models import TOKENIZER_DIR, load_tokenizer
 from posttrain.recipe import PresetModel, Recipe, StageBase, SyntheticData
 from posttrain.rewards import build_reward
@@ -346,8 +346,9 @@ NO_WORKLOAD = "no trainer: inference only"  # what the plan shows for a kind wit
 
 
 def memory_plan(recipe: Recipe, cluster: Cluster) -> dict[str, Any]:
-    """The memory plan of every stage of a recipe (see `memory.plan_stage`) and the recommended
-    setting; each trainer stage's Workload comes from its kind's module."""
+    """The memory plan of every stage of a recipe (see `memory.plan_stage`, and `memory.plan_phases`
+    for a stage that runs phases one after another) and the recommended setting; each stage's
+    Workload (or phases) comes from its kind's module."""
     shapes: dict[int, ModelShape] = {}
     stages = []
     for stage in order_stages(recipe):
@@ -356,14 +357,10 @@ def memory_plan(recipe: Recipe, cluster: Cluster) -> dict[str, Any]:
         work = estimate(stage, recipe, shapes) if estimate is not None else NO_WORKLOAD
         if isinstance(work, str):
             row["skipped"] = work
+        elif isinstance(work, list):
+            row.update(plan_phases(work, cluster))
         else:
-            row["params"] = {
-                "total": work.model.total,
-                "active": work.model.active,
-                "trainable": work.trainable,
-                "frozen_models": list(work.frozen),
-                "lora": work.lora,
-            }
+            row["params"] = params(work)
             row.update(plan_stage(work, cluster))
         stages.append(row)
     return {
