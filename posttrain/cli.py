@@ -143,11 +143,12 @@ def run(
         _print_plan(loaded, tuple(force or ()))
         _print_preflight(loaded, with_memory=True)
         return
-    from posttrain.preflight import require_working_rewards
+    from posttrain.preflight import require_vllm, require_working_rewards
     from posttrain.runner import order_stages
     from posttrain.runner import run as run_recipe
 
     require_working_rewards(loaded)  # a broken reward fails here, before any weights load
+    require_vllm(loaded)  # and trl's vLLM generation without a GPU, vllm or its server
     names = [s.name for s in order_stages(loaded)]
     console.print(f"[bold]{loaded.name}[/]: {len(names)} stages ({' → '.join(names)}) in {loaded.run_dir}",
                   soft_wrap=True)  # fmt: skip
