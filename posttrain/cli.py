@@ -632,8 +632,17 @@ def rewards_score(
     typer.echo(f"{len(rows)} rows" + (f" -> {out}" if out else ""))
 
 
+def private_by_default() -> None:
+    """Nothing leaves the machine unless the user asks: vLLM's usage statistics, the Hugging Face
+    hub's telemetry and DO_NOT_TRACK-aware libraries opt out (setdefault: an exported value wins).
+    Set before any of them is imported, since they read these at import time."""
+    for name in ("VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "HF_HUB_DISABLE_TELEMETRY"):
+        os.environ.setdefault(name, "1")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line and exit code 2 (tracebacks with --debug)."""
+    private_by_default()
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("POSTTRAIN_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]  # a flag of the whole line, for every command
