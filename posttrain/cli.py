@@ -368,9 +368,7 @@ def _memory_rows(table: Table, row: dict, name: str) -> None:
     held = [(f["label"], f["params"], f["note"]) for f in p["frozen"]]
     share = p["vllm"]["gpu_memory_utilization"]
     if share or p["vllm"]["note"]:
-        held.append(
-            (VLLM_ROW if share else "vllm", 0, f"{share:g} × GPU memory" if share else p["vllm"]["note"])
-        )
+        held.append((VLLM_ROW if share else "vllm", 0, _vllm_note(p)))
     for label, params, note in held:
         what = " · ".join(x for x in (f"{_count(params)} frozen" if params else "", note) if x)
         table.add_row(
@@ -378,6 +376,16 @@ def _memory_rows(table: Table, row: dict, name: str) -> None:
             f"[dim]{escape(what)}[/]",
             *(f"[dim]{estimates[s.name].get(label, 0) / GIB:.1f}[/]" for s in SHARDINGS),
         )
+
+
+def _vllm_note(params: dict) -> str:
+    vllm = params["vllm"]
+    share = vllm["gpu_memory_utilization"]
+    if not share:
+        return vllm["note"]
+    if params["inference"]:  # the engine must at least hold its slice of the weights
+        return f"{share:g} × GPU memory, at least the weights over {vllm['tensor_parallel']} GPU(s)"
+    return f"{share:g} × GPU memory ({vllm['note']})"
 
 
 def _count(n: int) -> str:

@@ -265,7 +265,11 @@ def params(work: Workload) -> dict[str, Any]:
         "trainable": work.trainable,
         "lora": work.lora,
         "frozen": [dataclasses.asdict(f) for f in work.frozen],
-        "vllm": {"gpu_memory_utilization": work.vllm, "note": work.vllm_note},
+        "vllm": {
+            "gpu_memory_utilization": work.vllm,
+            "note": work.vllm_note,
+            "tensor_parallel": work.tensor_parallel,
+        },
         "inference": work.inference,
     }
 
@@ -277,7 +281,8 @@ def suggestions(work: Workload, cluster: Cluster, fits: list[str]) -> list[str]:
         return [] if fits[0] == "ddp" else [f"use recipes/accelerate/{fits[0]}.yaml"]
     if work.inference:
         return [_sampling_hint(work)]
-    out = _vllm_hints(work, cluster)
+    vllm = _vllm_hints(work, cluster)
+    out = list(vllm)
     if not work.lora and work.model.model is not None:
         lora = dataclasses.replace(work, lora=True, trainable=_lora_size(work.model))
         for sharding in SHARDINGS:
@@ -296,7 +301,7 @@ def suggestions(work: Workload, cluster: Cluster, fits: list[str]) -> list[str]:
             )
             break
     else:
-        if not work.vllm:  # else vLLM's share, which more GPUs do not shrink, is what is too big
+        if not vllm:  # else vLLM's share, which more GPUs do not shrink, is what is too big
             out.append(
                 "no number of GPUs is enough: activations alone are too big — lower "
                 "per_device_train_batch_size or the sequence length, or turn on gradient_checkpointing"
@@ -305,7 +310,7 @@ def suggestions(work: Workload, cluster: Cluster, fits: list[str]) -> list[str]:
 
 
 def _vllm_hints(work: Workload, cluster: Cluster) -> list[str]:
-    """How much of each GPU a colocated vLLM may take for training to fit, or that server mode is needed."""
+    """When training alone would fit: how much of each GPU a colocated vLLM may take, or server mode."""
     if not work.vllm:
         return []
     without = dataclasses.replace(work, vllm=0.0)
@@ -317,7 +322,9 @@ def _vllm_hints(work: Workload, cluster: Cluster) -> list[str]:
                 f"vllm_gpu_memory_utilization at most {room:.2f} (not {work.vllm}) leaves training room "
                 f"with {sharding.name}; or vllm_mode: server (vLLM on GPUs of its own)"
             ]
-    return ["vllm_mode: server: vLLM on GPUs of its own (trl vllm-serve)"]
+        if room > 0:
+            return [f"vllm_mode: server (vLLM on GPUs of its own): training alone fits with {sharding.name}"]
+    return []
 
 
 def _sampling_hint(work: Workload) -> str:
