@@ -32,6 +32,7 @@ tokens/s, and the trace pass rate.
 
 import dataclasses
 import shutil
+from importlib.util import find_spec
 from typing import Any
 
 from posttrain import artifacts
@@ -42,12 +43,13 @@ from posttrain.data_tools.peek import peek_columns
 from posttrain.distributed import on_main
 from posttrain.errors import PosttrainError
 from posttrain.evaluation import evaluate_model
+from posttrain.memory import PROMPT_TOKENS, Frozen, ModelShape, Phase, Workload, model_shape, trainer_workload
 from posttrain.metrics import Curves, EvalMetrics, Evaluated, NotRequired, Timed, TrainMetrics, TypedDict
 from posttrain.models import load_causal_lm, load_tokenizer
-from posttrain.recipe import DistillStage, MixSpec, PathModel, Recipe, StudentSpec
+from posttrain.recipe import DistillStage, MixSpec, PathModel, Recipe, StudentSpec, trainer_defaults
 from posttrain.rewards import build_reward, reward_columns, reward_label
 from posttrain.stages import Slot
-from posttrain.students import parameter_counts, student_source, tokenizer_mismatch
+from posttrain.students import parameter_counts, student_config, student_source, tokenizer_mismatch
 from posttrain.traces import Verifier, kept_rows, sample_traces, trace_stats
 from posttrain.training import (
     callbacks,
@@ -170,7 +172,50 @@ def slot(stage: DistillStage) -> Slot:
     )
 
 
-workload = None  # not estimated yet (students and a frozen teacher): the memory plan says "no trainer"
+def workload(stage: DistillStage, recipe: Recipe, shapes: dict) -> list[Phase]:
+    """What runs one after another (the plan's peak is the largest, see memory.plan_phases): the
+    teacher's sampling in the traces modes, then each student's full training, beside the frozen
+    teacher in its logits phase (trl's DistillationTrainer holds it, sharded by DeepSpeed)."""
+    teacher = model_shape(recipe, stage.teacher, shapes)
+    phases = [Phase("teacher sampling", _sampling(stage, teacher))] if stage.mode != "logits" else []
+    for spec in stage.students:
+        config = student_config(spec, recipe)
+        for block, trl_config in stage.trainer_blocks().items():
+            logits = trl_config == "DistillationConfig"
+            settings = {**trainer_defaults(trl_config), **getattr(stage, block)}
+            held = (Frozen("teacher", teacher.total),) if logits and teacher is not None else ()
+            work = (
+                trainer_workload(recipe, shapes, None, settings, reference=False, frozen=held, config=config)
+                if config is not None and (teacher is not None or not logits)
+                else NOT_OFFLINE
+            )
+            phases.append(Phase(f"student '{spec.name}' ({'logits' if logits else 'sft'})", work))
+    return phases
+
+
+NOT_OFFLINE = "model config not available offline"
+VLLM_UTILIZATION = 0.9  # vllm.LLM's default gpu_memory_utilization
+
+
+def _sampling(stage: DistillStage, teacher: ModelShape | None) -> Workload | str:
+    """The teacher generating traces: whole on each GPU with its KV cache, or in vLLM's share."""
+    generation = stage.generation
+    if teacher is None:
+        return NOT_OFFLINE
+    if generation.backend not in ("auto", "transformers", "vllm"):
+        return f"generation backend {generation.backend}: the teacher is served, nothing on these GPUs"
+    vllm = generation.backend == "vllm" or (generation.backend == "auto" and find_spec("vllm") is not None)
+    options = generation.vllm if vllm else {}
+    return Workload(
+        model=teacher,
+        trainable=0,
+        lora=False,
+        inference=True,
+        generating=generation.batch_size * stage.samples_per_prompt,
+        seq=PROMPT_TOKENS + generation.max_new_tokens,
+        vllm=float(options.get("gpu_memory_utilization", VLLM_UTILIZATION)) if vllm else 0.0,
+        tensor_parallel=int(options.get("tensor_parallel_size", 1)),
+    )
 
 
 loss_panel = "distillation students: token cross-entropy"
