@@ -127,3 +127,22 @@ def test_run_prints_its_first_line_before_loading_any_heavy_library(tmp_path: Pa
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.stdout.startswith("LIGHT") and "checking the recipe" in result.stdout, result
+
+
+def test_the_bitsandbytes_kernel_hub_notice_is_quiet_and_its_other_warnings_are_not() -> None:
+    """bitsandbytes logs 'Failed to load CPU gemm_4bit_forward from kernels-community' on import
+    without the `kernels` package (on CPUs with AVX-512 BF16, as here). The launches in
+    test_distributed check that a whole `posttrain run` no longer prints it."""
+    import logging
+
+    from posttrain.cli import _no_kernel_hub_notice
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord(
+            "bitsandbytes.backends.cpu.ops", logging.WARNING, "ops.py", 1, message, (), None
+        )
+
+    assert not _no_kernel_hub_notice(
+        record("Failed to load CPU gemm_4bit_forward from kernels-community: %s.")
+    )
+    assert _no_kernel_hub_notice(record("another bitsandbytes warning"))
