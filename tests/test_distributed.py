@@ -222,16 +222,16 @@ def test_multinode_config_on_loopback(tmp_path):
     shared = ["--config_file", str(accelerate_config("multinode_zero3")), "--mixed_precision", "no"]
     shared += ["--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
     shared += ["--main_process_port", str(free_port())]
-    nodes = []
-    for rank in (0, 1):
+    nodes, logs = [], [(tmp_path / f"node{rank}.log").open("w") for rank in (0, 1)]
+    for rank, log in enumerate(logs):  # files, not pipes: neither node can block writing its output
         command, env = launch_command(recipe, *shared, "--machine_rank", str(rank))
-        log = (tmp_path / f"node{rank}.log").open("w")  # a file, not a pipe: neither node can block on it
         nodes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
     try:
         codes = [node.wait(timeout=420) for node in nodes]
     finally:
-        for node in nodes:
+        for node, log in zip(nodes, logs, strict=True):
             node.kill()
+            log.close()
     logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
     assert codes == [0, 0], logs[0][-4000:] + logs[1][-4000:]
     stage = tmp_path / "runs" / "full"
