@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 import warnings
@@ -114,6 +115,12 @@ def _quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_warning()
     transformers.logging.disable_progress_bar()
+
+
+def _no_kernel_hub_notice(record: logging.LogRecord) -> bool:
+    """False for the notice bitsandbytes logs on import (peft imports it) when the `kernels` package
+    that fetches its Hub CPU kernel is absent: its own 4-bit CPU path runs anyway."""
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
 
 
 @app.command()
@@ -654,6 +661,8 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("POSTTRAIN_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]  # a flag of the whole line, for every command
+    # before any command imports peft (which imports bitsandbytes); validate loads it too
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_kernel_hub_notice)
     try:
         code = app(args=args, prog_name="posttrain", standalone_mode=False)
         if isinstance(code, int) and code:  # typer returns Exit codes instead of raising them

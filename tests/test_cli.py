@@ -162,3 +162,22 @@ def test_report_to_stays_local_unless_the_recipe_names_a_tracker(tmp_path, monke
     assert trainer_args("SFTConfig", {"report_to": ["tensorboard", "wandb"]}, ctx).report_to == ["wandb"]
     with pytest.raises(PosttrainError, match="stages.sft.train.report_to.*name the ones you want"):
         trainer_args("SFTConfig", {"report_to": "all"}, ctx)
+
+
+def test_the_bitsandbytes_kernel_hub_notice_is_quiet_and_its_other_warnings_are_not() -> None:
+    """bitsandbytes logs 'Failed to load CPU gemm_4bit_forward from kernels-community' on import
+    without the `kernels` package (on CPUs with AVX-512 BF16, as here). The launches in
+    test_distributed check that a whole `posttrain run` no longer prints it."""
+    import logging
+
+    from posttrain.cli import _no_kernel_hub_notice
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord(
+            "bitsandbytes.backends.cpu.ops", logging.WARNING, "ops.py", 1, message, (), None
+        )
+
+    assert not _no_kernel_hub_notice(
+        record("Failed to load CPU gemm_4bit_forward from kernels-community: %s.")
+    )
+    assert _no_kernel_hub_notice(record("another bitsandbytes warning"))

@@ -299,9 +299,9 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tiny_moe: Path):
 
     if vllm_usable():
         pytest.skip("vLLM is usable here")
-    with pytest.raises(PosttrainError, match="vLLM is not installed"):
-        with open_engine(PathModel(path=str(tiny_moe)), GenerationSpec(backend="vllm")):
-            pass
+    engine = open_engine(PathModel(path=str(tiny_moe)), GenerationSpec(backend="vllm"))
+    with pytest.raises(PosttrainError, match="vLLM is not installed"), engine:
+        pass
 
 
 # --------------------------------------------------------------------------- the stage
