@@ -34,7 +34,7 @@ from posttrain import artifacts
 from posttrain.artifacts import write_atomic
 from posttrain.context import StageContext
 from posttrain.data_tools import describe, extract_answer, require_columns
-from posttrain.distributed import on_main, state, unsharded_loading
+from posttrain.distributed import map_batches, on_main, state, unsharded_loading
 from posttrain.errors import PosttrainError, warn
 from posttrain.generation import Engine, Generated, Sampling, generate_all, open_engine
 from posttrain.harness import run_harness
@@ -42,13 +42,26 @@ from posttrain.recipe import EvalSpec, PathModel, Recipe, StageBase
 from posttrain.rewards import build_reward
 from posttrain.rewards.math_judge import clean
 
+SCORE_CHUNK = 64  # completions per scoring batch; the batches are split over the ranks
+
 
 def score(completions: list[str], answers: list[str]) -> tuple[list[bool], list[bool]]:
     """(correct, well formatted) for each completion: the `accuracy` and `format` rewards at 1.0.
-    A completion the accuracy judge cannot decide (None: a timeout) counts as wrong."""
-    accuracy = build_reward({"name": "accuracy"})(completions=completions, answer=answers)
-    formatted = build_reward({"name": "format"})(completions=completions)
-    return [s == 1.0 for s in accuracy], [s == 1.0 for s in formatted]
+    A completion the accuracy judge cannot decide (None: a timeout) counts as wrong. Every rank
+    scores a share (math-verify is CPU work) and gets every result."""
+    accuracy, formatted = build_reward({"name": "accuracy"}), build_reward({"name": "format"})
+
+    def chunk(idx: range) -> tuple[list[bool], list[bool]]:
+        texts, truth = completions[idx.start : idx.stop], answers[idx.start : idx.stop]
+        return [s == 1.0 for s in accuracy(completions=texts, answer=truth)], [
+            s == 1.0 for s in formatted(completions=texts)
+        ]
+
+    chunks = [
+        range(i, min(i + SCORE_CHUNK, len(completions))) for i in range(0, len(completions), SCORE_CHUNK)
+    ]
+    results = map_batches(chunks, chunk)
+    return [c for r in results for c in r[0]], [f for r in results for f in r[1]]
 
 
 def evaluate_model(source: PathModel | None, spec: EvalSpec, ctx: StageContext) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Generation split over ranks: `accelerate launch --num_processes 2` (gloo, CPU) must give what one
-process gives (same completions, same metrics, same files) in less wall time, and a failure on
-rank 1 must stop both ranks with rank 1's message.
+process gives: same completions, same metrics, same files. (How much faster 2 processes are is
+measured in bench/eval_ranks.py, not asserted here; a failure on rank 1 stopping both ranks is
+in tests/test_served.py.)
 
 One recipe covers evaluate (greedy + k samples) and distill (teacher traces, the teacher's eval):
 a 1-process run and a 2-process run of it are compared file for file.
@@ -8,7 +9,6 @@ a 1-process run and a 2-process run of it are compared file for file.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,8 +20,8 @@ from test_distributed import BASE, launch, metrics, write
 from posttrain import artifacts
 
 EVAL = {
-    "data": {"synthetic": "arithmetic", "n": 96, "seed": 7},
-    "max_new_tokens": 24,
+    "data": {"synthetic": "arithmetic", "n": 128, "seed": 7},
+    "max_new_tokens": 32,
     "batch_size": 8,
     "k": 2,
 }
@@ -70,15 +70,9 @@ def test_evaluate_is_the_same_on_one_and_two_processes(runs):
     one, two = (metrics(runs[w] / "eval-base")["eval"] for w in (1, 2))
     assert (one["processes"], two["processes"]) == (1, 2)
     assert without_timing(one) == without_timing(two)
-    assert one["n"] == 96 and "pass_at_1" in one
+    assert one["n"] == 128 and "pass_at_1" in one
     samples = [(runs[w] / "eval-base" / artifacts.EVAL_SAMPLES).read_text() for w in (1, 2)]
     assert samples[0] == samples[1]  # greedy and sampled completions, same rows, same order
-
-
-def test_two_processes_evaluate_faster(runs):
-    """Each rank generates half of the batches: the evaluation's own wall time drops."""
-    one, two = (metrics(runs[w] / "eval-base")["eval"]["seconds"] for w in (1, 2))
-    assert two <= 0.8 * one, (one, two)
 
 
 def test_distill_traces_are_the_same_on_one_and_two_processes(runs):
@@ -92,32 +86,3 @@ def test_distill_traces_are_the_same_on_one_and_two_processes(runs):
     assert teacher[0] == teacher[1]
     stats = [metrics(runs[w] / "distill")["traces"] for w in (1, 2)]
     assert stats[0]["samples"] == stats[1]["samples"] == 48 and stats[0]["kept"] == stats[1]["kept"]
-
-
-FAIL_ON_RANK_1 = """
-import os
-
-
-def fails_on_rank_1(completions, boom, **kwargs):
-    if os.environ.get("RANK") == "1" and any(boom):
-        raise RuntimeError("the verifier broke on rank 1")
-    return [1.0 for _ in completions]
-"""
-
-
-def test_a_failure_on_rank_1_stops_both_ranks_with_its_message(tmp_path):
-    """Rows 4-7 are the second batch, rank 1's; preflight tries the verifier on the first rows."""
-    (tmp_path / "rank_reward.py").write_text(FAIL_ON_RANK_1)
-    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1), "boom": i >= 4} for i in range(8)]
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    stage = {**DISTILL, "data": {"path": str(tmp_path / "prompts.jsonl")}, "teacher_eval": False,
-             "verifiers": [{"name": "rank_reward:fails_on_rank_1"}]}  # fmt: skip
-    recipe = write(tmp_path / "recipe.yaml", {"name": "broken", "output_dir": str(tmp_path / "runs"), **BASE,
-                                              "stages": [stage]})  # fmt: skip
-    done = launch(recipe, "--multi_gpu", timeout=300, pythonpath=tmp_path)
-    output = done.stdout + done.stderr
-    assert done.returncode != 0
-    assert "error (rank 1/2)" in output and "the verifier broke on rank 1" in output
-    assert "stopping (rank 0/2): rank 1 failed (RuntimeError: the verifier broke on rank 1)" in output
-    assert "Traceback" not in output.split("ChildFailedError")[0].replace("torch.distributed", "")
-    assert not (tmp_path / "runs" / "distill" / "COMPLETE").exists()

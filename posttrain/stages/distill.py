@@ -200,10 +200,10 @@ VLLM_UTILIZATION = 0.9  # vllm.LLM's default gpu_memory_utilization
 def _sampling(stage: DistillStage, teacher: ModelShape | None) -> Workload | str:
     """The teacher generating traces: whole on each GPU with its KV cache, or in vLLM's share."""
     generation = stage.generation
+    if generation.served:
+        return "the teacher is served (generation.server): nothing on these GPUs"
     if teacher is None:
         return NOT_OFFLINE
-    if generation.backend not in ("auto", "transformers", "vllm"):
-        return f"generation backend {generation.backend}: the teacher is served, nothing on these GPUs"
     vllm = generation.backend == "vllm" or (generation.backend == "auto" and find_spec("vllm") is not None)
     options = generation.vllm if vllm else {}
     return Workload(
