@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 import warnings
@@ -116,6 +117,12 @@ def _quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
+def _no_kernel_hub_notice(record: logging.LogRecord) -> bool:
+    """False for the notice bitsandbytes logs on import (peft imports it) when the `kernels` package
+    that fetches its Hub CPU kernel is absent: its own 4-bit CPU path runs anyway."""
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
 @app.command()
 def run(
     recipe: Recipe,
@@ -143,11 +150,12 @@ def run(
         _print_plan(loaded, tuple(force or ()))
         _print_preflight(loaded, with_memory=True)
         return
-    from posttrain.preflight import require_working_rewards
+    from posttrain.preflight import require_vllm, require_working_rewards
     from posttrain.runner import order_stages
     from posttrain.runner import run as run_recipe
 
     require_working_rewards(loaded)  # a broken reward fails here, before any weights load
+    require_vllm(loaded)  # and trl's vLLM generation without a GPU, vllm or its server
     names = [s.name for s in order_stages(loaded)]
     console.print(f"[bold]{loaded.name}[/]: {len(names)} stages ({' → '.join(names)}) in {loaded.run_dir}",
                   soft_wrap=True)  # fmt: skip
@@ -301,6 +309,8 @@ def _memory_plan(recipe, gpus_per_node: int, nodes: int, gpu_memory: str) -> dic
 
 
 def _print_memory(memory: dict) -> None:
+    """The per-GPU table: a row per stage (a phased stage's peak), then a row per phase and per frozen
+    model or vLLM share it holds; then each stage's breakdown under its lightest fitting setting."""
     from posttrain.memory import GIB, SHARDINGS
 
     gpus = memory["gpus_per_node"] * memory["nodes"]
@@ -311,20 +321,9 @@ def _print_memory(memory: dict) -> None:
     for column in ("stage", "params total / active / trainable", *(s.name for s in SHARDINGS)):
         table.add_column(column, justify="right" if column in {s.name for s in SHARDINGS} else "left")
     for row in memory["stages"]:
-        if "skipped" in row:
-            table.add_row(row["name"], f"[dim]{row['skipped']}[/]", *("-" for _ in SHARDINGS))
-            continue
-        p = row["params"]
-        cells = []
-        for s in SHARDINGS:
-            e = row["estimates"][s.name]
-            cells.append(f"[{'green' if e['fits'] else 'red'}]{e['total'] / GIB:.1f}[/]")
-        table.add_row(
-            row["name"],
-            f"{_count(p['total'])} / {_count(p['active'])} / {_count(p['trainable'])}"
-            + (" (LoRA)" if p["lora"] else ""),
-            *cells,
-        )
+        _memory_rows(table, row, row["name"])
+        for phase in row.get("phases", []):
+            _memory_rows(table, phase, f"  {phase['name']}")
     console.print(table)
     for row in memory["stages"]:
         if "estimates" not in row:
@@ -332,7 +331,9 @@ def _print_memory(memory: dict) -> None:
         name = (row["fits_with"] or ["zero3_offload"])[0]
         best = row["estimates"][name]
         parts = ", ".join(
-            f"{k} {best[k] / GIB:.1f}" for k in best if k not in ("total", "fits", "cpu_offload") and best[k]
+            f"{k} {best[k] / GIB:.1f}"
+            for k in best
+            if k not in ("total", "fits", "cpu_offload", "peak") and best[k]
         )
         host = best["cpu_offload"] / GIB
         offload = (
@@ -340,7 +341,8 @@ def _print_memory(memory: dict) -> None:
             if host
             else ""
         )
-        console.print(f"  {row['name']} with {name}: {best['total'] / GIB:.1f} GiB = {parts}{offload}")
+        peak = f" (peak: {best['peak']})" if "peak" in best else ""
+        console.print(f"  {row['name']} with {name}{peak}: {best['total'] / GIB:.1f} GiB = {parts}{offload}")
         for hint in row["suggestions"]:
             console.print(f"    [yellow]→ {hint}[/]")
     rec = memory["recommended"]
@@ -349,6 +351,48 @@ def _print_memory(memory: dict) -> None:
         if rec
         else "[red]no shipped setting fits every stage[/]"
     )
+
+
+def _memory_rows(table: Table, row: dict, name: str) -> None:
+    """A stage's (or phase's) row of the table, and one below it per frozen model and vLLM share."""
+    from posttrain.memory import GIB, SHARDINGS, VLLM_ROW
+
+    if "skipped" in row:
+        table.add_row(name, f"[dim]{escape(row['skipped'])}[/]", *("-" for _ in SHARDINGS))
+        return
+    estimates = row["estimates"]
+    cells = [f"[{'green' if estimates[s.name]['fits'] else 'red'}]{estimates[s.name]['total'] / GIB:.1f}[/]"
+             for s in SHARDINGS]  # fmt: skip
+    if "phases" in row:  # a phased stage: its row is the peak phase's
+        peaks = dict.fromkeys(estimates[s.name]["peak"] for s in SHARDINGS)
+        table.add_row(name, f"peak: {', '.join(peaks)}", *cells)
+        return
+    p = row["params"]
+    counts = f"{_count(p['total'])} / {_count(p['active'])} / {_count(p['trainable'])}"
+    table.add_row(
+        name, counts + (" (LoRA)" if p["lora"] else " (sampling)" if p["inference"] else ""), *cells
+    )
+    held = [(f["label"], f["params"], f["note"]) for f in p["frozen"]]
+    share = p["vllm"]["gpu_memory_utilization"]
+    if share or p["vllm"]["note"]:
+        held.append((VLLM_ROW if share else "vllm", 0, _vllm_note(p)))
+    for label, params, note in held:
+        what = " · ".join(x for x in (f"{_count(params)} frozen" if params else "", note) if x)
+        table.add_row(
+            f"    · {label}",
+            f"[dim]{escape(what)}[/]",
+            *(f"[dim]{estimates[s.name].get(label, 0) / GIB:.1f}[/]" for s in SHARDINGS),
+        )
+
+
+def _vllm_note(params: dict) -> str:
+    vllm = params["vllm"]
+    share = vllm["gpu_memory_utilization"]
+    if not share:
+        return vllm["note"]
+    if params["inference"]:  # the engine must at least hold its slice of the weights
+        return f"{share:g} × GPU memory, at least the weights over {vllm['tensor_parallel']} GPU(s)"
+    return f"{share:g} × GPU memory ({vllm['note']})"
 
 
 def _count(n: int) -> str:
@@ -603,11 +647,22 @@ def rewards_score(
     typer.echo(f"{len(rows)} rows" + (f" -> {out}" if out else ""))
 
 
+def private_by_default() -> None:
+    """Nothing leaves the machine unless the user asks: vLLM's usage statistics, the Hugging Face
+    hub's telemetry and DO_NOT_TRACK-aware libraries opt out (setdefault: an exported value wins).
+    Set before any of them is imported, since they read these at import time."""
+    for name in ("VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "HF_HUB_DISABLE_TELEMETRY"):
+        os.environ.setdefault(name, "1")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line and exit code 2 (tracebacks with --debug)."""
+    private_by_default()
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("POSTTRAIN_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]  # a flag of the whole line, for every command
+    # before any command imports peft (which imports bitsandbytes); validate loads it too
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_kernel_hub_notice)
     try:
         code = app(args=args, prog_name="posttrain", standalone_mode=False)
         if isinstance(code, int) and code:  # typer returns Exit codes instead of raising them

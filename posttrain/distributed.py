@@ -1,10 +1,17 @@
 """Several processes, one run: who does what under `accelerate launch` (DDP or DeepSpeed ZeRO).
 
 Every rank runs the same plan. Work that must happen once (deciding what is cached, writing
-manifests, evaluating) runs on the main process through `on_main`, which hands the result, or
-the failure, to every rank: a rank never waits at a barrier for a peer that has already died.
-A failure inside a collective (mid-training) ends that rank's process, and the launcher
-(torch.distributed.run, under accelerate) then stops the others and names the failing rank.
+manifests) runs on the main process through `on_main`, which hands the result, or the failure,
+to every rank: a rank never waits at a barrier for a peer that has already died. Generation
+(evaluation, labelling, teacher traces) is split over every rank by `map_batches`: in each
+round every rank does one batch, the round's results reach every rank in batch order, and a
+failure on any rank stops them all with that rank's message. So no rank idles at a barrier
+while another generates, and a wait lasts one batch, not a whole evaluation. A failure inside
+a collective (mid-training) ends that rank's process, and the launcher (torch.distributed.run,
+under accelerate) then stops the others and names the failing rank.
+
+The process group's timeout (how long a rank waits for its peers at a collective) is
+`POSTTRAIN_DIST_TIMEOUT_S` seconds, 1800 by default, as torch's.
 
     accelerate launch --config_file recipes/accelerate/zero3.yaml -m posttrain run r.yaml
 """
@@ -14,10 +21,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+B = TypeVar("B")
+DEFAULT_TIMEOUT_S = 1800
 
 
 class PeerFailed(Exception):
@@ -33,7 +43,24 @@ def state() -> Any:
     launch on CPU finds no backend and every rank believes it is rank 0 of 1."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not has_accelerator())
+    return PartialState(cpu=not has_accelerator(), timeout=timeout())
+
+
+def timeout() -> timedelta:
+    """How long a rank waits for its peers at a collective: `POSTTRAIN_DIST_TIMEOUT_S` seconds."""
+    from posttrain.errors import PosttrainError
+
+    value = os.environ.get("POSTTRAIN_DIST_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise PosttrainError(
+            f"POSTTRAIN_DIST_TIMEOUT_S={value!r} is not a positive number of seconds",
+            fix=f"export POSTTRAIN_DIST_TIMEOUT_S={DEFAULT_TIMEOUT_S}, or unset it",
+        )
+    return timedelta(seconds=seconds)
 
 
 def has_accelerator() -> bool:
@@ -124,6 +151,54 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     if status == "error":
         raise PeerFailed(f"rank 0 failed ({value})")
     return value
+
+
+def each_rank(fn: Callable[..., T], *args: Any, **kwargs: Any) -> list[T]:
+    """Run `fn` on every rank; every rank gets every rank's result, in rank order.
+
+    If it raises on any rank, every rank stops: the failing rank re-raises its own error, the
+    others raise `PeerFailed` with that rank's message, so nobody waits for a rank that died."""
+    if state().num_processes == 1:
+        return [fn(*args, **kwargs)]
+    from accelerate.utils import gather_object
+
+    error: BaseException | None = None
+    try:
+        outcome: tuple[str, Any] = ("ok", fn(*args, **kwargs))
+    except BaseException as e:  # also KeyboardInterrupt: the peers must not wait for us
+        error, outcome = e, ("error", f"{type(e).__name__}: {e}")
+    outcomes = gather_object([outcome])
+    if error is not None:
+        raise error
+    for rank, (status, value) in enumerate(outcomes):
+        if status == "error":
+            raise PeerFailed(f"rank {rank} failed ({value})")
+    return [value for _, value in outcomes]
+
+
+def map_batches(
+    batches: Sequence[B], compute: Callable[[B], T], done: Callable[[list[tuple[B, T]]], None] | None = None
+) -> list[T]:
+    """`compute(batch)` for every batch, split over the ranks; the results, in batch order, on every rank.
+
+    Rank r computes batches r, r + world_size, r + 2 * world_size, ... The batches, and so their
+    results, do not depend on the world size: a greedy evaluation on 8 GPUs gives what it gives
+    on 1. Without `done`, each rank works through its share and the results meet once at the end.
+    With `done`, the ranks go in rounds of one batch each, and after each round its results
+    reach every rank and `done(round)` runs on each (rank 0 appends them to a file, so a crash
+    loses one round at most). A failure on any rank stops every rank (`each_rank`)."""
+    world, rank = state().num_processes, state().process_index
+    if done is None:
+        shares = each_rank(lambda: [compute(b) for b in batches[rank::world]])
+        return [shares[i % world][i // world] for i in range(len(batches))]
+    results: list[T] = []
+    for start in range(0, len(batches), world):
+        mine = start + rank
+        got = each_rank(lambda: compute(batches[mine]) if mine < len(batches) else None)  # noqa: B023
+        finished = list(zip(batches[start : start + world], got, strict=False))
+        done(finished)
+        results.extend(result for _, result in finished)
+    return results
 
 
 @contextlib.contextmanager

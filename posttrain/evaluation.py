@@ -13,11 +13,18 @@ Scoring uses the reward library: `accuracy` (the completion's final answer, from
 `\\boxed{}` or `#### N`, is math-verify-equivalent to the row's `answer`, which may be a
 whole GSM8K / MATH solution) and `format` (strict R1 template). maj@k votes over the final
 answers in the normalised form the accuracy judge compares.
+
+Generation is split over every rank (`generation.generate_all`: the same batches, and seeds,
+whatever the world size), so 8 GPUs evaluate about 8 times as fast as one and give the same
+numbers; `seconds` and `processes` in the block say how long it took on how many.
+`backend:` picks transformers, vLLM or an OpenAI-compatible server (`server:` evaluates a
+served model, and nothing is loaded here).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,61 +34,75 @@ from posttrain import artifacts
 from posttrain.artifacts import write_atomic
 from posttrain.context import StageContext
 from posttrain.data_tools import describe, extract_answer, require_columns
-from posttrain.distributed import unsharded_loading
+from posttrain.distributed import map_batches, on_main, state, unsharded_loading
 from posttrain.errors import PosttrainError, warn
-from posttrain.generation import generate, render_prompts
+from posttrain.generation import Engine, Generated, Sampling, generate_all, open_engine
 from posttrain.harness import run_harness
-from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.recipe import EvalSpec, PathModel, Recipe, StageBase
 from posttrain.rewards import build_reward
 from posttrain.rewards.math_judge import clean
 
+SCORE_CHUNK = 64  # completions per scoring batch; the batches are split over the ranks
+
 
 def score(completions: list[str], answers: list[str]) -> tuple[list[bool], list[bool]]:
     """(correct, well formatted) for each completion: the `accuracy` and `format` rewards at 1.0.
-    A completion the accuracy judge cannot decide (None: a timeout) counts as wrong."""
-    accuracy = build_reward({"name": "accuracy"})(completions=completions, answer=answers)
-    formatted = build_reward({"name": "format"})(completions=completions)
-    return [s == 1.0 for s in accuracy], [s == 1.0 for s in formatted]
+    A completion the accuracy judge cannot decide (None: a timeout) counts as wrong. Every rank
+    scores a share (math-verify is CPU work) and gets every result."""
+    accuracy, formatted = build_reward({"name": "accuracy"}), build_reward({"name": "format"})
+
+    def chunk(idx: range) -> tuple[list[bool], list[bool]]:
+        texts, truth = completions[idx.start : idx.stop], answers[idx.start : idx.stop]
+        return [s == 1.0 for s in accuracy(completions=texts, answer=truth)], [
+            s == 1.0 for s in formatted(completions=texts)
+        ]
+
+    chunks = [
+        range(i, min(i + SCORE_CHUNK, len(completions))) for i in range(0, len(completions), SCORE_CHUNK)
+    ]
+    results = map_batches(chunks, chunk)
+    return [c for r in results for c in r[0]], [f for r in results for f in r[1]]
 
 
-def evaluate_model(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict[str, Any]:
-    """Generate, score and record; returns the `eval` block of the stage's metrics."""
+def evaluate_model(source: PathModel | None, spec: EvalSpec, ctx: StageContext) -> dict[str, Any]:
+    """Generate (split over every rank), score and record; returns the `eval` block of the
+    stage's metrics on every rank. `source` may be None when `spec.server` serves the model."""
     rows = ctx.data(spec.data)
     require_columns(rows, ["prompt", "answer"], "evaluation", "eval.data")
     if len(rows) == 0:
         raise PosttrainError("the evaluation data has no rows", key="eval.data")
     rows = distinct_problems(rows, f"stages.{ctx.stage}: evaluation data")
-    tokenizer = load_tokenizer(source)
-    prompts = render_prompts(tokenizer, list(rows["prompt"]), describe(spec.data))  # before the weights load
-    model = load_causal_lm(source).eval()
-    if _has_cuda():
-        model = model.to("cuda")
     answers = [str(a) for a in rows["answer"]]
-    greedy, speed = generate(
-        model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
-        description="eval (greedy)",
-    )  # fmt: skip
-    completions = [o[0] for o in greedy]
+    started = time.perf_counter()
+    with open_engine(source, spec) as engine:
+        prompts = engine.render(list(rows["prompt"]), describe(spec.data))  # before the weights load
+        greedy = generate_all(
+            engine, prompts, Sampling(spec.max_new_tokens), batch_size=spec.batch_size, seed=ctx.seed,
+            description="eval (greedy)",
+        )  # fmt: skip
+        sampled = sample(engine, prompts, spec, ctx.seed) if spec.k > 1 else None
+    completions = [o[0] for o in greedy.outputs]
     correct, formatted = score(completions, answers)
     n = len(completions)
     result: dict[str, Any] = {
         "accuracy": sum(correct) / n,
         "n": n,
         "format_rate": sum(formatted) / n,
-        "mean_length": sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions) / n,
-        "tokens_per_s": round(speed["tokens_per_s"], 1),
+        "mean_length": sum(lengths[0] for lengths in greedy.lengths) / n,
+        "tokens_per_s": round(greedy.stats["tokens_per_s"], 1),
     }
-    sampled: list[list[str]] = [[] for _ in prompts]
-    sampled_correct: list[list[bool]] = [[] for _ in prompts]
-    if spec.k > 1:
-        sampled, sampled_correct = sample(model, tokenizer, prompts, answers, spec, ctx.seed)
-        result |= sample_metrics(sampled, sampled_correct) | {"k": spec.k, "temperature": spec.temperature}
+    samples: list[list[str]] = [[] for _ in prompts]
+    samples_correct: list[list[bool]] = [[] for _ in prompts]
+    if sampled is not None:
+        samples = sampled.outputs
+        samples_correct = sampled_scores(samples, answers, spec.k)
+        result |= sample_metrics(samples, samples_correct) | {"k": spec.k, "temperature": spec.temperature}
+    result |= {"seconds": round(time.perf_counter() - started, 2), "processes": state().num_processes}
     if ctx.is_main:
-        samples = zip(rows["prompt"], completions, answers, correct, sampled, sampled_correct, strict=True)
-        write_samples(ctx.out_dir / artifacts.EVAL_SAMPLES, samples)
+        rows_out = zip(rows["prompt"], completions, answers, correct, samples, samples_correct, strict=True)
+        write_samples(ctx.out_dir / artifacts.EVAL_SAMPLES, rows_out)
     if spec.harness is not None:
-        result["harness"] = run_harness(source, spec.harness, ctx)
+        result["harness"] = on_main(run_harness, source, spec.harness, ctx)  # lm-eval on one process
     return result
 
 
@@ -104,29 +125,29 @@ def distinct_problems(rows: Any, where: str) -> Any:
     return rows.select(keep)
 
 
-def evaluate_whole(source: PathModel, spec: EvalSpec, ctx: StageContext) -> dict[str, Any]:
-    """`evaluate_model` with the model loaded whole in this process, even in a ZeRO-3 launch.
-
-    Evaluation runs on the main process alone (`distributed.on_main`): ZeRO-3's sharded loading
-    would wait for ranks that are not loading."""
+def evaluate_whole(source: PathModel | None, spec: EvalSpec, ctx: StageContext) -> dict[str, Any]:
+    """`evaluate_model` with the model loaded whole on every rank, even in a ZeRO-3 launch: each
+    rank generates for its share of the prompts, so ZeRO-3's sharded loading has no place here."""
     with unsharded_loading():
         return evaluate_model(source, spec, ctx)
 
 
-def sample(
-    model: Any, tokenizer: Any, prompts: list[str], answers: list[str], spec: EvalSpec, seed: int
-) -> tuple[list[list[str]], list[list[bool]]]:
-    """k completions per prompt at the spec's temperature, and whether each is correct."""
-    from transformers import set_seed
-
-    set_seed(seed)
-    sampled, _ = generate(
-        model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
-        num_return_sequences=spec.k, do_sample=True, temperature=spec.temperature, top_p=spec.top_p,
+def sample(engine: Engine, prompts: list[Any], spec: EvalSpec, seed: int) -> Generated:
+    """k completions per prompt at the spec's temperature, seeded per batch (per prompt on vLLM
+    and servers), so they do not depend on the number of ranks."""
+    sampling = Sampling(
+        spec.max_new_tokens, spec.k, do_sample=True, temperature=spec.temperature, top_p=spec.top_p
+    )
+    return generate_all(
+        engine, prompts, sampling, batch_size=spec.batch_size, seed=seed + 1,  # not the greedy pass's seeds
         description=f"eval ({spec.k} samples each)",
     )  # fmt: skip
-    flat, _ = score([s for group in sampled for s in group], [a for a in answers for _ in range(spec.k)])
-    return sampled, [flat[i : i + spec.k] for i in range(0, len(flat), spec.k)]
+
+
+def sampled_scores(sampled: list[list[str]], answers: list[str], k: int) -> list[list[bool]]:
+    """Whether each of the k samples of each prompt is correct."""
+    flat, _ = score([s for group in sampled for s in group], [a for a in answers for _ in range(k)])
+    return [flat[i : i + k] for i in range(0, len(flat), k)]
 
 
 def sample_metrics(sampled: list[list[str]], correct: list[list[bool]]) -> dict[str, float]:
@@ -179,9 +200,3 @@ def check_gate(recipe: Recipe, stage: StageBase, metrics: dict[str, Any]) -> Non
                 "the pipeline stops here",
                 f"the stage stays COMPLETE: improve it with --force {stage.name}, or lower the gate, and run again",
             )
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

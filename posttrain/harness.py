@@ -15,6 +15,7 @@ files work offline) are found through `include_path`.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Any
 
@@ -30,17 +31,20 @@ def installed() -> bool:
     return importlib.util.find_spec("lm_eval") is not None
 
 
-def _task_manager(spec: HarnessSpec) -> Any:
+@functools.cache
+def _task_manager(include_path: str | None) -> Any:
+    """lm-eval's task index (~15k task YAMLs, several seconds to build): once per process, not once
+    at recipe load and again at every stage's evaluation."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=spec.include_path)
+    return TaskManager(include_path=include_path)
 
 
 def check_harness(spec: HarnessSpec) -> tuple[str, str | None] | None:
     """(message, fix) when the harness cannot run these tasks here; None when it can."""
     if not installed():
         return "the lm-eval harness is not installed", INSTALL
-    manager = _task_manager(spec)
+    manager = _task_manager(spec.include_path)
     for task in spec.tasks:
         if not manager.match_tasks([task]):
             return f"unknown lm-eval task '{task}'", did_you_mean(
@@ -66,7 +70,7 @@ def run_harness(source: PathModel, spec: HarnessSpec, ctx: StageContext) -> dict
         batch_size=spec.batch_size,
         device="cuda" if torch.cuda.is_available() else "cpu",  # lm-eval assumes cuda otherwise
         apply_chat_template=spec.apply_chat_template,
-        task_manager=_task_manager(spec),
+        task_manager=_task_manager(spec.include_path),
         log_samples=False,
         random_seed=ctx.seed,
     )
@@ -77,10 +81,14 @@ def run_harness(source: PathModel, spec: HarnessSpec, ctx: StageContext) -> dict
 
 
 def task_metrics(values: dict[str, Any]) -> dict[str, float]:
-    """lm-eval's `{"exact_match,strict-match": 0.4, "exact_match_stderr,strict-match": 0.01, ...}`
-    as `{"exact_match,strict-match": 0.4}`: the numbers, without standard errors or aliases."""
+    """lm-eval's `{"exact_match,strict-match": 0.4, "exact_match_stderr,strict-match": 0.01,
+    "sample_len": 1319, ...}` as `{"exact_match,strict-match": 0.4}`: the metrics alone. lm-eval
+    names each `metric,filter`; the rest (alias, sample_len, standard errors) is not a score."""
     return {
         metric: float(value)
         for metric, value in values.items()
-        if isinstance(value, int | float) and not isinstance(value, bool) and "_stderr" not in metric
+        if "," in metric
+        and "_stderr" not in metric
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
     }

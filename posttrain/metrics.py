@@ -37,6 +37,8 @@ class EvalMetrics(TypedDict):
     format_rate: float
     mean_length: float
     tokens_per_s: float
+    seconds: float  # the evaluation's wall time (generation and scoring), over every rank
+    processes: int  # the ranks that shared the prompts
     pass_at_1: NotRequired[float]
     pass_at_k: NotRequired[float]
     maj_at_k: NotRequired[float]

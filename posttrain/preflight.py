@@ -6,12 +6,17 @@ and the stage's data, then checks what the stage itself checks only when it star
 hours into a run: the columns the stage and its rewards read, prompt + completion lengths
 against the model's positions and the trainer's `max_length` (how many rows would be cut),
 and every reward and verifier, run on a few real rows with the reference answer as the
-completion. Each finding is one line; a problem makes the command exit 2.
+completion. Each finding is one line; a problem makes the command exit 2. A trainer block
+with trl's `use_vllm: true` needs a CUDA GPU and an importable vllm here, and in server mode a
+server that answers trl's health check (`vllm_findings`; `posttrain run` checks it too).
 """
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Any
 
 from posttrain.architecture import model_max_positions, model_source
@@ -21,9 +26,9 @@ from posttrain.data_tools.arithmetic import split_size
 from posttrain.data_tools.chat_template import render_chat
 from posttrain.errors import PosttrainError
 from posttrain.generation import render_prompts
-from posttrain.memory import Cluster, ModelShape, plan_stage, recommend
+from posttrain.memory import Cluster, ModelShape, params, plan_phases, plan_stage, recommend
 from posttrain.models import TOKENIZER_DIR, load_tokenizer
-from posttrain.recipe import PresetModel, Recipe, StageBase, SyntheticData
+from posttrain.recipe import PresetModel, Recipe, StageBase, SyntheticData, trainer_defaults
 from posttrain.rewards import build_reward
 from posttrain.rewards.text import completion_text
 from posttrain.runner import order_stages
@@ -66,7 +71,7 @@ def preflight(recipe: Recipe) -> list[Finding]:
             in_file = ":".join(str(p) for p in (e.file, e.line) if p is not None)
             message = f"{in_file}: {e.message}" if in_file else e.message
             findings.append(Finding(where, message, problem=True, fix=e.fix))
-    return findings + packing_findings(recipe)
+    return findings + packing_findings(recipe) + vllm_findings(recipe)
 
 
 PACKING_ON_CPU = 7.0  # padding's tokens/s over packing's on 2 CPU cores, bench/sft_bench.py: 6.0 and 7.4
@@ -93,6 +98,88 @@ def packing_findings(recipe: Recipe) -> list[Finding]:
         for block in stage.trainer_blocks()
         if (getattr(stage, block, None) or {}).get("packing")
     ]
+
+
+VLLM_FIX = "install posttrain[vllm] on a GPU machine, or set use_vllm: false"
+HEALTH_TIMEOUT = 5.0  # seconds preflight waits for the server's answer (trl itself retries for minutes)
+
+
+def vllm_findings(recipe: Recipe) -> list[Finding]:
+    """trl's vLLM generation (`use_vllm: true` in a trainer block, e.g. GRPO's): a CUDA GPU is
+    visible and vllm imports, and in server mode the server answers trl's `/health` endpoint at
+    `vllm_server_base_url` (else `http://vllm_server_host:vllm_server_port`), as trl reaches it."""
+    found = []
+    for stage in order_stages(recipe):
+        for block, config in stage.trainer_blocks().items():
+            train = {**trainer_defaults(config), **(getattr(stage, block, None) or {})}
+            if not train.get("use_vllm"):
+                continue
+            where = f"stages.{stage.name}.{block}.use_vllm"
+            missing = vllm_problem()
+            if missing:
+                found.append(
+                    Finding(where, f"trl's vLLM generation needs {missing}", problem=True, fix=VLLM_FIX)
+                )
+            if train.get("vllm_mode") == "server":
+                url = vllm_server_url(train)
+                down = server_problem(url)
+                found.append(
+                    Finding(where, down, problem=True, fix=SERVER_FIX)
+                    if down
+                    else Finding(where, f"the vLLM server at {url} answers")
+                )
+            elif not missing:
+                found.append(
+                    Finding(where, f"vLLM colocated ({train['vllm_gpu_memory_utilization']} of each GPU)")
+                )
+    return found
+
+
+def require_vllm(recipe: Recipe) -> None:
+    """`posttrain run` before any weights load: the first of `vllm_findings`' problems, as one line."""
+    for finding in vllm_findings(recipe):
+        if finding.problem:
+            raise PosttrainError(finding.message, key=finding.where, fix=finding.fix)
+
+
+def vllm_problem() -> str | None:
+    """What this machine lacks for vLLM ('a CUDA GPU, and vllm installed'), or None."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if not gpu:
+        installed = find_spec("vllm") is not None
+        return "a CUDA GPU (none is visible)" + ("" if installed else " and vllm installed (it is not)")
+    try:
+        import vllm  # noqa: F401  (a broken install fails here, not after the policy has loaded)
+    except Exception as e:  # ImportError, or vllm's own error on a mismatched torch/CUDA
+        return f"vllm to import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
+SERVER_FIX = (
+    "start it (`trl vllm-serve --model MODEL`), or point vllm_server_base_url "
+    "(or vllm_server_host and vllm_server_port) at it"
+)
+
+
+def vllm_server_url(train: dict[str, Any]) -> str:
+    """The server trl's VLLMClient talks to: `vllm_server_base_url`, else host and port."""
+    base = train.get("vllm_server_base_url")
+    return base.rstrip("/") if base else f"http://{train['vllm_server_host']}:{train['vllm_server_port']}"
+
+
+def server_problem(url: str, timeout: float = HEALTH_TIMEOUT) -> str | None:
+    """Why `url`'s `/health` (trl's readiness check) does not answer 200, or None when it does."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+            status = response.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return f"no vLLM server answers at {url}/health ({reason})"
+    return None if status == 200 else f"the vLLM server at {url}/health answers HTTP {status}, not 200"
 
 
 def stage_slot(stage: StageBase) -> Slot | None:
@@ -346,8 +433,9 @@ NO_WORKLOAD = "no trainer: inference only"  # what the plan shows for a kind wit
 
 
 def memory_plan(recipe: Recipe, cluster: Cluster) -> dict[str, Any]:
-    """The memory plan of every stage of a recipe (see `memory.plan_stage`) and the recommended
-    setting; each trainer stage's Workload comes from its kind's module."""
+    """The memory plan of every stage of a recipe (see `memory.plan_stage`, and `memory.plan_phases`
+    for a stage that runs phases one after another) and the recommended setting; each stage's
+    Workload (or phases) comes from its kind's module."""
     shapes: dict[int, ModelShape] = {}
     stages = []
     for stage in order_stages(recipe):
@@ -356,14 +444,10 @@ def memory_plan(recipe: Recipe, cluster: Cluster) -> dict[str, Any]:
         work = estimate(stage, recipe, shapes) if estimate is not None else NO_WORKLOAD
         if isinstance(work, str):
             row["skipped"] = work
+        elif isinstance(work, list):
+            row.update(plan_phases(work, cluster))
         else:
-            row["params"] = {
-                "total": work.model.total,
-                "active": work.model.active,
-                "trainable": work.trainable,
-                "frozen_models": list(work.frozen),
-                "lora": work.lora,
-            }
+            row["params"] = params(work)
             row.update(plan_stage(work, cluster))
         stages.append(row)
     return {

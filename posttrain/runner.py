@@ -216,7 +216,8 @@ def _run_stages(
         status, fp, manifest = on_main(stage_status, recipe, stage, finished, force, hash_limit)
         if manifest is not None:
             finished[stage.name] = manifest
-            results[stage.name] = on_main(_reuse_cached, recipe, stage, stage_dir, finished, report)
+            metrics = on_main(_cached_metrics, stage_dir)
+            results[stage.name] = _refresh_eval(recipe, stage, stage_dir, finished, metrics, report)
             report(stage.name, "cached", {"dir": str(stage_dir), **position})
             _after_stage(recipe, stage, results[stage.name])
             continue
@@ -230,7 +231,7 @@ def _run_stages(
         try:
             metrics = stage_module(stage).run(stage, ctx)
             require_training(stage, metrics)
-            metrics = on_main(_with_eval, recipe, stage_dir, ctx, metrics)
+            metrics = _with_eval(recipe, stage_dir, ctx, metrics)  # every rank generates a share
         except PosttrainError as e:
             e.key = e.key or f"stages.{stage.name}"
             raise
@@ -286,14 +287,10 @@ def _main_only(report: Reporter) -> Reporter:
     return report if state().is_main_process else (lambda name, event, details: None)
 
 
-def _reuse_cached(
-    recipe: Recipe, stage: StageBase, stage_dir: Path, finished: dict, report: Reporter
-) -> dict:
-    """A finished stage's metrics (re-evaluated when the eval block changed), after dropping what
-    a kill right after its COMPLETE left behind."""
+def _cached_metrics(stage_dir: Path) -> dict:
+    """A finished stage's metrics, after dropping what a kill right after its COMPLETE left behind."""
     artifacts.drop_leftovers(stage_dir)
-    metrics = artifacts.read_json(stage_dir / artifacts.METRICS) or {}
-    return _refresh_eval(recipe, stage, stage_dir, finished, metrics, report)
+    return artifacts.read_json(stage_dir / artifacts.METRICS) or {}
 
 
 def _push(recipe: Recipe, stage: StageBase, report: Reporter) -> None:
@@ -350,16 +347,14 @@ def _with_eval(recipe: Recipe, stage_dir: Path, ctx: StageContext, metrics: dict
         or not recipe.stage(ctx.stage).generative
     ):
         return metrics
-    result = evaluate_whole(
-        PathModel(path=str(stage_dir / artifacts.MODEL)), recipe.eval, ctx
-    )  # main process only
+    result = evaluate_whole(PathModel(path=str(stage_dir / artifacts.MODEL)), recipe.eval, ctx)
     return {**metrics, "eval": result}
 
 
 def _refresh_eval(
     recipe: Recipe, stage: StageBase, stage_dir: Path, finished: dict, metrics: dict, report: Reporter
 ) -> dict:
-    """A cached stage whose recipe `eval:` changed is re-evaluated, not re-trained."""
+    """A cached stage whose recipe `eval:` changed is re-evaluated (on every rank), not re-trained."""
     manifest = finished[stage.name]
     if manifest.get("eval_hash") == _eval_hash(recipe) or not (stage_dir / artifacts.MODEL).is_dir():
         return metrics
@@ -367,11 +362,16 @@ def _refresh_eval(
     ctx = _context(recipe, stage, stage_dir, finished, False)
     metrics = {k: v for k, v in metrics.items() if k != "eval"}
     metrics = _with_eval(recipe, stage_dir, ctx, metrics)
+    on_main(_record_eval, recipe, stage, stage_dir, manifest, metrics)
+    return metrics
+
+
+def _record_eval(recipe: Recipe, stage: StageBase, stage_dir: Path, manifest: dict, metrics: dict) -> None:
+    """Rank 0 writes a cached stage's new evaluation into its files."""
     artifacts.write_json(stage_dir / artifacts.METRICS, metrics)
     cards.write_cards(recipe.run_dir, stage.name, metrics, manifest.get("fingerprint"))  # the new eval
     manifest = {**manifest, "eval_hash": _eval_hash(recipe), "files": artifacts.list_files(stage_dir)}
     artifacts.write_json(stage_dir / artifacts.MANIFEST, manifest)
-    return metrics
 
 
 def _manifest(recipe: Recipe, stage: StageBase, fp: str, finished: dict, wall: float) -> dict[str, Any]:

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import artifacts
-from posttrain.architecture import text_config, with_overrides
+from posttrain.architecture import model_config, text_config, with_overrides
 from posttrain.context import StageContext
 from posttrain.errors import PosttrainError
 from posttrain.models import count_parameters, load_tokenizer, save_random_init
-from posttrain.recipe import DENSE_SIZE_KEYS, PathModel, PresetModel, StudentSpec, check_dense_sizes
+from posttrain.recipe import DENSE_SIZE_KEYS, PathModel, PresetModel, Recipe, StudentSpec, check_dense_sizes
 
 DENSE_ARCHITECTURES = ("llama", "qwen2")
 # Config fields copied from the teacher as they are: numerics and special tokens the student must share.
@@ -122,6 +122,18 @@ def load_config(source: PathModel) -> Any:
     return with_overrides(config, source.config)
 
 
+def student_config(spec: StudentSpec, recipe: Recipe) -> Any | None:
+    """A student's config from the recipe alone, as `student_source` builds it (the memory plan's):
+    its path's or preset's, or the dense config derived from its `dense_from` model; None when that
+    model's config is not available offline."""
+    if spec.path is not None:
+        return model_config(recipe, spec.path)
+    if spec.preset is not None:
+        return model_config(recipe, PresetModel(preset=spec.preset))
+    teacher = model_config(recipe, spec.dense_from)
+    return None if teacher is None else dense_config(teacher, spec.architecture, **spec.size_overrides())
+
+
 def student_source(spec: StudentSpec, ctx: StageContext) -> PathModel:
     """Where a student's initial weights and tokenizer live; dense students are built and saved
     first (under `<stage>/<student>/init/`, atomically), so every student trains from a path."""
@@ -130,8 +142,9 @@ def student_source(spec: StudentSpec, ctx: StageContext) -> PathModel:
     if spec.preset is not None:
         return ctx.model(PresetModel(preset=spec.preset))
     dest = ctx.out_dir / spec.name / artifacts.STUDENT_INIT
+    origin = ctx.model(spec.dense_from)  # every rank: a preset is materialised through a collective
     if not (dest / artifacts.MODEL_CONFIG).exists() and ctx.is_main:
-        build_dense_student(ctx.model(spec.dense_from), spec, ctx.seed, dest)
+        build_dense_student(origin, spec, ctx.seed, dest)
     ctx.barrier()
     return PathModel(path=str(dest))
 

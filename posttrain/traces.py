@@ -4,7 +4,8 @@ DeepSeek-R1 distilled its dense students from ~800k samples written by the MoE m
 filtered by verifiers (rejection sampling). This module does that in three steps:
 
 1. `sample_traces`: the teacher samples `samples_per_prompt` completions per prompt, a batch
-   of prompts at a time (vLLM when installed on a GPU, transformers `generate` otherwise).
+   of prompts at a time, the batches split over every rank (vLLM when installed on a GPU,
+   an OpenAI-compatible server with `generation.server`, transformers `generate` otherwise).
    Each batch is scored, then appended to `samples.jsonl` (one line per prompt: every sample,
    its verifier scores, whether it passed) and fsynced. A restarted stage reads the file back
    (a torn last line is ignored, then cut off) and continues with the prompts not yet done; each batch is
@@ -27,17 +28,16 @@ completions are conversational (`[{"role": "assistant", "content": ...}]`) when 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from posttrain import artifacts
 from posttrain.console import progress
-from posttrain.errors import PosttrainError
-from posttrain.generation import generate, generate_vllm, render_prompts, vllm_usable
-from posttrain.models import load_causal_lm, load_tokenizer
+from posttrain.distributed import map_batches, on_main, state
+from posttrain.generation import Sampling, open_engine
 from posttrain.recipe import GenerationSpec, PathModel
-from posttrain.training import release
 
 RewardFn = Callable[..., list[float | None]]
 
@@ -146,7 +146,7 @@ def trace_stats(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 
 def sample_traces(
-    teacher: PathModel,
+    teacher: PathModel | None,
     rows: Sequence[dict[str, Any]],
     verifiers: Sequence[Verifier],
     *,
@@ -157,20 +157,37 @@ def sample_traces(
     seed: int,
 ) -> dict[str, Any]:
     """Sample, verify and append every prompt not yet in `path` (records keep the row's `index`);
-    returns the sampling throughput of this call. Read the records back with artifacts.iter_jsonl."""
-    done = {r["index"] for r in artifacts.iter_jsonl(path)}  # append_jsonl cuts a torn last line
+    returns the sampling throughput of this call. Read the records back with artifacts.iter_jsonl.
+
+    The batches are split over the ranks (each rank samples and verifies its own); rank 0 appends
+    each round's records in batch order, so the file is the same whatever the world size.
+    `teacher` may be None when `generation.server` serves it."""
+    done = on_main(lambda: {r["index"] for r in artifacts.iter_jsonl(path)})  # cuts a torn last line
     todo = [i for i in range(len(rows)) if i not in done]
     speed: dict[str, Any] = {"tokens": 0, "seconds": 0.0}
     if todo:
+        sampling = Sampling(
+            generation.max_new_tokens, samples_per_prompt, do_sample=True,
+            temperature=generation.temperature, top_p=generation.top_p,
+        )  # fmt: skip
+
+        def one_batch(batch: list[int]) -> tuple[list[dict[str, Any]], int]:
+            prompts = engine.render([rows[i]["prompt"] for i in batch], "distillation prompts")
+            outputs, lengths = engine.complete(prompts, batch[0], sampling, seed + batch[0])
+            records = rejection_sample([rows[i] for i in batch], outputs, verifiers, keep_per_prompt)
+            return [{"index": i, **r} for i, r in zip(batch, records, strict=True)], sum(map(sum, lengths))
+
+        def append(finished: list[tuple[list[int], tuple[list[dict[str, Any]], int]]]) -> None:
+            if state().is_main_process:
+                artifacts.append_jsonl(path, [record for _, (records, _) in finished for record in records])
+            speed["tokens"] += sum(tokens for _, (_, tokens) in finished)
+            advance(sum(len(batch) for batch, _ in finished))
+
+        started = time.perf_counter()
         bar = progress(f"teacher traces ({samples_per_prompt} per prompt)", len(todo))
-        with TeacherSampler(teacher, generation, samples_per_prompt) as sample, bar as advance:
-            for batch in _chunks(todo, generation.batch_size):
-                outputs, stats = sample([rows[i]["prompt"] for i in batch], seed + batch[0])
-                records = rejection_sample([rows[i] for i in batch], outputs, verifiers, keep_per_prompt)
-                artifacts.append_jsonl(path, [{"index": i, **r} for i, r in zip(batch, records, strict=True)])
-                speed["tokens"] += stats["tokens"]
-                speed["seconds"] += stats["seconds"]
-                advance(len(batch))
+        with open_engine(teacher, generation) as engine, bar as advance:
+            map_batches(list(_chunks(todo, generation.batch_size)), one_batch, done=append)
+        speed["seconds"] = time.perf_counter() - started
     speed["tokens_per_s"] = speed["tokens"] / speed["seconds"] if speed["seconds"] else None
     return speed
 
@@ -178,63 +195,3 @@ def sample_traces(
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-class TeacherSampler:
-    """A context manager that loads the teacher once (vLLM or transformers) and frees it on exit;
-    calling it samples k completions for each prompt of a batch from a given seed."""
-
-    def __init__(self, teacher: PathModel, generation: GenerationSpec, k: int) -> None:
-        self.teacher, self.generation, self.k = teacher, generation, k
-        self.vllm = generation.backend == "vllm" or (generation.backend == "auto" and vllm_usable())
-        if self.vllm and not vllm_usable():
-            raise PosttrainError(
-                "generation.backend is vllm, but vLLM is not installed or no CUDA GPU is visible",
-                fix="pip install 'posttrain[vllm]' on a GPU machine, or use backend: auto",
-            )
-
-    def __enter__(self) -> Callable[[list[Any], int], tuple[list[list[str]], dict[str, float]]]:
-        self.tokenizer = load_tokenizer(self.teacher)
-        if self.vllm:
-            from vllm import LLM
-
-            pinned = {
-                "dtype": self.teacher.dtype,
-                "revision": self.teacher.revision,
-                "hf_overrides": self.teacher.config or None,  # vLLM's name for config overrides
-            }
-            self.model = LLM(
-                model=self.teacher.path,
-                trust_remote_code=self.teacher.trust_remote_code,
-                **{k: v for k, v in pinned.items() if v is not None},
-                **self.generation.vllm,
-            )
-        else:
-            import torch
-
-            self.model = load_causal_lm(self.teacher).eval()
-            if torch.cuda.is_available():
-                self.model = self.model.to("cuda")
-        return self.sample
-
-    def sample(self, prompts: list[Any], seed: int) -> tuple[list[list[str]], dict[str, float]]:
-        import torch
-
-        rendered = render_prompts(self.tokenizer, prompts)
-        options = {
-            "max_new_tokens": self.generation.max_new_tokens,
-            "num_return_sequences": self.k,
-            "temperature": self.generation.temperature,
-            "top_p": self.generation.top_p,
-        }
-        if self.vllm:
-            return generate_vllm(self.model, self.tokenizer, rendered, seed=seed, **options)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            return generate(
-                self.model, self.tokenizer, rendered, batch_size=len(rendered), do_sample=True, **options
-            )
-
-    def __exit__(self, *exc: Any) -> None:
-        del self.model
-        release()

@@ -50,15 +50,28 @@ def trainer_args(config: str, train: dict[str, Any], ctx: StageContext, **defaul
     kwargs.update(train)
     # The runner pushes the finished model/ (merged, with its card); the Trainer would push checkpoints.
     kwargs["push_to_hub"] = False
-    report_to = kwargs["report_to"]
-    if report_to == "tensorboard" or (isinstance(report_to, list) and "tensorboard" in report_to):
-        kwargs["report_to"] = [
-            r for r in ([report_to] if isinstance(report_to, str) else report_to) if r != "tensorboard"
-        ]
+    kwargs["report_to"] = named_integrations(kwargs["report_to"], ctx.stage)
     try:
-        return cls(**kwargs)
+        args = cls(**kwargs)
     except (ValueError, TypeError) as e:
         raise PosttrainError(f"{str(e).splitlines()[0]}", key=f"stages.{ctx.stage}.train") from None
+    # transformers adds integrations of its own accord (kubeflow inside a Kubeflow TrainJob): drop them
+    args.report_to = [r for r in args.report_to if r in kwargs["report_to"]]
+    return args
+
+
+def named_integrations(report_to: Any, stage: str) -> list[str]:
+    """The remote trackers a recipe's `report_to` names, and only those: nothing leaves the machine
+    unless the recipe asks. "all" (every installed integration, wandb and comet among them) is
+    refused; TensorBoard is posttrain's own callback, always on and local, so it is not passed on."""
+    named = [report_to] if isinstance(report_to, str) or report_to is None else list(report_to)
+    if "all" in named:
+        raise PosttrainError(
+            "report_to 'all' would send metrics to every installed tracker",
+            key=f"stages.{stage}.train.report_to",
+            fix="name the ones you want, e.g. report_to: [wandb] (TensorBoard logs locally anyway)",
+        )
+    return [r for r in named if r not in (None, "none", "tensorboard")]
 
 
 def callbacks(ctx: StageContext, guard: GuardSpec | None = None) -> list[Any]:

@@ -101,3 +101,48 @@ VERDICT_A = chat_reply(
     "Verdict: A",
     [("Verdict", -0.01, {}), (":", -0.01, {}), (" A", math.log(0.6), {" A": math.log(0.6), " B": math.log(0.15), "B": math.log(0.05)})],
 )  # fmt: skip
+
+
+class CompletionServer:
+    """An OpenAI-compatible /v1/chat/completions and /v1/completions on 127.0.0.1 whose replies
+    `reply(prompt_text, body) -> (status, text)` computes; records every request body."""
+
+    def __init__(self, reply) -> None:
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append({**body, "path": self.path})
+                chat = self.path.endswith("/chat/completions")
+                text_in = body["messages"][-1]["content"] if chat else body["prompt"]
+                status, text = reply(text_in, body)
+                if status != 200:
+                    data = json.dumps({"error": text}).encode()
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+                usage = {"completion_tokens": len(text.split())}
+                send_json(
+                    self, {"choices": [{"index": 0, **choice, "finish_reason": "stop"}], "usage": usage}
+                )
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()

@@ -127,3 +127,57 @@ def test_run_prints_its_first_line_before_loading_any_heavy_library(tmp_path: Pa
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.stdout.startswith("LIGHT") and "checking the recipe" in result.stdout, result
+
+
+# --------------------------------------------------------------------------- privacy
+
+
+PRIVACY = ("VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "HF_HUB_DISABLE_TELEMETRY")
+
+
+def test_the_cli_opts_out_of_usage_stats_and_telemetry_before_any_library_loads():
+    env = {k: v for k, v in os.environ.items() if k not in PRIVACY}
+    env["DO_NOT_TRACK"] = "0"  # a user who exported a choice keeps it
+    script = (
+        "import os\nfrom posttrain.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "import huggingface_hub.constants as hub\n"
+        "print(os.environ['VLLM_NO_USAGE_STATS'], os.environ['DO_NOT_TRACK'], hub.HF_HUB_DISABLE_TELEMETRY)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-3:] == ["1", "0", "True"]
+
+
+def test_report_to_stays_local_unless_the_recipe_names_a_tracker(tmp_path, monkeypatch):
+    from posttrain.context import StageContext
+    from posttrain.errors import PosttrainError
+    from posttrain.recipe import PresetModel
+    from posttrain.training import trainer_args
+
+    ctx = StageContext("sft", tmp_path, tmp_path, 0, PresetModel(preset="tiny-dense"), {})
+    monkeypatch.setenv("KUBEFLOW_TRAINER_SERVER_URL", "http://controller")  # transformers would add kubeflow
+    assert trainer_args("SFTConfig", {}, ctx).report_to == []
+    assert trainer_args("SFTConfig", {"report_to": None}, ctx).report_to == []
+    assert trainer_args("GRPOConfig", {"report_to": "tensorboard"}, ctx).report_to == []  # posttrain's own
+    assert trainer_args("SFTConfig", {"report_to": ["tensorboard", "wandb"]}, ctx).report_to == ["wandb"]
+    with pytest.raises(PosttrainError, match="stages.sft.train.report_to.*name the ones you want"):
+        trainer_args("SFTConfig", {"report_to": "all"}, ctx)
+
+
+def test_the_bitsandbytes_kernel_hub_notice_is_quiet_and_its_other_warnings_are_not() -> None:
+    """bitsandbytes logs 'Failed to load CPU gemm_4bit_forward from kernels-community' on import
+    without the `kernels` package (on CPUs with AVX-512 BF16, as here). The launches in
+    test_distributed check that a whole `posttrain run` no longer prints it."""
+    import logging
+
+    from posttrain.cli import _no_kernel_hub_notice
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord(
+            "bitsandbytes.backends.cpu.ops", logging.WARNING, "ops.py", 1, message, (), None
+        )
+
+    assert not _no_kernel_hub_notice(
+        record("Failed to load CPU gemm_4bit_forward from kernels-community: %s.")
+    )
+    assert _no_kernel_hub_notice(record("another bitsandbytes warning"))

@@ -295,13 +295,13 @@ def test_trace_generation_resumes_where_it_stopped(tiny_moe: Path, tmp_path: Pat
 
 
 def test_vllm_backend_without_vllm_is_a_clear_error(tiny_moe: Path):
-    from posttrain.generation import vllm_usable
-    from posttrain.traces import TeacherSampler
+    from posttrain.generation import open_engine, vllm_usable
 
     if vllm_usable():
         pytest.skip("vLLM is usable here")
-    with pytest.raises(PosttrainError, match="vLLM is not installed"):
-        TeacherSampler(PathModel(path=str(tiny_moe)), GenerationSpec(backend="vllm"), 2)
+    engine = open_engine(PathModel(path=str(tiny_moe)), GenerationSpec(backend="vllm"))
+    with pytest.raises(PosttrainError, match="vLLM is not installed"), engine:
+        pass
 
 
 # --------------------------------------------------------------------------- the stage

@@ -55,10 +55,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(
-    recipe: Path, *launch_args: str, timeout: int = 420, pythonpath: Path | None = None
-) -> subprocess.CompletedProcess:
-    """`accelerate launch --num_processes 2 ... -m posttrain run recipe`, on a free port."""
+def launch_command(
+    recipe: Path, *launch_args: str, pythonpath: Path | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """`accelerate launch --num_processes 2 ... -m posttrain run recipe` on a free port, and its
+    environment. launch_args come after the defaults, so they override them (argparse keeps the last)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
@@ -78,6 +79,13 @@ def launch(
         "run",
         str(recipe),
     ]
+    return command, env
+
+
+def launch(
+    recipe: Path, *launch_args: str, timeout: int = 420, pythonpath: Path | None = None
+) -> subprocess.CompletedProcess:
+    command, env = launch_command(recipe, *launch_args, pythonpath=pythonpath)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -202,6 +210,57 @@ def test_zero2_from_shipped_config(tmp_path):
     assert (info["world_size"], info["zero_stage"], info["distributed_type"]) == (2, 2, "DEEPSPEED")
     result = metrics(stage)
     assert result["train"]["loss_last"] < result["train"]["loss_first"] and "moe/load_cv" in result
+
+
+def test_multinode_config_on_loopback(tmp_path):
+    """The shipped 2-node ZeRO-3 config as two nodes run it: two `accelerate launch`es at once,
+    machine_rank 0 and 1, one process each, meeting on 127.0.0.1 and sharing one filesystem (rank 0
+    writes the run directory, rank 1 reads it after a barrier). On this CPU: --mixed_precision no
+    (the config's bf16 is for GPUs) and 2 processes in all instead of 16; the rest as shipped."""
+    recipe = {"name": "multinode", "output_dir": str(tmp_path / "runs"), **BASE, "stages": [FULL_STAGE]}
+    recipe = write(tmp_path / "recipe.yaml", recipe)
+    shared = ["--config_file", str(accelerate_config("multinode_zero3")), "--mixed_precision", "no"]
+    shared += ["--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
+    shared += ["--main_process_port", str(free_port())]
+    nodes, logs = [], [(tmp_path / f"node{rank}.log").open("w") for rank in (0, 1)]
+    for rank, log in enumerate(logs):  # files, not pipes: neither node can block writing its output
+        command, env = launch_command(recipe, *shared, "--machine_rank", str(rank))
+        nodes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+    try:
+        codes = [node.wait(timeout=420) for node in nodes]
+    finally:
+        for node, log in zip(nodes, logs, strict=True):
+            node.kill()
+            log.close()
+    logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
+    assert codes == [0, 0], logs[0][-4000:] + logs[1][-4000:]
+    stage = tmp_path / "runs" / "full"
+    info = manifest(stage)
+    assert (info["world_size"], info["zero_stage"], info["distributed_type"]) == (2, 3, "DEEPSPEED")
+    result = metrics(stage)
+    assert result["train"]["loss_last"] < result["train"]["loss_first"]
+    assert (stage / "COMPLETE").exists() and (stage / "model" / "model.safetensors").exists()
+    assert "done" in logs[0] and "gemm_4bit_forward" not in logs[0] + logs[1]  # bitsandbytes' notice
+
+
+@pytest.mark.slow  # ~16 s warm; ~110 s the first time, while DeepSpeed JIT-builds its CPU Adam op
+def test_zero3_cpu_offload_from_shipped_config(tmp_path):
+    """ZeRO-3 with weights and optimizer state in host memory, 2 steps: DeepSpeed's CPU Adam (a C++
+    op JIT-built into ~/.cache/torch_extensions on its first use) steps the shards, and rank 0
+    gathers them into one saved model. --mixed_precision no: the config's bf16 is for GPUs."""
+    stage = {**FULL_STAGE, "train": {**TRAIN, "max_steps": 2}}
+    recipe = {"name": "offload", "output_dir": str(tmp_path / "runs"), **BASE, "stages": [stage]}
+    recipe = write(tmp_path / "recipe.yaml", recipe)
+    done = launch(recipe, "--config_file", str(accelerate_config("zero3_offload")), "--mixed_precision", "no")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    info = manifest(tmp_path / "runs" / "full")
+    assert (info["world_size"], info["zero_stage"], info["distributed_type"]) == (2, 3, "DEEPSPEED")
+    assert metrics(tmp_path / "runs" / "full")["train"]["steps"] == 2
+    base = load_file(next((tmp_path / "runs" / "presets").glob("tiny-deepseek-v3-*")) / "model.safetensors")
+    after = load_file(tmp_path / "runs" / "full" / "model" / "model.safetensors")
+    assert after.keys() == base.keys() and all(after[k].shape == base[k].shape for k in base)  # gathered
+    changed = {k for k in base if not torch.equal(base[k], after[k])}
+    assert "model.layers.2.self_attn.o_proj.weight" in changed and "lm_head.weight" in changed
 
 
 def test_a_failure_on_rank_0_stops_every_rank(tmp_path):

@@ -135,23 +135,26 @@ def test_pass_at_1_gate_needs_samples(write_recipe, cli) -> None:
     assert code == 2 and "pass@1 needs k > 1" in stderr
 
 
-def test_harness_is_validated(write_recipe, cli) -> None:
+def test_harness_is_validated(write_recipe, cli, local_task: Path) -> None:
+    """Task names are checked against lm-eval's index (its own tasks and include_path's): the local
+    task passes, the typo is named."""
     from posttrain.harness import installed, task_metrics
 
     path = write_recipe(
-        """
+        f"""
         name: r
-        base_model: {preset: tiny-dense}
+        base_model: {{preset: tiny-dense}}
         stages:
-          - {name: a, kind: evaluate, harness: {tasks: [gsm8k_typo_task]}}
-        eval: {data: {synthetic: arithmetic, split: test}}
+          - {{name: a, kind: evaluate, harness: {{tasks: [tiny_arith, gsm8k_typo_task], include_path: {local_task}}}}}
+        eval: {{data: {{synthetic: arithmetic, split: test}}}}
         """
     )
     code, _, stderr = cli("validate", path)
     assert code == 2
     expected = "unknown lm-eval task 'gsm8k_typo_task'" if installed() else "pip install 'posttrain[eval]'"
     assert expected in stderr.replace("\n", " ")
-    values = {"alias": "gsm8k", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.01}
+    values = {"alias": "gsm8k", "sample_len": 1319, "exact_match,strict-match": 0.25}
+    values["exact_match_stderr,strict-match"] = 0.01
     assert task_metrics(values) == {"exact_match,strict-match": 0.25}
 
 
@@ -224,25 +227,37 @@ def test_shipped_recipes_validate(name: str) -> None:
     assert recipe.eval is not None
 
 
-def test_harness_runs_a_local_task_on_the_tiny_model(tiny_dense: Path, tmp_path: Path) -> None:
-    """Only where lm-eval is installed (`posttrain[eval]`): a task YAML over a local JSONL file."""
-    pytest.importorskip("lm_eval")
-    from types import SimpleNamespace
+def greedy_continuations(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """What the model writes after each prompt, greedily: the text a harness run must have scored."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.artifacts import HARNESS_RESULTS
-    from posttrain.harness import run_harness
-    from posttrain.recipe import HarnessSpec, PathModel
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return texts
 
-    (tmp_path / "arith.jsonl").write_text(
-        "".join(json.dumps({"q": f"{i}+1=", "a": str(i + 1)}) + "\n" for i in range(4))
-    )
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "tiny_arith.yaml").write_text(
+
+@pytest.fixture(scope="module")
+def local_task(tiny_dense: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with one lm-eval task YAML, `tiny_arith`, over a local JSONL file: four prompts whose
+    targets are tiny_dense's own greedy continuations for the first two and not for the last two.
+    One folder for the module, so lm-eval indexes its ~15k tasks once (posttrain caches the index)."""
+    folder = tmp_path_factory.mktemp("lm_eval_tasks")
+    prompts = [f"{i}+1=" for i in range(4)]  # one length: no padding, so batching cannot change them
+    continuations = greedy_continuations(tiny_dense, prompts, max_new_tokens=8)
+    targets = continuations[:2] + ["#" + text for text in continuations[2:]]
+    rows = [json.dumps({"q": q, "a": a}) for q, a in zip(prompts, targets, strict=True)]
+    (folder / "arith.jsonl").write_text("\n".join(rows) + "\n")
+    (folder / "tiny_arith.yaml").write_text(
         textwrap.dedent(
             f"""
             task: tiny_arith
             dataset_path: json
-            dataset_kwargs: {{data_files: {{test: {tmp_path / "arith.jsonl"}}}}}
+            dataset_kwargs: {{data_files: {{test: {folder / "arith.jsonl"}}}}}
             test_split: test
             output_type: generate_until
             doc_to_text: "{{{{q}}}}"
@@ -252,12 +267,30 @@ def test_harness_runs_a_local_task_on_the_tiny_model(tiny_dense: Path, tmp_path:
             """
         )
     )
-    spec = HarnessSpec(tasks=["tiny_arith"], include_path=str(tmp_path / "tasks"), batch_size=4)
+    return folder
+
+
+def test_harness_runs_a_local_task_on_the_tiny_model(
+    tiny_dense: Path, local_task: Path, tmp_path: Path
+) -> None:
+    """lm-eval (in [dev]) on a task YAML over a local JSONL file, offline: two of the four targets are
+    the model's own greedy continuations, so exact match must come out 0.5 exactly."""
+    from types import SimpleNamespace
+
+    from posttrain.artifacts import HARNESS_RESULTS
+    from posttrain.harness import run_harness
+    from posttrain.recipe import HarnessSpec, PathModel
+
+    # raw prompts: through the chat template this random model ends at once, and '' would match ''
+    spec = HarnessSpec(
+        tasks=["tiny_arith"], include_path=str(local_task), batch_size=4, apply_chat_template=False
+    )
     ctx = SimpleNamespace(seed=0, is_main=True, out_dir=tmp_path)
     results = run_harness(PathModel(path=str(tiny_dense)), spec, ctx)
-    assert set(results) == {"tiny_arith"}
-    assert 0.0 <= results["tiny_arith"]["exact_match,none"] <= 1.0
-    assert json.loads((tmp_path / HARNESS_RESULTS).read_text())["results"]["tiny_arith"]
+    assert results == {"tiny_arith": {"exact_match,none": 0.5}}
+    output = json.loads((tmp_path / HARNESS_RESULTS).read_text())
+    assert output["results"]["tiny_arith"]["exact_match,none"] == 0.5
+    assert output["n-samples"]["tiny_arith"]["effective"] == 4
 
 
 def test_report_reads_reward_curves_and_data_reports(tmp_path: Path) -> None:

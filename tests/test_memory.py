@@ -58,12 +58,17 @@ def test_zero_stages_shard_what_the_paper_says():
 
 
 def test_lora_frozen_models_and_precision():
-    lora = memory.Workload(model=SHAPE, trainable=10**7, lora=True, frozen=(10**9,))
+    held = (memory.Frozen("reference model", 10**9), memory.Frozen("reward model", 10**9, sharded=False))
+    lora = memory.Workload(model=SHAPE, trainable=10**7, lora=True, frozen=held)
     numbers = memory.estimate(lora, SHARDING["ddp"], 8)
     assert numbers["weights"] == 2 * 10**9 + 4 * 10**7  # frozen base in bf16 + fp32 adapters
     assert numbers["gradients"] == 4 * 10**7 and numbers["optimizer"] == 8 * 10**7
-    assert numbers["frozen_models"] == 2 * 10**9
-    assert memory.estimate(lora, SHARDING["zero3"], 8)["frozen_models"] == 250_000_000
+    assert numbers["reference model"] == numbers["reward model"] == 2 * 10**9
+    zero3 = memory.estimate(lora, SHARDING["zero3"], 8)
+    assert zero3["reference model"] == 250_000_000  # prepared by DeepSpeed: sharded
+    assert zero3["reward model"] == 2 * 10**9  # loaded by posttrain on each GPU: whole
+    offload = memory.estimate(lora, SHARDING["zero3_offload"], 8)
+    assert offload["reference model"] == 0 and offload["reward model"] == 2 * 10**9
     fp32 = memory.Workload(model=SHAPE, trainable=10**9, lora=False, bf16=False)
     assert memory.estimate(fp32, SHARDING["ddp"], 1)["weights"] == 4 * 10**9
     checkpointed = memory.activations(memory.Workload(model=SHAPE, trainable=0, lora=True))
@@ -123,8 +128,10 @@ def test_plan_json_for_deepseek_v3(deepseek_v3, write_recipe, cli):
     assert code == 0, err
     plan = json.loads(out)["memory"]
     full, lora, grpo = plan["stages"]
-    assert grpo["params"]["frozen_models"] == [full["params"]["total"]]  # the reference model
-    assert grpo["estimates"]["zero3"]["frozen_models"] == full["estimates"]["zero3"]["weights"]
+    assert [(f["label"], f["params"]) for f in grpo["params"]["frozen"]] == [
+        ("reference model", full["params"]["total"])
+    ]
+    assert grpo["estimates"]["zero3"]["reference model"] == full["estimates"]["zero3"]["weights"]
     assert full["params"]["total"] == pytest.approx(671e9, rel=0.01)
     assert full["params"]["active"] == pytest.approx(37.5e9, rel=0.03)
     assert full["fits_with"] == [] and any("nodes" in s for s in full["suggestions"])
@@ -195,3 +202,160 @@ def test_slurm_template_launches_what_the_plan_recommends(write_recipe, tmp_path
     assert launched[launched.index("--num_processes") + 1] == "16"
     assert launched[launched.index("--main_process_ip") + 1] == "node0"
     assert launched[-5:] == ["posttrain", "run", str(recipe), "--set", "seed=1"]
+
+
+@pytest.fixture(scope="module")
+def dense_1b(tmp_path_factory) -> Path:
+    """A 1.3B-parameter Llama-style config.json (no weights): big enough for the rows to differ."""
+    from transformers import AutoConfig
+
+    path = tmp_path_factory.mktemp("dense1b")
+    AutoConfig.for_model(
+        "llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+        num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
+    ).save_pretrained(path)  # fmt: skip
+    return path
+
+
+def _plan(cli, recipe, *args: str, gpu_memory: str = "80GB") -> dict:
+    code, out, err = cli(
+        "plan", recipe, "--gpus-per-node", "8", "--gpu-memory", gpu_memory, "--json", "--no-preflight", *args
+    )
+    assert code == 0, err
+    return {row["name"]: row for row in json.loads(out)["memory"]["stages"]}
+
+
+def test_distill_plan_has_a_row_per_student_and_the_teacher(dense_1b, write_recipe, cli):
+    recipe = write_recipe(
+        f"""
+        name: distill
+        base_model: {{path: {dense_1b}}}
+        stages:
+          - name: distill
+            kind: distill
+            teacher: {{path: {dense_1b}}}
+            data: {{synthetic: arithmetic, n: 8}}
+            generation: {{backend: transformers, max_new_tokens: 1024, batch_size: 4}}
+            students:
+              - {{name: small, dense_from: {{path: {dense_1b}}}, num_hidden_layers: 4}}
+              - {{name: big, dense_from: {{path: {dense_1b}}}, num_hidden_layers: 16}}
+            train: {{per_device_train_batch_size: 2, max_length: 2048}}
+        """
+    )
+    distill = _plan(cli, recipe)["distill"]
+    phases = {p["name"]: p for p in distill["phases"]}
+    assert list(phases) == ["teacher sampling", "student 'small' (sft)", "student 'big' (sft)"]
+    small, big = phases["student 'small' (sft)"], phases["student 'big' (sft)"]
+    assert (
+        small["params"]["trainable"]
+        < big["params"]["trainable"]
+        < phases["teacher sampling"]["params"]["total"]
+    )
+    assert phases["teacher sampling"]["params"]["trainable"] == 0 and not big["params"]["frozen"]
+    for sharding in ("ddp", "zero3"):  # students train one after another: the peak, not the sum
+        totals = {name: p["estimates"][sharding]["total"] for name, p in phases.items()}
+        stage = distill["estimates"][sharding]
+        assert stage["total"] == max(totals.values()) < sum(totals.values())
+        assert stage["peak"] == max(totals, key=totals.get)
+    assert distill["estimates"]["ddp"]["peak"] == "student 'big' (sft)"  # full training beats sampling
+    sampling = phases["teacher sampling"]["estimates"]
+    assert sampling["ddp"] == sampling["zero3"] and sampling["ddp"]["kv_cache"] > 0  # outside DeepSpeed
+
+    on_policy = (
+        "stages.distill.train={per_device_train_batch_size: 2, max_completion_length: 1536}"  # 2048 tokens
+    )
+    logits = _plan(cli, recipe, "--set", "stages.distill.mode=logits", "--set", on_policy)["distill"]
+    assert [p["name"] for p in logits["phases"]] == ["student 'small' (logits)", "student 'big' (logits)"]
+    held = logits["phases"][1]
+    assert [f["label"] for f in held["params"]["frozen"]] == ["teacher"]  # held during training
+    teacher = phases["teacher sampling"]["params"]["total"]
+    assert held["estimates"]["ddp"]["teacher"] == teacher * 2
+    assert held["estimates"]["zero3"]["teacher"] == teacher * 2 // 8  # prepared by DeepSpeed: sharded
+    assert held["estimates"]["ddp"]["total"] == big["estimates"]["ddp"]["total"] + teacher * 2
+
+    served = _plan(
+        cli, recipe, "--set", "stages.distill.generation.backend=vllm",
+        "--set", "stages.distill.generation.vllm={gpu_memory_utilization: 0.5, tensor_parallel_size: 2}",
+    )["distill"]  # fmt: skip
+    share = served["phases"][0]["estimates"]["ddp"]
+    assert share[memory.VLLM_ROW] == 40 * GIB and "weights" not in share
+
+
+def test_vllm_colocate_share_counts_against_training_memory(dense_1b, write_recipe, cli):
+    from trl import GRPOConfig
+
+    recipe = write_recipe(
+        f"""
+        name: zero
+        base_model: {{path: {dense_1b}}}
+        stages:
+          - name: grpo
+            kind: grpo
+            data: {{synthetic: arithmetic, n: 8}}
+            rewards: [{{name: accuracy}}]
+            train: {{per_device_train_batch_size: 8, num_generations: 8, max_completion_length: 1024,
+                    use_vllm: true, vllm_mode: colocate}}
+        """
+    )
+    default = _plan(cli, recipe, gpu_memory="40GB")["grpo"]
+    trl_default = GRPOConfig.__dataclass_fields__["vllm_gpu_memory_utilization"].default
+    assert default["params"]["vllm"]["gpu_memory_utilization"] == trl_default
+    assert default["estimates"]["zero2"][memory.VLLM_ROW] == int(trl_default * 40 * GIB)
+    assert "zero2" in default["fits_with"]
+    greedy = _plan(
+        cli, recipe, "--set", "stages.grpo.train.vllm_gpu_memory_utilization=0.9", gpu_memory="40GB"
+    )
+    assert greedy["grpo"]["fits_with"] == []  # the share flips the fit
+    assert any("vllm_gpu_memory_utilization at most" in s for s in greedy["grpo"]["suggestions"])
+    server = _plan(cli, recipe, "--set", "stages.grpo.train.vllm_mode=server", gpu_memory="40GB")["grpo"]
+    assert server["estimates"]["zero2"][memory.VLLM_ROW] == 0
+    assert "server" in server["params"]["vllm"]["note"]
+    without = _plan(cli, recipe, "--set", "stages.grpo.train.use_vllm=false", gpu_memory="40GB")["grpo"]
+    assert without["estimates"]["zero2"][memory.VLLM_ROW] == 0 and not without["params"]["vllm"]["note"]
+    code, _, err = cli("plan", recipe, "--gpu-memory", "40GB", "--no-preflight",
+                       "--set", "stages.grpo.train.vllm_gpu_memory_utilization=0.9")  # fmt: skip
+    assert code == 0 and "· vllm share" in err and "0.9 × GPU memory" in err
+
+
+def test_grpo_plan_rows_for_reward_model_judge_and_reference(dense_1b, write_recipe, cli):
+    recipe = write_recipe(
+        f"""
+        name: rl
+        base_model: {{path: {dense_1b}}}
+        stages:
+          - name: rm
+            kind: reward_model
+            data: {{synthetic: arithmetic, n: 8}}
+          - name: grpo
+            kind: grpo
+            data: {{synthetic: arithmetic, n: 8}}
+            rewards:
+              - {{name: accuracy}}
+              - {{name: reward_model, model: rm, weight: 0.5}}
+              - {{name: judge, model: {{path: {dense_1b}}}, judge: {{backend: likelihood}}, weight: 0.1}}
+              - {{name: judge, label: served, model: org/big-judge, weight: 0.1,
+                  judge: {{backend: openai, base_url: "http://localhost:8000/v1", api_key_env: null}}}}
+            train: {{beta: 0.04, num_generations: 4, per_device_train_batch_size: 4, max_completion_length: 256}}
+        """
+    )
+    plan = _plan(cli, recipe)
+    grpo, rm = plan["grpo"], plan["rm"]
+    frozen = {f["label"]: f for f in grpo["params"]["frozen"]}
+    policy = grpo["params"]["total"]
+    assert list(frozen) == [
+        "reference model",
+        "reward model 'rm'",
+        f"judge '{dense_1b}'",
+        "judge 'org/big-judge'",
+    ]
+    assert frozen["reference model"]["params"] == policy
+    assert frozen["reward model 'rm'"]["params"] == rm["params"]["total"] - 32000 * 2048  # no LM head
+    assert frozen[f"judge '{dense_1b}'"]["params"] == policy
+    assert (
+        frozen["judge 'org/big-judge'"]["params"] == 0 and "served" in frozen["judge 'org/big-judge'"]["note"]
+    )
+    zero3 = grpo["estimates"]["zero3"]
+    assert zero3["reference model"] == policy * 2 // 8  # trl prepares it with DeepSpeed
+    assert zero3["reward model 'rm'"] == frozen["reward model 'rm'"]["params"] * 2  # whole on each GPU
+    lora = _plan(cli, recipe, "--set", "stages.grpo.lora={r: 8}")["grpo"]
+    assert "reference model" not in [f["label"] for f in lora["params"]["frozen"]]  # peft: adapter off

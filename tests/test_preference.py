@@ -211,7 +211,7 @@ def test_memory_plan_counts_the_reference_model_unless_lora_or_precomputed():
         return workload(recipe.stages[0], recipe, {})
 
     full = frozen()
-    assert len(full.frozen) == 1 and full.frozen[0] == full.model.total and full.batch == 16
+    assert len(full.frozen) == 1 and full.frozen[0].params == full.model.total and full.batch == 16
     assert frozen(lora={"r": 4}).frozen == ()
     assert frozen(train={"precompute_ref_log_probs": True}).frozen == ()
 

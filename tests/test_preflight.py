@@ -113,3 +113,74 @@ def test_packing_on_a_cpu_is_warned_with_the_measured_slowdown(write_recipe, cli
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     code, out, err = cli("run", recipe, "--dry-run")
     assert "packing: true" not in out + err  # with an accelerator (and flash-attention) packing may pay
+
+
+VLLM_GRPO = """
+name: vl
+base_model: {preset: tiny-deepseek-v3}
+stages:
+  - name: grpo
+    kind: grpo
+    data: {synthetic: arithmetic, n: 8}
+    rewards: [{name: accuracy}]
+    train: {max_completion_length: 32, use_vllm: true}
+"""
+
+
+def test_use_vllm_without_a_gpu_fails_before_any_weights_load(write_recipe, cli, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine's case, on any machine
+    recipe = write_recipe(VLLM_GRPO)
+    code, out, err = cli("run", recipe)
+    assert code == 2, out + err
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "stages.grpo.train.use_vllm" in lines[0] and "a CUDA GPU (none is visible)" in lines[0]
+    assert "install posttrain[vllm] on a GPU machine, or set use_vllm: false" in lines[0]
+    assert not (tmp_path / "runs" / "grpo").exists()  # nothing started
+    code, out, err = cli("plan", recipe)
+    assert code == 2 and "✗ stages.grpo.train.use_vllm: trl's vLLM generation needs a CUDA GPU" in out + err
+    code, out, err = cli("validate", recipe)  # the recipe itself is fine: it validates anywhere
+    assert code == 0, err
+
+
+def test_vllm_server_mode_checks_trls_health_endpoint(write_recipe, monkeypatch):
+    import http.server
+    import socket
+    import threading
+
+    from posttrain import preflight
+    from posttrain.loading import load
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    up = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert preflight.server_problem(up) is None
+        assert "answers HTTP 404" in preflight.server_problem(f"{up}/v1")
+        assert "no vLLM server answers at" in preflight.server_problem(f"http://127.0.0.1:{closed}")
+        monkeypatch.setattr(preflight, "vllm_problem", lambda: None)  # as on a GPU machine with vllm
+        server_mode = VLLM_GRPO.replace("use_vllm: true", "use_vllm: true, vllm_mode: server, WHERE")
+        for where, ok in (
+            (f"vllm_server_base_url: '{up}/'", True),
+            (f"vllm_server_host: 127.0.0.1, vllm_server_port: {server.server_port}", True),
+            (f"vllm_server_host: 127.0.0.1, vllm_server_port: {closed}", False),
+        ):
+            recipe = load(write_recipe(server_mode.replace("WHERE", where)))
+            [finding] = preflight.vllm_findings(recipe)
+            assert finding.where == "stages.grpo.train.use_vllm" and finding.problem is not ok, finding
+            assert ("answers" if ok else "trl vllm-serve") in finding.line()
+    finally:
+        server.shutdown()

@@ -17,7 +17,10 @@ SHIPPED = sorted(p.name for p in RECIPES.glob("*.yaml"))
 def test_shipped_recipe_plans_offline(cli, name: str, tmp_path: Path) -> None:
     code, out, err = cli("plan", RECIPES / name, "--set", f"output_dir={tmp_path / 'runs'}")
     shown = out + err
-    assert code == 0 and "preflight: ok" in shown, shown
+    problems = [line for line in shown.splitlines() if line.startswith("✗")]
+    # trl's vLLM generation (r1-zero) needs a GPU: on a machine without one, that is the only problem
+    assert all(".use_vllm: trl's vLLM generation needs a CUDA GPU" in line for line in problems), shown
+    assert (code, "preflight: ok" in shown) == ((2, False) if problems else (0, True)), shown
     if not name.startswith("demo"):  # real-scale recipes read hub datasets: preflight says what it skipped
         assert "columns, lengths and rewards not checked: cannot load hub dataset" in shown, shown
 

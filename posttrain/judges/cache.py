@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.console import progress
+from posttrain.distributed import map_batches
 
 
 def cache_key(*parts: Any) -> str:
@@ -27,10 +28,12 @@ def cache_key(*parts: Any) -> str:
 
 class JudgeCache:
     """Results by key, loaded from and appended to `path` (None: kept in memory only).
-    Thread-safe appends."""
+    Thread-safe appends. Under `accelerate launch` every rank loads the file and only the main
+    process (`write=True`) appends to it."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, write: bool = True) -> None:
         self.path = Path(path) if path is not None else None
+        self.write = write
         self.hits = 0
         self.misses = 0
         self._lock = threading.Lock()
@@ -51,7 +54,7 @@ class JudgeCache:
         for key, value in items:
             self._values[key] = value
             lines.append(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
-        if not lines or self.path is None:
+        if not lines or self.path is None or not self.write:
             return
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,8 +71,10 @@ class JudgeCache:
         description: str | None = None,
     ) -> list[Any]:
         """The value of every key: cached ones read, the rest computed `chunk` at a time by
-        `compute(indices)` and stored after each chunk, so a crash loses one chunk at most.
-        With a `description`, a progress bar counts the computed ones."""
+        `compute(indices)` and stored after each round of chunks, so a crash loses one round at
+        most. The chunks are split over the ranks (`distributed.map_batches`): every rank must
+        call this with the same keys and the same cache file. With a `description`, a progress
+        bar counts the computed ones."""
         values: list[Any] = [None] * len(keys)
         todo: list[int] = []
         first: dict[str, int] = {}
@@ -83,12 +88,16 @@ class JudgeCache:
                 first[key] = i
                 todo.append(i)
         self.misses += len(todo)
+        chunks = [todo[start : start + chunk] for start in range(0, len(todo), chunk)]
+
+        def store(finished: list[tuple[list[int], list[Any]]]) -> None:
+            self.put_many(
+                (keys[i], r) for batch, results in finished for i, r in zip(batch, results, strict=True)
+            )
+            advance(sum(len(batch) for batch, _ in finished))
+
         with progress(description, len(todo)) as advance:
-            for start in range(0, len(todo), chunk):
-                batch = todo[start : start + chunk]
-                results = compute(batch)
-                self.put_many((keys[i], r) for i, r in zip(batch, results, strict=True))
-                advance(len(batch))
+            map_batches(chunks, compute, done=store)
         for i, key in enumerate(keys):
             if values[i] is None:
                 values[i] = self._values[key]

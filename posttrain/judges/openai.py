@@ -12,42 +12,22 @@ comes from the environment variable the recipe names.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx2
-import tenacity
-
+from posttrain import endpoint
 from posttrain.console import console
 from posttrain.context import StageContext
-from posttrain.errors import PosttrainError
 from posttrain.judges import Judge, PairQuery
 from posttrain.judges.prompt import VERDICT, pairwise_prompt, parse_verdict, render_question, split_rationale
 from posttrain.recipe import OpenAIJudgeSpec
 
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
-MAX_BACKOFF_S = 60.0
-
 
 def build(spec: OpenAIJudgeSpec, ctx: StageContext | None, judge_id: str) -> Judge:
     url = spec.base_url.rstrip("/") + "/chat/completions"
-    headers = {"Content-Type": "application/json"}
-    if spec.api_key_env is not None:
-        key = os.environ.get(spec.api_key_env)
-        if not key:
-            raise PosttrainError(
-                f"the judge's API key variable {spec.api_key_env} is not set",
-                fix=f"export {spec.api_key_env}=..., or set `api_key_env: null` for a server without keys",
-            )
-        headers["Authorization"] = f"Bearer {key}"
-    limits = httpx2.Limits(
-        max_connections=spec.max_concurrency, max_keepalive_connections=spec.max_concurrency
-    )
-    client = httpx2.Client(headers=headers, timeout=spec.timeout_s, limits=limits)
+    client = endpoint.client(spec, "the judge")
     pool = ThreadPoolExecutor(max_workers=spec.max_concurrency)
     no_logprobs = threading.Event()  # said once per judge
 
@@ -60,7 +40,7 @@ def build(spec: OpenAIJudgeSpec, ctx: StageContext | None, judge_id: str) -> Jud
             spec.labels,
             spec.rationale,
         )
-        reply = post(client, url, request_body(spec, user), spec)
+        reply = endpoint.post(client, url, request_body(spec, user), spec, "judge endpoint")
         if spec.logprobs and not _has_logprobs(reply) and not no_logprobs.is_set():
             no_logprobs.set()
             console.print(
@@ -96,57 +76,6 @@ def request_body(spec: OpenAIJudgeSpec, user: str) -> dict[str, Any]:
     if spec.logprobs:
         body.update(logprobs=True, top_logprobs=spec.top_logprobs)
     return {**body, **spec.extra_body}
-
-
-def post(client: httpx2.Client, url: str, body: dict[str, Any], spec: OpenAIJudgeSpec) -> dict[str, Any]:
-    """POST with retries: transient failures back off and retry; a 4xx the server means is an error."""
-
-    def send() -> dict[str, Any]:
-        response = client.post(url, json=body)
-        response.raise_for_status()
-        return response.json()
-
-    backoff = tenacity.wait_exponential(multiplier=spec.backoff_s, max=MAX_BACKOFF_S)
-    jitter = tenacity.wait_random(0, spec.backoff_s / 4)
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(spec.max_retries + 1),
-        wait=lambda state: (
-            _retry_after(state) if _retry_after(state) is not None else (backoff + jitter)(state)
-        ),
-        retry=tenacity.retry_if_exception(_transient),
-        reraise=True,
-    )
-    try:
-        return retrying(send)
-    except httpx2.HTTPStatusError as e:
-        if e.response.status_code not in RETRY_STATUS:
-            raise PosttrainError(
-                f"judge endpoint {url} answered {e.response.status_code}: {e.response.text[:300]}",
-                fix="check base_url, model and the API key",
-            ) from None
-        problem = f"HTTP {e.response.status_code}"
-    except (httpx2.TransportError, json.JSONDecodeError) as e:  # timeouts, refused, reset, a torn reply
-        problem = f"{type(e).__name__}: {e}"
-    raise PosttrainError(
-        f"judge endpoint {url} failed {spec.max_retries + 1} times (last: {problem})",
-        fix="is the server up? raise timeout_s / max_retries, or lower max_concurrency",
-    )
-
-
-def _transient(error: BaseException) -> bool:
-    if isinstance(error, httpx2.HTTPStatusError):
-        return error.response.status_code in RETRY_STATUS
-    return isinstance(error, httpx2.TransportError | json.JSONDecodeError)
-
-
-def _retry_after(state: tenacity.RetryCallState) -> float | None:
-    """The seconds a 429/503's Retry-After asks for (capped), else None."""
-    error = state.outcome.exception() if state.outcome else None
-    value = error.response.headers.get("Retry-After") if isinstance(error, httpx2.HTTPStatusError) else None
-    try:
-        return min(float(value), MAX_BACKOFF_S) if value else None
-    except ValueError:
-        return None
 
 
 def _has_logprobs(reply: dict[str, Any]) -> bool:

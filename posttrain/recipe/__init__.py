@@ -67,11 +67,11 @@ from posttrain.recipe.distill import (
     check_dense_sizes,
 )
 from posttrain.recipe.evaluation import EvalOptions, EvalSpec, GateSpec, HarnessSpec, fill_eval_defaults
+from posttrain.recipe.generation import ENV_NAME, Backend, Endpoint, ServerSpec
 from posttrain.recipe.loading import load_recipe
 from posttrain.recipe.preference import SMOOTHED_LOSSES, DPOStage, KTOStage, ORPOStage, PreferenceStage
 from posttrain.recipe.rlaif import (
     CONSTITUTIONS,
-    ENV_NAME,
     JUDGE_BACKENDS,
     HFJudgeSpec,
     JudgeSpec,
@@ -107,6 +107,9 @@ __all__ = [
     "SMOOTHED_LOSSES",
     "ENV_NAME",
     "JUDGE_BACKENDS",
+    "Backend",
+    "Endpoint",
+    "ServerSpec",
     "STAGE_KINDS",
     "STAGE_REGISTRY",
     "STAGE_NAME",

@@ -14,6 +14,7 @@ from pydantic import AfterValidator, Field, model_validator
 from posttrain.errors import PosttrainError
 from posttrain.recipe.base import ModelRef, ModelReference, PathModel, Strict
 from posttrain.recipe.data import DataSpec
+from posttrain.recipe.generation import Backend
 from posttrain.recipe.stages import GuardSpec, StageBase
 from posttrain.recipe.training import RewardSpec
 
@@ -103,16 +104,13 @@ class VerifierSpec(RewardSpec):
         return self
 
 
-class GenerationSpec(Strict):
+class GenerationSpec(Backend):
     """How the teacher samples traces (R1 sampled its distillation data at temperature 0.6, top-p 0.95)."""
 
     max_new_tokens: int = Field(256, gt=0)
     temperature: float = Field(0.6, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
     batch_size: int = Field(32, gt=0)  # prompts per batch; each batch is appended to the trace file
-    backend: Literal["auto", "transformers", "vllm"] = "auto"  # auto: vLLM when installed and on GPU
-    # Extra keyword arguments of vllm.LLM: tensor_parallel_size, gpu_memory_utilization, max_model_len...
-    vllm: dict[str, Any] = {}
 
 
 class MixSpec(Strict):
@@ -139,6 +137,9 @@ class DistillStage(StageBase):
     keep_per_prompt: int = Field(1, gt=0)  # distinct passing traces kept per prompt
     verifiers: list[VerifierSpec] = []  # empty: keep every sample (plain sequence-level distillation)
     generation: GenerationSpec = GenerationSpec()
+    # Evaluate the teacher on the recipe's `eval:` (the students' yardstick). Default: yes, unless
+    # the teacher is served (`generation.server`), when evaluating it would load it here after all.
+    teacher_eval: bool | None = None
     mix: MixSpec | None = None
     guard: GuardSpec = GuardSpec()  # students' training: NaN/inf loss stops (default) or warns
     train: dict[str, Any] = {}  # keys of trl's SFTConfig (DistillationConfig in mode logits)
@@ -164,7 +165,16 @@ class DistillStage(StageBase):
             )
         if self.mode == "logits" and (self.verifiers or self.mix):
             raise ValueError("mode logits samples no traces: verifiers and mix apply to traces modes only")
+        if self.mode != "traces" and self.generation.served:
+            raise ValueError(
+                f"mode {self.mode} grades the students with the teacher's logits, which a server does not "
+                "give: a served teacher (generation.server) works with mode traces"
+            )
         return self
+
+    @property
+    def evaluates_teacher(self) -> bool:
+        return self.teacher_eval if self.teacher_eval is not None else not self.generation.served
 
     def saved_models(self) -> list[str]:
         return [s.name for s in self.students]

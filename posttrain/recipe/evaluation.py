@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from posttrain.recipe.base import Strict
 from posttrain.recipe.data import DataSpec
+from posttrain.recipe.generation import Backend
 
 
 class HarnessSpec(Strict):
@@ -29,9 +30,10 @@ class HarnessSpec(Strict):
     model_args: dict[str, Any] = {}  # extra arguments of lm-eval's `hf` model (dtype, max_length, ...)
 
 
-class EvalOptions(Strict):
+class EvalOptions(Backend):
     """How a held-out set is evaluated: a greedy answer per prompt, plus `k` sampled ones for
-    pass@1 (the mean over samples, as DeepSeek-R1 reports it), pass@k and maj@k."""
+    pass@1 (the mean over samples, as DeepSeek-R1 reports it), pass@k and maj@k. `backend:` says
+    what writes them (posttrain/recipe/generation.py); `server:` evaluates a served model."""
 
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(64, gt=0)

@@ -5,16 +5,16 @@ trains a Bradley-Terry reward model on those pairs."""
 
 from __future__ import annotations
 
-import re
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field
 
 from posttrain.errors import did_you_mean
 from posttrain.recipe.base import ModelRef, Strict, tagged_union
 from posttrain.recipe.data import DataSpec
+from posttrain.recipe.generation import Backend, Endpoint
 from posttrain.recipe.stages import GuardSpec, StageBase
 from posttrain.recipe.training import LoraSpec, RewardSpec
 
@@ -87,17 +87,11 @@ class LikelihoodJudgeSpec(Strict):
     runtime_keys: ClassVar[frozenset[str]] = frozenset({"batch_size"})
 
 
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class OpenAIJudgeSpec(Strict):
+class OpenAIJudgeSpec(Endpoint):
     """Any OpenAI-compatible chat endpoint (vLLM, SGLang, a hosted API). Reads the label's logprobs
     when the server returns them, else the strict `Verdict: A` line of the reply."""
 
     backend: Literal["openai"]
-    base_url: str  # e.g. http://localhost:8000/v1
-    model: str  # the served model's name
-    api_key_env: str | None = "OPENAI_API_KEY"  # the environment variable holding the key (None: no key)
     principles: Principles = "default"
     labels: Labels = ("A", "B")
     rationale: bool = False
@@ -105,24 +99,9 @@ class OpenAIJudgeSpec(Strict):
     temperature: float = Field(0.0, ge=0)
     logprobs: bool = True
     top_logprobs: int = Field(20, ge=1, le=20)
-    extra_body: dict[str, Any] = {}  # sent as is, e.g. {chat_template_kwargs: {enable_thinking: false}}
-    max_concurrency: int = Field(8, gt=0)
-    timeout_s: float = Field(60.0, gt=0)  # per connection / read
-    max_retries: int = Field(5, ge=0)  # on timeouts, connection errors, 408/409/429/5xx
-    backoff_s: float = Field(1.0, ge=0)  # first retry delay; doubles each time (Retry-After wins)
     runtime_keys: ClassVar[frozenset[str]] = frozenset(
         {"api_key_env", "max_concurrency", "timeout_s", "max_retries", "backoff_s"}
     )
-
-    @model_validator(mode="after")
-    def _endpoint(self) -> OpenAIJudgeSpec:
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url '{self.base_url}' must start with http:// or https://")
-        if self.api_key_env is not None and not ENV_NAME.match(self.api_key_env):
-            raise ValueError(
-                "api_key_env names an environment variable (e.g. OPENAI_API_KEY); never put the key itself in a recipe"
-            )
-        return self
 
 
 class RewardJudgeSpec(Strict):
@@ -147,8 +126,8 @@ JUDGE_BACKENDS: dict[str, type[Strict]] = {
 JudgeSpec = tagged_union("backend", JUDGE_BACKENDS, "judge")
 
 
-class SamplingSpec(Strict):
-    """How the policy writes its candidate answers."""
+class SamplingSpec(Backend):
+    """How the policy writes its candidate answers (and where: `backend:`, posttrain/recipe/generation.py)."""
 
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)

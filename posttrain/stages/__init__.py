@@ -8,8 +8,9 @@ Every module exposes the same names, and nothing outside it branches on the kind
     check(stage, recipe, path) -> None      recipe-time checks that need code above the schema
                                             (posttrain.loading runs them); None: nothing to check
     slot(stage) -> Slot | None              what preflight loads and checks (posttrain.preflight)
-    workload(stage, recipe, shapes) -> Workload | str
-                                            what a GPU holds while it trains (posttrain.memory);
+    workload(stage, recipe, shapes) -> Workload | list[Phase] | str
+                                            what a GPU holds while it trains (posttrain.memory),
+                                            or the phases it runs one after another (distill);
                                             None: not estimated (the memory plan says so)
     headline(name, metrics, start) -> list[str]
                                             the report's sentence on whether the stage did its job

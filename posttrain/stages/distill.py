@@ -32,6 +32,7 @@ tokens/s, and the trace pass rate.
 
 import dataclasses
 import shutil
+from importlib.util import find_spec
 from typing import Any
 
 from posttrain import artifacts
@@ -39,14 +40,16 @@ from posttrain.context import StageContext
 from posttrain.data_tools import require_columns
 from posttrain.data_tools.mixture import concatenate
 from posttrain.data_tools.peek import peek_columns
+from posttrain.distributed import on_main
 from posttrain.errors import PosttrainError
 from posttrain.evaluation import evaluate_model
+from posttrain.memory import PROMPT_TOKENS, Frozen, ModelShape, Phase, Workload, model_shape, trainer_workload
 from posttrain.metrics import Curves, EvalMetrics, Evaluated, NotRequired, Timed, TrainMetrics, TypedDict
 from posttrain.models import load_causal_lm, load_tokenizer
-from posttrain.recipe import DistillStage, MixSpec, PathModel, Recipe, StudentSpec
+from posttrain.recipe import DistillStage, MixSpec, PathModel, Recipe, StudentSpec, trainer_defaults
 from posttrain.rewards import build_reward, reward_columns, reward_label
 from posttrain.stages import Slot
-from posttrain.students import parameter_counts, student_source, tokenizer_mismatch
+from posttrain.students import parameter_counts, student_config, student_source, tokenizer_mismatch
 from posttrain.traces import Verifier, kept_rows, sample_traces, trace_stats
 from posttrain.training import (
     callbacks,
@@ -68,7 +71,7 @@ class Description(TypedDict):
     """One model's size, and (with the recipe's `eval:`) its held-out accuracy and speed."""
 
     model: str
-    parameters: int
+    parameters: NotRequired[int]  # unknown for a served teacher whose config is not at hand
     active_parameters: NotRequired[int]  # an MoE teacher's parameters per token
     accuracy: NotRequired[float]
     tokens_per_s: NotRequired[float]
@@ -78,7 +81,7 @@ class Description(TypedDict):
 class Student(Description):
     init: str  # where its weights started
     train: dict[str, TrainMetrics]  # per phase: sft, logits
-    parameters_vs_teacher: float
+    parameters_vs_teacher: NotRequired[float]
     accuracy_vs_teacher: NotRequired[float | None]  # None where the teacher scores 0
     speedup_vs_teacher: NotRequired[float | None]
     trace_pass_rate: NotRequired[float]
@@ -116,7 +119,10 @@ def run(stage: DistillStage, ctx: StageContext) -> Metrics:
     sources = {spec.name: student_source(spec, ctx) for spec in stage.students}
     if stage.mode != "traces":
         check_tokenizers(teacher, sources)
-    metrics: Any = {"mode": stage.mode, "teacher": describe(teacher, _sub(ctx, artifacts.TEACHER))}
+    metrics: Any = {
+        "mode": stage.mode,
+        "teacher": describe_teacher(stage, teacher, _sub(ctx, artifacts.TEACHER)),
+    }
     traces = None
     if stage.mode != "logits":
         traces, metrics["traces"] = make_traces(stage, ctx, teacher, rows, verifiers)
@@ -166,7 +172,50 @@ def slot(stage: DistillStage) -> Slot:
     )
 
 
-workload = None  # not estimated yet (students and a frozen teacher): the memory plan says "no trainer"
+def workload(stage: DistillStage, recipe: Recipe, shapes: dict) -> list[Phase]:
+    """What runs one after another (the plan's peak is the largest, see memory.plan_phases): the
+    teacher's sampling in the traces modes, then each student's full training, beside the frozen
+    teacher in its logits phase (trl's DistillationTrainer holds it, sharded by DeepSpeed)."""
+    teacher = model_shape(recipe, stage.teacher, shapes)
+    phases = [Phase("teacher sampling", _sampling(stage, teacher))] if stage.mode != "logits" else []
+    for spec in stage.students:
+        config = student_config(spec, recipe)
+        for block, trl_config in stage.trainer_blocks().items():
+            logits = trl_config == "DistillationConfig"
+            settings = {**trainer_defaults(trl_config), **getattr(stage, block)}
+            held = (Frozen("teacher", teacher.total),) if logits and teacher is not None else ()
+            work = (
+                trainer_workload(recipe, shapes, None, settings, reference=False, frozen=held, config=config)
+                if config is not None and (teacher is not None or not logits)
+                else NOT_OFFLINE
+            )
+            phases.append(Phase(f"student '{spec.name}' ({'logits' if logits else 'sft'})", work))
+    return phases
+
+
+NOT_OFFLINE = "model config not available offline"
+VLLM_UTILIZATION = 0.9  # vllm.LLM's default gpu_memory_utilization
+
+
+def _sampling(stage: DistillStage, teacher: ModelShape | None) -> Workload | str:
+    """The teacher generating traces: whole on each GPU with its KV cache, or in vLLM's share."""
+    generation = stage.generation
+    if generation.served:
+        return "the teacher is served (generation.server): nothing on these GPUs"
+    if teacher is None:
+        return NOT_OFFLINE
+    vllm = generation.backend == "vllm" or (generation.backend == "auto" and find_spec("vllm") is not None)
+    options = generation.vllm if vllm else {}
+    return Workload(
+        model=teacher,
+        trainable=0,
+        lora=False,
+        inference=True,
+        generating=generation.batch_size * stage.samples_per_prompt,
+        seq=PROMPT_TOKENS + generation.max_new_tokens,
+        vllm=float(options.get("gpu_memory_utilization", VLLM_UTILIZATION)) if vllm else 0.0,
+        tensor_parallel=int(options.get("tensor_parallel_size", 1)),
+    )
 
 
 loss_panel = "distillation students: token cross-entropy"
@@ -177,10 +226,8 @@ def outcome(metrics: Metrics, curves: Curves) -> list[str]:
     models = {"teacher": metrics["teacher"], **metrics["students"]}
     if not all("accuracy" in m for m in models.values()):
         return []
-    return [
-        "accuracy "
-        + ", ".join(f"{n} {m['accuracy']:.3f} ({m['parameters'] / 1e6:.2f}M)" for n, m in models.items())
-    ]
+    sizes = {n: f" ({m['parameters'] / 1e6:.2f}M)" if "parameters" in m else "" for n, m in models.items()}
+    return ["accuracy " + ", ".join(f"{n} {m['accuracy']:.3f}{sizes[n]}" for n, m in models.items())]
 
 
 def headline(name: str, metrics: Metrics, start: tuple[str, Evaluated] | None) -> list[str]:
@@ -221,20 +268,17 @@ def make_traces(
     from datasets import Dataset
 
     samples, traces = ctx.out_dir / artifacts.SAMPLES, ctx.out_dir / artifacts.TRACES
-    speed: dict[str, Any] = {}
-    if ctx.is_main:
-        speed = sample_traces(
-            teacher,
-            rows.to_list(),
-            verifiers,
-            samples_per_prompt=stage.samples_per_prompt,
-            keep_per_prompt=stage.keep_per_prompt,
-            generation=stage.generation,
-            path=samples,
-            seed=ctx.seed,
-        )
-        artifacts.write_jsonl(traces, kept_rows(artifacts.iter_jsonl(samples), teacher.path))
-    ctx.barrier()
+    speed = sample_traces(
+        None if stage.generation.served else teacher,  # a served teacher is not loaded here
+        rows.to_list(),
+        verifiers,
+        samples_per_prompt=stage.samples_per_prompt,
+        keep_per_prompt=stage.keep_per_prompt,
+        generation=stage.generation,
+        path=samples,
+        seed=ctx.seed,
+    )  # every rank samples a share
+    on_main(artifacts.write_jsonl, traces, kept_rows(artifacts.iter_jsonl(samples), teacher.path))
     stats = {**trace_stats(artifacts.iter_jsonl(samples)), "sampling_tokens_per_s": speed.get("tokens_per_s")}
     stats["verifier_stats"] = {v.name: v.fn.stats.as_dict() for v in verifiers if hasattr(v.fn, "stats")}
     if stats["kept"] == 0:
@@ -397,21 +441,48 @@ def _init_of(spec: StudentSpec) -> str:
 # --------------------------------------------------------------------------- metrics
 
 
-def describe(source: PathModel, ctx: StageContext) -> Description:
-    """Parameters, held-out accuracy and greedy generation tokens/s of one model (cached in its folder)."""
+def describe_teacher(stage: DistillStage, teacher: PathModel, ctx: StageContext) -> Description:
+    """The teacher's size, and its held-out accuracy unless `teacher_eval` is off (the default
+    for a served teacher: evaluating it here would load it after all). A served teacher with
+    `teacher_eval: true` is evaluated through its server."""
+    if not stage.evaluates_teacher:
+        return describe(teacher, dataclasses.replace(ctx, eval=None), counts_required=False)
+    if stage.generation.served:
+        served = {"backend": "server", "server": stage.generation.server}
+        return describe(None, dataclasses.replace(ctx, eval=ctx.eval and ctx.eval.model_copy(update=served)),
+                        counts_required=False, name=teacher.path)  # fmt: skip
+    return describe(teacher, ctx)
+
+
+def describe(
+    source: PathModel | None, ctx: StageContext, counts_required: bool = True, name: str | None = None
+) -> Description:
+    """Parameters, held-out accuracy and greedy generation tokens/s of one model (cached in its
+    folder); every rank evaluates a share of the prompts. A served model's size is counted when
+    its config is at hand (`counts_required=False`), and `source` is None when it is evaluated
+    through its server."""
     saved = artifacts.read_json(ctx.out_dir / artifacts.DESCRIPTION)
     if saved is not None:
         return saved
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    counts = parameter_counts(source)
-    about: Description = {"model": source.path, "parameters": counts["total"]}
-    if "active" in counts:
-        about["active_parameters"] = counts["active"]
+    about: Description = {"model": name or (source.path if source else "")}
+    try:
+        counts = parameter_counts(source or PathModel(path=about["model"]))
+    except (OSError, ValueError, PosttrainError):  # a hub id offline, a served name with no config
+        if counts_required:
+            raise
+        counts = {}
+    about |= {"parameters": counts["total"]} if "total" in counts else {}
+    about |= {"active_parameters": counts["active"]} if "active" in counts else {}
     if ctx.eval is not None:
         result = evaluate_model(source, ctx.eval, ctx)
         about.update(accuracy=result["accuracy"], tokens_per_s=result["tokens_per_s"], eval=result)
-    artifacts.write_json(ctx.out_dir / artifacts.DESCRIPTION, about)
+    on_main(_save_description, ctx, about)
     return about
+
+
+def _save_description(ctx: StageContext, about: Description) -> None:
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json(ctx.out_dir / artifacts.DESCRIPTION, about)
 
 
 def compare(metrics: Metrics) -> Metrics:
@@ -419,7 +490,8 @@ def compare(metrics: Metrics) -> Metrics:
     teacher = metrics["teacher"]
     pass_rate = (metrics.get("traces") or {}).get("pass_rate")
     for student in metrics["students"].values():
-        student["parameters_vs_teacher"] = student["parameters"] / teacher["parameters"]
+        if "parameters" in teacher:  # a served teacher's size may be unknown here
+            student["parameters_vs_teacher"] = student["parameters"] / teacher["parameters"]
         if "accuracy" in teacher:  # None where the teacher scores 0: no ratio to take
             student["accuracy_vs_teacher"] = _ratio(student["accuracy"], teacher["accuracy"])
             student["speedup_vs_teacher"] = _ratio(student["tokens_per_s"], teacher["tokens_per_s"])

@@ -11,10 +11,12 @@ stage's model with other settings (more samples, another data set). It writes me
       k: 8
       temperature: 0.6
       gate: {min_pass_at_1: 0.5}
+
+Every rank generates for a share of the prompts. With `server: {base_url, model}` the stage
+evaluates a served model (`vllm serve deepseek-ai/DeepSeek-R1 ...`) and loads nothing itself.
 """
 
 from posttrain.context import StageContext
-from posttrain.distributed import on_main
 from posttrain.evaluation import evaluate_whole
 from posttrain.metrics import EvalMetrics, Timed
 from posttrain.recipe import EvalOptions, EvalSpec, EvaluateStage
@@ -28,8 +30,13 @@ class Metrics(Timed):
 
 def run(stage: EvaluateStage, ctx: StageContext) -> Metrics:
     spec = EvalSpec(data=stage.data, **{field: getattr(stage, field) for field in EvalOptions.model_fields})
+    if spec.server is not None:  # a served model: nothing to load here
+        return {
+            "eval": evaluate_whole(None, spec, ctx),
+            "model": f"{spec.server.model} at {spec.server.base_url}",
+        }
     source = ctx.model(stage.model)
-    return {"eval": on_main(evaluate_whole, source, spec, ctx), "model": source.path}  # rank 0 alone
+    return {"eval": evaluate_whole(source, spec, ctx), "model": source.path}
 
 
 check = None  # the schema's evaluation checks cover it (data, gates, harness tasks)

@@ -26,7 +26,7 @@ from posttrain.data_tools import describe
 from posttrain.data_tools.peek import peek_columns
 from posttrain.errors import PosttrainError
 from posttrain.generation import render_prompts
-from posttrain.memory import Workload, trainer_workload
+from posttrain.memory import Frozen, Workload, model_shape, scorer_params, trainer_workload
 from posttrain.metrics import (
     Curves,
     Evaluated,
@@ -313,7 +313,37 @@ def preflight_prompts(system_prompt: str | None, tokenizer: Any, rows: Any, labe
 
 
 def workload(stage: RLStage, recipe: Recipe, shapes: dict) -> Workload | str:
-    return trainer_workload(recipe, shapes, stage.model, trainer_settings(stage), stage.lora, stage.moe)
+    """The policy, trl's reference (beta > 0, no LoRA), the models the rewards hold, trl's vLLM."""
+    held = reward_models(stage, recipe, shapes)
+    if isinstance(held, str):
+        return held
+    settings = trainer_settings(stage)
+    return trainer_workload(recipe, shapes, stage.model, settings, stage.lora, stage.moe, frozen=held)
+
+
+def reward_models(stage: RLStage, recipe: Recipe, shapes: dict) -> tuple[Frozen, ...] | str:
+    """The models the stage's rewards load: a reward model (a sequence classifier) or a local AI
+    judge, each whole on every GPU (posttrain loads them, not DeepSpeed); a served judge costs
+    nothing here. A reason string when one's config is not available offline."""
+    held = []
+    for spec in stage.rewards:
+        if spec.model is None:
+            continue
+        judge = spec.options.get("judge") or {}
+        name = spec.model.path if isinstance(spec.model, PathModel) else str(spec.model)
+        role = {"reward_model": "reward model", "judge": "judge"}.get(
+            spec.name, f"reward {reward_label(spec)}"
+        )
+        if judge.get("backend") == "openai":
+            note = f"served at {judge.get('base_url')}: nothing on the training GPUs"
+            held.append(Frozen(f"{role} '{name}'", 0, sharded=False, note=note))
+            continue
+        model = model_shape(recipe, spec.model, shapes)
+        if model is None:
+            return f"{role} '{name}': model config not available offline"
+        size = scorer_params(model) if spec.name == "reward_model" else model.total
+        held.append(Frozen(f"{role} '{name}'", size, sharded=False))
+    return tuple(held)
 
 
 loss_panel = None  # about 0 by construction: reward.png shows what it optimises

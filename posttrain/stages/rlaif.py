@@ -25,8 +25,9 @@ from typing import Any
 from posttrain import artifacts
 from posttrain.context import StageContext
 from posttrain.data_tools import describe, require_columns
-from posttrain.generation import generate, render_prompts
-from posttrain.judges import build_judge, load_local_model, principles_hash
+from posttrain.distributed import on_main, unsharded_loading
+from posttrain.generation import Sampling, generate_all, open_engine
+from posttrain.judges import build_judge, principles_hash
 from posttrain.judges.cache import JudgeCache
 from posttrain.judges.labels import (
     agreement,
@@ -45,7 +46,6 @@ from posttrain.judges.labels import (
 from posttrain.metrics import Curves, Evaluated, NotRequired, Timed, TypedDict
 from posttrain.recipe import OpenAIJudgeSpec, PresetModel, RewardJudgeSpec, RlaifLabelStage
 from posttrain.stages import Slot
-from posttrain.training import release
 
 
 class Agreement(TypedDict):
@@ -78,10 +78,10 @@ class Metrics(Timed):
 
 def run(stage: RlaifLabelStage, ctx: StageContext) -> Metrics:
     stage = presets_resolved(stage, ctx)
-    if ctx.is_main:
-        artifacts.write_json(ctx.out_dir / artifacts.LABEL_METRICS, label(stage, ctx))
-    ctx.barrier()
-    return artifacts.read_json(ctx.out_dir / artifacts.LABEL_METRICS)
+    with unsharded_loading():  # each rank holds whole models (policy, judge) for its share
+        metrics = label(stage, ctx)  # every rank samples and judges a share; rank 0 writes
+    on_main(artifacts.write_json, ctx.out_dir / artifacts.LABEL_METRICS, metrics)
+    return metrics
 
 
 check = None  # the schema checks the judge block and its principles
@@ -141,7 +141,10 @@ def label(stage: RlaifLabelStage, ctx: StageContext) -> Metrics:
     answers, sampling = candidates(stage, ctx, rows)
 
     judge = build_judge(stage.judge, ctx)
-    cache = JudgeCache(ctx.run_dir / artifacts.CACHE / artifacts.JUDGE_CACHE / f"{judge.id}.jsonl")
+    cache = JudgeCache(
+        ctx.run_dir / artifacts.CACHE / artifacts.JUDGE_CACHE / f"{judge.id}.jsonl", ctx.is_main
+    )
+    ctx.barrier()  # every rank has read the cache before rank 0 appends to it
     pairs = candidate_pairs(answers, stage.max_pairs_per_prompt, ctx.seed)
     judged = judge_pairs(judge, cache, prompts, answers, pairs, judge_columns(rows, judge.columns))
     judge.close()
@@ -158,7 +161,7 @@ def label(stage: RlaifLabelStage, ctx: StageContext) -> Metrics:
             )
             records.append(record if reference is None else {**record, "answer": str(reference[j.pair.row])})
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    artifacts.write_atomic(ctx.out_dir / artifacts.PREFERENCES, text)
+    on_main(artifacts.write_atomic, ctx.out_dir / artifacts.PREFERENCES, text)
 
     metrics: Metrics = {
         "prompts": len(prompts),
@@ -169,7 +172,7 @@ def label(stage: RlaifLabelStage, ctx: StageContext) -> Metrics:
     }
     if not records:  # the counts stay on disk, to see why
         error = nothing_kept(metrics, stage.min_margin, stage.max_disagreement)
-        artifacts.write_json(ctx.out_dir / artifacts.METRICS, {**metrics, "problem": str(error)})
+        on_main(artifacts.write_json, ctx.out_dir / artifacts.METRICS, {**metrics, "problem": str(error)})
         raise error
     return metrics
 
@@ -201,31 +204,28 @@ def candidates(stage: RlaifLabelStage, ctx: StageContext, rows: Any) -> tuple[li
         if len(saved) == len(rows):
             return saved, {"source": "policy", "resumed": True}
     answers, sampling = sample(stage, ctx, list(rows["prompt"]))
-    artifacts.write_atomic(path, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
+    text = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
+    on_main(artifacts.write_atomic, path, text)
     return answers, sampling
 
 
 def sample(stage: RlaifLabelStage, ctx: StageContext, prompts: list[Any]) -> tuple[list[list[str]], dict]:
-    tokenizer, model = load_local_model(stage.policy, ctx)
+    """The policy's candidates, the prompts split over every rank (`generation.generate_all`)."""
     options = stage.sampling
-    answers, speed = generate(
-        model,
-        tokenizer,
-        render_prompts(tokenizer, prompts, describe(stage.data)),
-        max_new_tokens=options.max_new_tokens,
-        batch_size=options.batch_size,
-        num_return_sequences=stage.samples_per_prompt,
-        do_sample=True,
-        temperature=options.temperature,
-        top_p=options.top_p,
-        description=f"candidates ({stage.samples_per_prompt} per prompt)",
-    )
-    held = [model]
-    del model  # `held` keeps the last reference: release() drops it
-    release(held)
+    sampling = Sampling(
+        options.max_new_tokens, stage.samples_per_prompt, do_sample=True,
+        temperature=options.temperature, top_p=options.top_p,
+    )  # fmt: skip
+    source = None if options.served else ctx.model(stage.policy)
+    with open_engine(source, options) as engine:
+        generated = generate_all(
+            engine, engine.render(prompts, describe(stage.data)), sampling, batch_size=options.batch_size,
+            seed=ctx.seed, description=f"candidates ({stage.samples_per_prompt} per prompt)",
+        )  # fmt: skip
+    answers = generated.outputs
     distinct = sum(len(set(a)) for a in answers) / max(len(answers), 1)
     return answers, {
         "source": "policy",
         "distinct_per_prompt": distinct,
-        "tokens_per_s": speed["tokens_per_s"],
+        "tokens_per_s": generated.stats["tokens_per_s"],
     }
