@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from posttrain import endpoint
 from posttrain.console import progress
 from posttrain.data_tools.chat_template import render_prompt
-from posttrain.distributed import has_accelerator, map_batches, state
+from posttrain.distributed import has_accelerator, map_batches, state, unsharded_loading
 from posttrain.errors import PosttrainError
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain.recipe import Backend, PathModel, ServerSpec
@@ -100,6 +100,7 @@ def _generate_batch(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             top_k=None,
+            synced_gpus=False,  # each rank writes its own batch: no rank waits for another's tokens
             **sampling,
         )
     completion_ids = out[:, batch["input_ids"].shape[1] :]
@@ -173,7 +174,8 @@ def open_engine(source: PathModel | None, spec: Backend) -> Iterator[Engine]:
     else:
         engine = TransformersEngine(source)
     try:
-        yield engine
+        with unsharded_loading():  # each rank holds the whole model for its share, even under ZeRO-3
+            yield engine
     finally:
         engine.close()
 

@@ -179,14 +179,17 @@ def test_the_pool_starts_only_when_an_answer_needs_math_verify(monkeypatch) -> N
     """A run whose answers are all numbers never starts the workers (they would compete with
     training for the CPU while they import)."""
     import posttrain.rewards.accuracy as accuracy
+    import posttrain.rewards.pool as pools
     from posttrain.rewards.pool import shared_pool
 
     monkeypatch.setattr(accuracy, "JUDGE", "slow_judge:equivalent")  # a pool of its own
+    monkeypatch.setattr(pools, "_POOLS", {})  # not one an earlier test of this process started
     reward = build_reward({"name": "accuracy"})
     assert reward(completions=["<answer>4</answer>", "<answer>5</answer>"], answer=["4", "4"]) == [1.0, 0.0]
     assert shared_pool("slow_judge:equivalent")._workers == []
     assert reward(completions=["<answer>y</answer>"], answer=["x"]) == [0.0]  # for the pool to judge
     assert len(shared_pool("slow_judge:equivalent")._workers) > 0
+    shared_pool("slow_judge:equivalent").close()  # this test's own pool: atexit sees the real dict
 
 
 def test_a_pool_that_killed_a_worker_keeps_a_spare_for_the_next() -> None:

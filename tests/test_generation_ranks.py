@@ -86,3 +86,18 @@ def test_distill_traces_are_the_same_on_one_and_two_processes(runs):
     assert teacher[0] == teacher[1]
     stats = [metrics(runs[w] / "distill")["traces"] for w in (1, 2)]
     assert stats[0]["samples"] == stats[1]["samples"] == 48 and stats[0]["kept"] == stats[1]["kept"]
+
+
+def test_the_process_group_timeout_is_configurable(monkeypatch):
+    from datetime import timedelta
+
+    from posttrain.distributed import DEFAULT_TIMEOUT_S, timeout
+    from posttrain.errors import PosttrainError
+
+    monkeypatch.delenv("POSTTRAIN_DIST_TIMEOUT_S", raising=False)
+    assert timeout() == timedelta(seconds=DEFAULT_TIMEOUT_S)
+    monkeypatch.setenv("POSTTRAIN_DIST_TIMEOUT_S", "7200")
+    assert timeout() == timedelta(hours=2)
+    monkeypatch.setenv("POSTTRAIN_DIST_TIMEOUT_S", "soon")
+    with pytest.raises(PosttrainError, match="POSTTRAIN_DIST_TIMEOUT_S='soon' is not a positive number"):
+        timeout()

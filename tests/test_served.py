@@ -104,3 +104,31 @@ def test_a_server_error_on_rank_1_stops_both_ranks(server, tmp_path):
         r"stopping \(rank 0/2\): rank 1 failed \(PosttrainError: generation server .* answered 400", output
     )
     assert not (tmp_path / "runs" / "eval-r1" / "COMPLETE").exists()
+
+
+def right_on_even_seeds(prompt: str, body: dict) -> tuple[int, str]:
+    """Samples that differ by seed: the right answer for even seeds, one off for odd ones."""
+    a, op, b = re.match(r"\s*(-?\d+)\s*([-+*])\s*(-?\d+)", prompt).groups()
+    value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+    return 200, f"<answer>{value + body['seed'] % 2}</answer>"
+
+
+def test_labelling_candidates_from_a_served_policy(write_recipe, cli, tmp_path):
+    fake = CompletionServer(right_on_even_seeds)
+    try:
+        recipe = write_recipe(yaml.safe_dump({
+            "name": "served", "base_model": {"path": MISSING},
+            "stages": [{"name": "label", "kind": "rlaif_label", "policy": {"path": MISSING},
+                        "data": {"synthetic": "arithmetic", "n": 6, "seed": 2}, "samples_per_prompt": 3,
+                        "sampling": {"server": served(fake), "max_new_tokens": 16},
+                        "judge": {"backend": "reward", "reward": {"name": "accuracy"}}}],
+        }))  # fmt: skip
+        code, out, err = cli("run", recipe)
+    finally:
+        fake.close()
+    assert code == 0, out + err
+    stage = tmp_path / "runs" / "label"
+    result = json.loads((stage / artifacts.METRICS).read_text())
+    assert result["candidates"]["source"] == "policy" and result["kept"] > 0
+    assert result["agreement_with_answer"]["accuracy"] == 1.0  # the judge keeps the right answer
+    assert len(fake.requests) == 18 and len({r["seed"] for r in fake.requests}) == 18
