@@ -2,7 +2,7 @@
 
 Each launch costs two interpreter start-ups, so the stages are tiny and one launch covers as
 much as it can: the ZeRO-3 launch trains a full fine-tune, a LoRA and a GRPO stage on top of it
-(three stages in one process, each evaluated by the main process alone), and a 1-process run of
+(three stages in one process, each evaluated by both ranks, a share each), and a 1-process run of
 the same global batch must land on the same weights.
 """
 
