@@ -134,11 +134,12 @@ Completions = tuple[list[list[str]], list[list[int]]]
 
 
 class Engine(Protocol):
-    """Writes completions for a batch of prompts; `first` is the batch's first prompt index."""
+    """Writes k completions for each prompt of a batch, from the batch's `seed` (prompt j of the
+    batch, where an engine seeds each prompt: `seed + j`)."""
 
     def render(self, prompts: list[Any], label: str) -> list[Any]: ...
 
-    def complete(self, prompts: list[Any], first: int, sampling: Sampling, seed: int) -> Completions: ...
+    def complete(self, prompts: list[Any], sampling: Sampling, seed: int) -> Completions: ...
 
     def close(self) -> None: ...
 
@@ -196,7 +197,7 @@ def generate_all(
     with progress(description, len(prompts)) as advance:  # in rounds: measured faster than one share each
         results = map_batches(
             batches,
-            lambda b: engine.complete([prompts[i] for i in b], b.start, sampling, seed + b.start),
+            lambda b: engine.complete([prompts[i] for i in b], sampling, seed + b.start),
             done=lambda finished: advance(sum(len(b) for b, _ in finished)),
         )
     seconds = time.perf_counter() - started
@@ -227,7 +228,7 @@ class TransformersEngine:
     def render(self, prompts: list[Any], label: str) -> list[Any]:
         return render_prompts(self.tokenizer, prompts, label)
 
-    def complete(self, prompts: list[Any], first: int, sampling: Sampling, seed: int) -> Completions:
+    def complete(self, prompts: list[Any], sampling: Sampling, seed: int) -> Completions:
         import torch
 
         if self.model is None:
@@ -268,7 +269,7 @@ class VLLMEngine:
     def render(self, prompts: list[Any], label: str) -> list[Any]:
         return render_prompts(self.tokenizer, prompts, label)
 
-    def complete(self, prompts: list[Any], first: int, sampling: Sampling, seed: int) -> Completions:
+    def complete(self, prompts: list[Any], sampling: Sampling, seed: int) -> Completions:
         from vllm import SamplingParams
 
         if self.llm is None:
@@ -325,7 +326,7 @@ class ServerEngine:
     def render(self, prompts: list[Any], label: str) -> list[Any]:
         return list(prompts)  # the server applies its own chat template
 
-    def complete(self, prompts: list[Any], first: int, sampling: Sampling, seed: int) -> Completions:
+    def complete(self, prompts: list[Any], sampling: Sampling, seed: int) -> Completions:
         requests = [
             (p, (seed + j) * sampling.k + s) for j, p in enumerate(prompts) for s in range(sampling.k)
         ]

@@ -173,7 +173,7 @@ def sample_traces(
 
         def one_batch(batch: list[int]) -> tuple[list[dict[str, Any]], int]:
             prompts = engine.render([rows[i]["prompt"] for i in batch], "distillation prompts")
-            outputs, lengths = engine.complete(prompts, batch[0], sampling, seed + batch[0])
+            outputs, lengths = engine.complete(prompts, sampling, seed + batch[0])
             records = rejection_sample([rows[i] for i in batch], outputs, verifiers, keep_per_prompt)
             return [{"index": i, **r} for i, r in zip(batch, records, strict=True)], sum(map(sum, lengths))
 
