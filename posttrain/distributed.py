@@ -140,11 +140,7 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     outcome: tuple[str, Any] = ("error", "the main process failed")
     error: BaseException | None = None
     if state().is_main_process:
-        try:
-            outcome = ("ok", fn(*args, **kwargs))
-        except BaseException as e:  # also KeyboardInterrupt: the peers must not wait for us
-            error = e
-            outcome = ("error", f"{type(e).__name__}: {e}")
+        outcome, error = _attempt(fn, *args, **kwargs)
     status, value = broadcast(outcome)
     if error is not None:
         raise error
@@ -162,11 +158,7 @@ def each_rank(fn: Callable[..., T], *args: Any, **kwargs: Any) -> list[T]:
         return [fn(*args, **kwargs)]
     from accelerate.utils import gather_object
 
-    error: BaseException | None = None
-    try:
-        outcome: tuple[str, Any] = ("ok", fn(*args, **kwargs))
-    except BaseException as e:  # also KeyboardInterrupt: the peers must not wait for us
-        error, outcome = e, ("error", f"{type(e).__name__}: {e}")
+    outcome, error = _attempt(fn, *args, **kwargs)
     outcomes = gather_object([outcome])
     if error is not None:
         raise error
@@ -174,6 +166,14 @@ def each_rank(fn: Callable[..., T], *args: Any, **kwargs: Any) -> list[T]:
         if status == "error":
             raise PeerFailed(f"rank {rank} failed ({value})")
     return [value for _, value in outcomes]
+
+
+def _attempt(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[tuple[str, Any], BaseException | None]:
+    """(("ok", result), None), or (("error", "Type: message"), the error) for the peers to hear of it."""
+    try:
+        return ("ok", fn(*args, **kwargs)), None
+    except BaseException as e:  # also KeyboardInterrupt: the peers must not wait for us
+        return ("error", f"{type(e).__name__}: {e}"), e
 
 
 def map_batches(
@@ -207,8 +207,9 @@ def unsharded_loading() -> Iterator[None]:
 
     Under ZeRO-3 transformers wraps `from_pretrained` / `from_config` in `deepspeed.zero.Init`,
     which partitions weights with collectives that every rank must join: on the main process
-    alone (evaluation, LoRA merge, preset creation) that waits forever. This switches the
-    partitioning off for the block and restores it after."""
+    alone (LoRA merge, preset creation, lm-eval) that waits forever, and a generation engine
+    on each rank needs its whole model. This switches the partitioning off for the block and
+    restores it after."""
     try:
         from transformers.integrations import deepspeed as hf_deepspeed
     except ImportError:  # pragma: no cover - transformers always has it
