@@ -102,7 +102,8 @@ def evaluate_model(source: PathModel | None, spec: EvalSpec, ctx: StageContext) 
         rows_out = zip(rows["prompt"], completions, answers, correct, samples, samples_correct, strict=True)
         write_samples(ctx.out_dir / artifacts.EVAL_SAMPLES, rows_out)
     if spec.harness is not None:
-        result["harness"] = on_main(run_harness, source, spec.harness, ctx)  # lm-eval on one process
+        with unsharded_loading():  # lm-eval loads the model on one process, even under ZeRO-3
+            result["harness"] = on_main(run_harness, source, spec.harness, ctx)
     return result
 
 
@@ -123,13 +124,6 @@ def distinct_problems(rows: Any, where: str) -> Any:
         f"{where}: {len(rows)} rows hold {len(keep)} distinct problems; each is evaluated once (n={len(keep)})"
     )
     return rows.select(keep)
-
-
-def evaluate_whole(source: PathModel | None, spec: EvalSpec, ctx: StageContext) -> dict[str, Any]:
-    """`evaluate_model` with the model loaded whole on every rank, even in a ZeRO-3 launch: each
-    rank generates for its share of the prompts, so ZeRO-3's sharded loading has no place here."""
-    with unsharded_loading():
-        return evaluate_model(source, spec, ctx)
 
 
 def sample(engine: Engine, prompts: list[Any], spec: EvalSpec, seed: int) -> Generated:

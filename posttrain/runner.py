@@ -21,7 +21,7 @@ from posttrain.architecture import root_slot
 from posttrain.context import StageContext
 from posttrain.distributed import launch_info, on_main, state
 from posttrain.errors import PosttrainError
-from posttrain.evaluation import check_gate, evaluate_whole
+from posttrain.evaluation import check_gate, evaluate_model
 from posttrain.integrity import CHEAP_HASH, verify_stage
 from posttrain.lock import RunLock
 from posttrain.recipe import (
@@ -347,7 +347,7 @@ def _with_eval(recipe: Recipe, stage_dir: Path, ctx: StageContext, metrics: dict
         or not recipe.stage(ctx.stage).generative
     ):
         return metrics
-    result = evaluate_whole(PathModel(path=str(stage_dir / artifacts.MODEL)), recipe.eval, ctx)
+    result = evaluate_model(PathModel(path=str(stage_dir / artifacts.MODEL)), recipe.eval, ctx)
     return {**metrics, "eval": result}
 
 

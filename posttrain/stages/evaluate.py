@@ -17,7 +17,7 @@ evaluates a served model (`vllm serve deepseek-ai/DeepSeek-R1 ...`) and loads no
 """
 
 from posttrain.context import StageContext
-from posttrain.evaluation import evaluate_whole
+from posttrain.evaluation import evaluate_model
 from posttrain.metrics import EvalMetrics, Timed
 from posttrain.recipe import EvalOptions, EvalSpec, EvaluateStage
 from posttrain.stages import Slot
@@ -32,11 +32,11 @@ def run(stage: EvaluateStage, ctx: StageContext) -> Metrics:
     spec = EvalSpec(data=stage.data, **{field: getattr(stage, field) for field in EvalOptions.model_fields})
     if spec.server is not None:  # a served model: nothing to load here
         return {
-            "eval": evaluate_whole(None, spec, ctx),
+            "eval": evaluate_model(None, spec, ctx),
             "model": f"{spec.server.model} at {spec.server.base_url}",
         }
     source = ctx.model(stage.model)
-    return {"eval": evaluate_whole(source, spec, ctx), "model": source.path}
+    return {"eval": evaluate_model(source, spec, ctx), "model": source.path}
 
 
 check = None  # the schema's evaluation checks cover it (data, gates, harness tasks)
