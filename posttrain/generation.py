@@ -55,26 +55,16 @@ def generate(
     """Completions for rendered `prompts` (k per prompt), decoded without special tokens, and
     throughput stats. Greedy unless `do_sample`; prompts are left-padded in batches. With a
     `description`, a progress bar counts the prompts done."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    sampling = Sampling(max_new_tokens, num_return_sequences, do_sample, temperature, top_p)
     outputs: list[list[str]] = []
     new_tokens = 0
     started = time.perf_counter()
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
-    )
-    k = num_return_sequences
-    try:
-        with progress(description, len(prompts)) as advance:
-            for i in range(0, len(prompts), batch_size):
-                texts, lengths = _generate_batch(
-                    model, tokenizer, prompts[i : i + batch_size], max_new_tokens, k, sampling
-                )
-                outputs.extend(texts[j : j + k] for j in range(0, len(texts), k))
-                new_tokens += sum(lengths)
-                advance(len(texts) // k)
-    finally:
-        tokenizer.padding_side = side
+    with progress(description, len(prompts)) as advance:
+        for i in range(0, len(prompts), batch_size):
+            texts, lengths = _generate_batch(model, tokenizer, prompts[i : i + batch_size], sampling)
+            outputs.extend(_grouped(texts, sampling.k))
+            new_tokens += sum(lengths)
+            advance(len(texts) // sampling.k)
     seconds = time.perf_counter() - started
     return outputs, {
         "tokens": new_tokens,
@@ -84,24 +74,32 @@ def generate(
 
 
 def _generate_batch(
-    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, k: int, sampling: dict[str, Any]
+    model: Any, tokenizer: Any, prompts: list[str], sampling: Sampling
 ) -> tuple[list[str], list[int]]:
     """k decoded completions per prompt of one left-padded batch, and each one's length in tokens
     (without padding and the end-of-sequence token)."""
     import torch
 
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
     batch = batch.to(model_device(model))
+    temperature, top_p = sampling.temperature_top_p()
+    options = {"temperature": temperature, "top_p": top_p} if sampling.do_sample else {}
     with torch.no_grad():
         out = model.generate(
             **batch,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=k,
+            max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=sampling.k,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             top_k=None,
+            do_sample=sampling.do_sample,
             synced_gpus=False,  # each rank writes its own batch: no rank waits for another's tokens
-            **sampling,
+            **options,
         )
     completion_ids = out[:, batch["input_ids"].shape[1] :]
     real = (completion_ids != tokenizer.pad_token_id) & (completion_ids != tokenizer.eos_token_id)
@@ -121,6 +119,10 @@ class Sampling:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+
+    def temperature_top_p(self) -> tuple[float, float]:
+        """The temperature and top-p an engine is asked for: (0, 1) when greedy."""
+        return (self.temperature, self.top_p) if self.do_sample else (0.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,20 +237,10 @@ class TransformersEngine:
             self.model = load_causal_lm(self.source).eval()
             if has_accelerator():
                 self.model = self.model.to(state().device)
-        options: dict[str, Any] = {"do_sample": False}
-        if sampling.do_sample:
-            options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
         devices = [self.model.device] if self.model.device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
-                texts, lengths = _generate_batch(
-                    self.model, self.tokenizer, prompts, sampling.max_new_tokens, sampling.k, options
-                )
-        finally:
-            self.tokenizer.padding_side = side
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            texts, lengths = _generate_batch(self.model, self.tokenizer, prompts, sampling)
         return _grouped(texts, sampling.k), _grouped(lengths, sampling.k)
 
     def close(self) -> None:
@@ -274,12 +266,13 @@ class VLLMEngine:
 
         if self.llm is None:
             self.llm = self._load()
+        temperature, top_p = sampling.temperature_top_p()
         params = [
             SamplingParams(
                 n=sampling.k,
                 max_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature if sampling.do_sample else 0.0,
-                top_p=sampling.top_p if sampling.do_sample else 1.0,
+                temperature=temperature,
+                top_p=top_p,
                 seed=seed + j,  # per prompt
                 skip_special_tokens=True,
             )
@@ -335,12 +328,13 @@ class ServerEngine:
 
     def _one(self, prompt: Any, sampling: Sampling, seed: int) -> tuple[str, int]:
         chat = isinstance(prompt, list)
+        temperature, top_p = sampling.temperature_top_p()
         body: dict[str, Any] = {
             "model": self.spec.model,
             ("messages" if chat else "prompt"): prompt,
             "max_tokens": sampling.max_new_tokens,
-            "temperature": sampling.temperature if sampling.do_sample else 0.0,
-            "top_p": sampling.top_p if sampling.do_sample else 1.0,
+            "temperature": temperature,
+            "top_p": top_p,
             "seed": seed,
             **self.spec.extra_body,
         }
