@@ -9,19 +9,18 @@ directory, after which it is a model path like any other.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from posttrain import artifacts
+from posttrain.cpu import follow_free_cores
 from posttrain.errors import PosttrainError, did_you_mean, one_of
 from posttrain.lora_targets import literal_targets
 from posttrain.recipe import PathModel, Quantization
 
 PRESETS = Path(str(files("posttrain.recipes") / "models"))
-SMALL_MODEL = 10_000_000  # parameters; below this a CPU runs the model fastest on one thread
 TOKENIZER_DIR = PRESETS / "tokenizer"
 # The key of a saved config.json that records the loading options of the model it came from.
 LOADING_RECORD = "posttrain_loaded_with"
@@ -299,7 +298,8 @@ def load_causal_lm(source: PathModel, trainable: bool = False, **kwargs: Any) ->
             model = AutoPeftModelForCausalLM.from_pretrained(source.path, **kwargs).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-    return cpu_threads(prepared(model, source, trainable))
+    follow_free_cores()  # torch's CPU threads: one per core no other process is busy on
+    return prepared(model, source, trainable)
 
 
 def prepared(model: Any, source: PathModel, trainable: bool) -> Any:
@@ -313,32 +313,6 @@ def prepared(model: Any, source: PathModel, trainable: bool) -> Any:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model
-
-
-_TORCH_THREADS: list[int] = []  # torch's own thread count, read before the first change
-
-
-def cpu_threads(model: Any) -> Any:
-    """Without an accelerator, run a model under SMALL_MODEL parameters on one CPU thread; returns it.
-
-    Its matrices are too small to split: a second thread only adds a barrier to every op, and a
-    barrier waits out a whole scheduler slice whenever another process has the other core. On a
-    shared 2-core machine one thread generated 17x and trained 8-37x faster (bench/threads_bench.py;
-    results differ from two threads' only by float rounding, as reductions split differently).
-    A bigger model gets torch's default back; `POSTTRAIN_CPU_THREADS` sets the count, and an
-    explicit `OMP_NUM_THREADS` is left alone."""
-    import torch
-
-    if torch.accelerator.is_available() or (
-        "OMP_NUM_THREADS" in os.environ and "POSTTRAIN_CPU_THREADS" not in os.environ
-    ):
-        return model
-    if not _TORCH_THREADS:
-        _TORCH_THREADS.append(torch.get_num_threads())
-    small = sum(numel(p) for p in model.parameters()) < SMALL_MODEL
-    wanted = os.environ.get("POSTTRAIN_CPU_THREADS") or (1 if small else _TORCH_THREADS[0])
-    torch.set_num_threads(int(wanted))
     return model
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from posttrain import artifacts, cards
+from posttrain import artifacts, cards, cpu
 from posttrain.architecture import root_slot
 from posttrain.context import StageContext
 from posttrain.distributed import launch_info, on_main, state
@@ -228,6 +228,7 @@ def _run_stages(
         event = "resume" if resume else "start"
         report(stage.name, event, {"kind": stage.kind, "dir": str(stage_dir), **position})
         started = time.time()
+        cpu.reset_record()
         try:
             metrics = stage_module(stage).run(stage, ctx)
             require_training(stage, metrics)
@@ -393,6 +394,7 @@ def _manifest(recipe: Recipe, stage: StageBase, fp: str, finished: dict, wall: f
         "git_commit": artifacts.git_commit(Path(recipe.source.file).resolve().parent),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_time_s": round(wall, 2),
+        "cpu_threads": cpu.threads_used(),  # torch's thread counts on a CPU (posttrain.cpu); [] on GPU
         **launch_info(),
     }
 

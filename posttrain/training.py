@@ -76,18 +76,23 @@ def named_integrations(report_to: Any, stage: str) -> list[str]:
 
 def callbacks(ctx: StageContext, guard: GuardSpec | None = None) -> list[Any]:
     """What every trainer gets: Ctrl-C saves a checkpoint and stops (the stage resumes next run),
-    the stage's `guard:` watches for NaN losses and reward collapse, and TensorBoard logs go to
-    `<stage>/logs`, always on and local: nothing leaves the machine by default."""
+    the stage's `guard:` watches for NaN losses and reward collapse, torch's CPU threads follow the
+    free cores, and TensorBoard logs go to `<stage>/logs`, always on and local: nothing leaves the
+    machine by default."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    from posttrain.guards import GracefulStop, TrainingGuard  # loads transformers (TrainerCallbacks)
+    from posttrain.guards import (  # loads transformers (TrainerCallbacks)
+        CpuThreads,
+        GracefulStop,
+        TrainingGuard,
+    )
 
     guard = guard or GuardSpec()
     watched = guard.model_dump(
         include=set(GuardSpec.model_fields)
     )  # an RL guard's other checks are the stage's
-    found: list[Any] = [GracefulStop(), TrainingGuard(ctx.stage, **watched)]
+    found: list[Any] = [GracefulStop(), TrainingGuard(ctx.stage, **watched), CpuThreads()]
     if ctx.is_main:
         found.append(TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out_dir / artifacts.LOGS))))
     return found

@@ -18,6 +18,9 @@ settings.register_profile("deep", max_examples=3000)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One torch thread per test process: the suite runs on 2 xdist workers, and a count that followed
+# the free cores (posttrain.cpu) would change float rounding from one run to the next.
+os.environ.setdefault("POSTTRAIN_CPU_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

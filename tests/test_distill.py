@@ -453,3 +453,27 @@ def test_logits_mode_refuses_a_student_with_another_tokenizer(
     line = err.strip().splitlines()[-1]
     assert "logit distillation needs one tokenizer" in line
     assert str(tiny_moe) in line and str(other) in line and "vocabularies differ" in line
+
+
+def test_a_teacher_from_this_run_keeps_the_evaluation_its_stage_ran(tmp_path: Path):
+    """The teacher's held-out figures come from its stage's metrics.json when that stage ran the same
+    `eval:` (its manifest's eval_hash), instead of evaluating the same model a second time."""
+    from posttrain.context import StageContext
+    from posttrain.recipe import EvalSpec
+    from posttrain.stages.distill import stage_eval
+
+    spec = EvalSpec.model_validate({"data": {"synthetic": "arithmetic", "split": "test", "n": 4}})
+    grpo = tmp_path / "grpo"
+    grpo.mkdir()
+    artifacts.write_json(grpo / "metrics.json", {"eval": {"accuracy": 0.42, "n": 4}})
+    artifacts.write_json(
+        grpo / "manifest.json", {"eval_hash": artifacts.canonical_hash(spec.model_dump(mode="json"))}
+    )
+    ctx = StageContext(
+        stage="distill", out_dir=tmp_path / "distill", run_dir=tmp_path, seed=0,
+        base_model=PathModel(path="unused"), stage_dirs={"grpo": grpo}, eval=spec,
+    )  # fmt: skip
+    assert stage_eval("grpo", ctx) == {"accuracy": 0.42, "n": 4}
+    assert stage_eval(PathModel(path=str(grpo)), ctx) is None  # a path: no stage's evaluation to trust
+    other = spec.model_copy(update={"max_new_tokens": 8})
+    assert stage_eval("grpo", StageContext(**{**ctx.__dict__, "eval": other})) is None  # another eval

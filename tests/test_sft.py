@@ -129,6 +129,7 @@ def test_each_stage_is_complete_with_manifest(full_and_lora):
         assert not (folder / "checkpoints").exists() and (folder / "logs").is_dir()
         assert manifest["stage"] == name and manifest["world_size"] == 1 and manifest["zero_stage"] == 0
         assert {"torch", "transformers", "trl", "peft"} <= manifest["versions"].keys()
+        assert manifest["cpu_threads"] == [1]  # tests/conftest.py sets POSTTRAIN_CPU_THREADS=1
     assert json.loads((recipe.run_dir / "lora" / "manifest.json").read_text())["inputs"]["full"][
         "completion_id"
     ]

@@ -451,16 +451,32 @@ def describe_teacher(stage: DistillStage, teacher: PathModel, ctx: StageContext)
         served = {"backend": "server", "server": stage.generation.server}
         return describe(None, dataclasses.replace(ctx, eval=ctx.eval and ctx.eval.model_copy(update=served)),
                         counts_required=False, name=teacher.path)  # fmt: skip
-    return describe(teacher, ctx)
+    return describe(teacher, ctx, evaluated=stage_eval(stage.teacher, ctx))
+
+
+def stage_eval(ref: Any, ctx: StageContext) -> EvalMetrics | None:
+    """The held-out evaluation that recipe stage `ref` already ran with this `eval:` (its manifest's
+    eval_hash matches), so that a teacher from this run is not evaluated twice; None otherwise."""
+    folder = ctx.stage_dirs.get(ref) if isinstance(ref, str) else None
+    if folder is None or ctx.eval is None:
+        return None
+    manifest = artifacts.read_json(folder / artifacts.MANIFEST) or {}
+    if manifest.get("eval_hash") != artifacts.canonical_hash(ctx.eval.model_dump(mode="json")):
+        return None
+    return (artifacts.read_json(folder / artifacts.METRICS) or {}).get("eval")
 
 
 def describe(
-    source: PathModel | None, ctx: StageContext, counts_required: bool = True, name: str | None = None
+    source: PathModel | None,
+    ctx: StageContext,
+    counts_required: bool = True,
+    name: str | None = None,
+    evaluated: EvalMetrics | None = None,
 ) -> Description:
     """Parameters, held-out accuracy and greedy generation tokens/s of one model (cached in its
-    folder); every rank evaluates a share of the prompts. A served model's size is counted when
-    its config is at hand (`counts_required=False`), and `source` is None when it is evaluated
-    through its server."""
+    folder); every rank evaluates a share of the prompts, unless `evaluated` holds the model's
+    evaluation already. A served model's size is counted when its config is at hand
+    (`counts_required=False`), and `source` is None when it is evaluated through its server."""
     saved = artifacts.read_json(ctx.out_dir / artifacts.DESCRIPTION)
     if saved is not None:
         return saved
@@ -474,7 +490,7 @@ def describe(
     about |= {"parameters": counts["total"]} if "total" in counts else {}
     about |= {"active_parameters": counts["active"]} if "active" in counts else {}
     if ctx.eval is not None:
-        result = evaluate_model(source, ctx.eval, ctx)
+        result = evaluated or evaluate_model(source, ctx.eval, ctx)
         about.update(accuracy=result["accuracy"], tokens_per_s=result["tokens_per_s"], eval=result)
     on_main(_save_description, ctx, about)
     return about

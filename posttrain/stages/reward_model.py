@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.context import StageContext
+from posttrain.cpu import follow_free_cores
 from posttrain.data_tools import extract_answer, require_columns
 from posttrain.errors import PosttrainError
 from posttrain.memory import Workload, trainer_workload
@@ -38,7 +39,6 @@ from posttrain.metrics import (
 )
 from posttrain.models import (
     count_parameters,
-    cpu_threads,
     load_tokenizer,
     prepared,
     pretrained_kwargs,
@@ -179,7 +179,8 @@ def load_reward_model(source: PathModel) -> Any:
     kwargs = {"dtype": "float32", **pretrained_kwargs(source, trainable=True), "num_labels": 1}
     with suppress_seqcls_warning():  # the new head is missing from the checkpoint, as it should be
         model = AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs)
-    return cpu_threads(prepared(model, source, trainable=True))
+    follow_free_cores()
+    return prepared(model, source, trainable=True)
 
 
 def split_by_prompt(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
