@@ -17,7 +17,7 @@ from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# posttrain runs a tiny model on one CPU thread (models.cpu_threads); plain trl would take torch's
+# posttrain's thread count follows the free cores (posttrain.cpu); plain trl would take torch's
 # default, so the benches pin one thread for every variant (set OMP_NUM_THREADS to choose another).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 BENCH = Path(__file__).resolve().parent

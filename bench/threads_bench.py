@@ -1,15 +1,15 @@
-"""CPU threads for a tiny model: the demo's own work on one thread against torch's default.
+"""CPU threads for a tiny model: the demo's own work on one thread against two (or more).
 
     python bench/threads_bench.py                 # tiny-deepseek-v3, 5 interleaved rounds
     python bench/threads_bench.py --threads 1 2 --rounds 7 --json out.json
 
-posttrain runs a model under 10 M parameters on one CPU thread when there is no accelerator
-(posttrain.models.cpu_threads). This times why, on the shapes the demo runs: `generate`, a GRPO
-step's sampling (256 completions of up to 40 tokens at T=0.8), and one forward + backward of a
-GRPO batch (256 x 56 tokens) and of an SFT batch (64 x 48). The thread counts take turns
-within each round. Figures: median wall seconds per round and their ratio to the first count
-(`vs_first`, paired per round); CPU seconds too, since a second thread that only waits at
-barriers burns CPU without cutting wall time.
+posttrain gives torch one CPU thread per core that no other process is busy on (posttrain.cpu).
+This times why, on the shapes the demo runs (run it once on a quiet machine and once beside a
+busy process): `generate`, a GRPO step's sampling (256 completions of up to 40 tokens at T=0.8),
+and one forward + backward of a GRPO batch (256 x 56 tokens) and of an SFT batch (64 x 48). The
+thread counts take turns within each round. Figures: median wall seconds per round and their
+ratio to the first count (`vs_first`, paired per round); CPU seconds too, since a second thread
+that only waits at barriers burns CPU without cutting wall time.
 """
 
 from __future__ import annotations
