@@ -19,6 +19,8 @@ import os
 import time
 from pathlib import Path
 
+from posttrain.errors import PosttrainError
+
 PROC_STAT = Path("/proc/stat")
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 SPARE = 0.2  # a core counts as free when at least 80 % of it is idle: a busier one stalls a thread
@@ -29,8 +31,14 @@ _USED: list[int] = []  # every count set since `reset_record`, for the stage's m
 def fixed_threads() -> int | None:
     """The count the user chose (`POSTTRAIN_CPU_THREADS`), 0 when `OMP_NUM_THREADS` is set (leave
     torch alone), None when posttrain picks."""
-    if os.environ.get("POSTTRAIN_CPU_THREADS"):
-        return int(os.environ["POSTTRAIN_CPU_THREADS"])
+    value = os.environ.get("POSTTRAIN_CPU_THREADS")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise PosttrainError(
+                f"POSTTRAIN_CPU_THREADS={value!r} is not a positive whole number of threads",
+                fix="export POSTTRAIN_CPU_THREADS=1 (or 2, ...), or unset it to follow the free cores",
+            )
+        return int(value)
     return 0 if "OMP_NUM_THREADS" in os.environ else None
 
 

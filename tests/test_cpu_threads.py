@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from posttrain import cpu, guards, models
+from posttrain.errors import PosttrainError
 from posttrain.recipe import PathModel
 
 
@@ -101,3 +102,10 @@ def test_explicit_thread_settings_win(tiny_moe: Path, picked, monkeypatch) -> No
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     models.load_causal_lm(PathModel(path=str(tiny_moe)))
     assert torch.get_num_threads() == 2 and cpu.follow_free_cores(0.0) is None  # left alone
+
+
+@pytest.mark.parametrize("value", ["two", "0", "-1", "1.5"])
+def test_a_bad_thread_count_is_one_clear_error(picked, monkeypatch, value) -> None:
+    monkeypatch.setenv("POSTTRAIN_CPU_THREADS", value)
+    with pytest.raises(PosttrainError, match="POSTTRAIN_CPU_THREADS=.* is not a positive whole number"):
+        cpu.follow_free_cores()
