@@ -176,6 +176,13 @@ def write_samples(path: Path, samples: Iterable[tuple]) -> None:
     write_atomic(path, "".join(lines))
 
 
+def eval_hash(spec: EvalSpec | None) -> str | None:
+    """The hash a stage's manifest keeps of the `eval:` its evaluation ran with (None without one):
+    the runner re-evaluates a cached stage when it changes, and distill reuses its teacher's
+    evaluation when it matches."""
+    return artifacts.canonical_hash(spec.model_dump(mode="json")) if spec else None
+
+
 def check_gate(recipe: Recipe, stage: StageBase, metrics: dict[str, Any]) -> None:
     """Stop the pipeline with one line when the stage's evaluation misses its gate."""
     if stage.gate is None:

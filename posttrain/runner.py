@@ -21,7 +21,7 @@ from posttrain.architecture import root_slot
 from posttrain.context import StageContext
 from posttrain.distributed import launch_info, on_main, state
 from posttrain.errors import PosttrainError
-from posttrain.evaluation import check_gate, evaluate_model
+from posttrain.evaluation import check_gate, eval_hash, evaluate_model
 from posttrain.integrity import CHEAP_HASH, verify_stage
 from posttrain.lock import RunLock
 from posttrain.recipe import (
@@ -336,10 +336,6 @@ def _context(recipe: Recipe, stage: StageBase, stage_dir: Path, finished: dict, 
     )
 
 
-def _eval_hash(recipe: Recipe) -> str | None:
-    return artifacts.canonical_hash(recipe.eval.model_dump(mode="json")) if recipe.eval else None
-
-
 def _with_eval(recipe: Recipe, stage_dir: Path, ctx: StageContext, metrics: dict) -> dict:
     """Evaluate the stage's model on the recipe's held-out data, when both exist."""
     if (
@@ -357,7 +353,7 @@ def _refresh_eval(
 ) -> dict:
     """A cached stage whose recipe `eval:` changed is re-evaluated (on every rank), not re-trained."""
     manifest = finished[stage.name]
-    if manifest.get("eval_hash") == _eval_hash(recipe) or not (stage_dir / artifacts.MODEL).is_dir():
+    if manifest.get("eval_hash") == eval_hash(recipe.eval) or not (stage_dir / artifacts.MODEL).is_dir():
         return metrics
     report(stage.name, "re-evaluate", {})
     ctx = _context(recipe, stage, stage_dir, finished, False)
@@ -371,7 +367,7 @@ def _record_eval(recipe: Recipe, stage: StageBase, stage_dir: Path, manifest: di
     """Rank 0 writes a cached stage's new evaluation into its files."""
     artifacts.write_json(stage_dir / artifacts.METRICS, metrics)
     cards.write_cards(recipe.run_dir, stage.name, metrics, manifest.get("fingerprint"))  # the new eval
-    manifest = {**manifest, "eval_hash": _eval_hash(recipe), "files": artifacts.list_files(stage_dir)}
+    manifest = {**manifest, "eval_hash": eval_hash(recipe.eval), "files": artifacts.list_files(stage_dir)}
     artifacts.write_json(stage_dir / artifacts.MANIFEST, manifest)
 
 
@@ -389,7 +385,7 @@ def _manifest(recipe: Recipe, stage: StageBase, fp: str, finished: dict, wall: f
         "inputs": {
             d: {"path": str(recipe.run_dir / d), "completion_id": finished[d]["completion_id"]} for d in deps
         },
-        "eval_hash": _eval_hash(recipe),
+        "eval_hash": eval_hash(recipe.eval),
         "versions": artifacts.package_versions(),
         "git_commit": artifacts.git_commit(Path(recipe.source.file).resolve().parent),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

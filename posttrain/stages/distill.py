@@ -42,7 +42,7 @@ from posttrain.data_tools.mixture import concatenate
 from posttrain.data_tools.peek import peek_columns
 from posttrain.distributed import on_main
 from posttrain.errors import PosttrainError
-from posttrain.evaluation import evaluate_model
+from posttrain.evaluation import eval_hash, evaluate_model
 from posttrain.memory import PROMPT_TOKENS, Frozen, ModelShape, Phase, Workload, model_shape, trainer_workload
 from posttrain.metrics import Curves, EvalMetrics, Evaluated, NotRequired, Timed, TrainMetrics, TypedDict
 from posttrain.models import load_causal_lm, load_tokenizer
@@ -461,7 +461,7 @@ def stage_eval(ref: Any, ctx: StageContext) -> EvalMetrics | None:
     if folder is None or ctx.eval is None:
         return None
     manifest = artifacts.read_json(folder / artifacts.MANIFEST) or {}
-    if manifest.get("eval_hash") != artifacts.canonical_hash(ctx.eval.model_dump(mode="json")):
+    if manifest.get("eval_hash") != eval_hash(ctx.eval):
         return None
     return (artifacts.read_json(folder / artifacts.METRICS) or {}).get("eval")
 
