@@ -28,9 +28,8 @@ _DEFAULT: list[int] = []  # torch's own thread count, read before the first chan
 _USED: list[int] = []  # every count set since `reset_record`, for the stage's manifest
 
 
-def fixed_threads() -> int | None:
-    """The count the user chose (`POSTTRAIN_CPU_THREADS`), 0 when `OMP_NUM_THREADS` is set (leave
-    torch alone), None when posttrain picks."""
+def chosen_threads() -> int | None:
+    """The count the user chose with `POSTTRAIN_CPU_THREADS`, None when unset."""
     value = os.environ.get("POSTTRAIN_CPU_THREADS")
     if value:
         if not value.isdigit() or int(value) < 1:
@@ -39,7 +38,7 @@ def fixed_threads() -> int | None:
                 fix="export POSTTRAIN_CPU_THREADS=1 (or 2, ...), or unset it to follow the free cores",
             )
         return int(value)
-    return 0 if "OMP_NUM_THREADS" in os.environ else None
+    return None
 
 
 def cores() -> list[int]:
@@ -142,11 +141,11 @@ def follow_free_cores(free: float | None = None) -> int | None:
     fixed the count or an accelerator does the work; returns the count set, or None."""
     import torch
 
-    fixed = fixed_threads()
-    if fixed == 0 or torch.accelerator.is_available():
+    chosen = chosen_threads()
+    if torch.accelerator.is_available() or (chosen is None and "OMP_NUM_THREADS" in os.environ):
         return None
-    if fixed is not None:
-        return set_threads(fixed)
+    if chosen is not None:
+        return set_threads(chosen)
     if free is None and (measured := free_cores()) is not None:
         # the ranks on this machine measure at the same moment, so they share what is free
         free = measured / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
