@@ -3,7 +3,8 @@
 `model:` is a stage name (that stage's `model/`, e.g. the RLAIF reward model) or a path /
 hub id. Each prompt + completion is rendered with the reward model's chat template (the way
 it was trained) and scored by the logit of its single output, in batches, without gradients,
-on the GPU when there is one. The model loads once, when the reward is built.
+on the GPU when there is one. A text repeated in the batch is scored once. The model loads
+once, when the reward is built.
 """
 
 from __future__ import annotations
@@ -47,10 +48,14 @@ def reward_model(
             render(tokenizer, p, c)
             for p, c in zip(prompts or [""] * len(completions), completions, strict=True)
         ]
-        scores: list[float | None] = []
-        for i in range(0, len(texts), batch_size):
+        # A GRPO group often repeats an answer word for word (half of the demo's late batches):
+        # each distinct text is scored once.
+        unique = list(dict.fromkeys(texts))
+        scores: dict[str, float] = {}
+        for i in range(0, len(unique), batch_size):
+            batch_texts = unique[i : i + batch_size]
             batch = tokenizer(
-                texts[i : i + batch_size],
+                batch_texts,
                 return_tensors="pt",
                 padding=True,
                 truncation=True,
@@ -59,8 +64,8 @@ def reward_model(
             ).to(device)
             with torch.inference_mode():
                 logits = scorer(**batch).logits[:, 0].float()
-            scores.extend((logits * scale + shift).tolist())
-        return scores
+            scores.update(zip(batch_texts, (logits * scale + shift).tolist(), strict=True))
+        return [scores[text] for text in texts]
 
     return reward_model_reward
 

@@ -372,24 +372,62 @@ def tiny_reward_model(tiny_dense: Path, tmp_path_factory: pytest.TempPathFactory
     return dest
 
 
+class StageRef:
+    """A run context that resolves the stage name `rm` to a model folder."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def model(self, ref: str):
+        from posttrain.recipe import PathModel
+
+        assert ref == "rm"
+        return PathModel(path=str(self.path))
+
+
 def test_reward_model_scores_through_a_stage_reference(tiny_reward_model: Path) -> None:
-    from posttrain.recipe import PathModel
-
-    class Ctx:
-        def model(self, ref):
-            assert ref == "rm"
-            return PathModel(path=str(tiny_reward_model))
-
     prompts = [[{"role": "user", "content": "1+1="}]] * 3
     completions = [chat("<answer>2</answer>"), chat("<answer>3</answer>"), chat("<answer>2</answer>")]
-    reward = build_reward({"name": "reward_model", "model": "rm", "batch_size": 2}, Ctx())
+    reward = build_reward(
+        {"name": "reward_model", "model": "rm", "batch_size": 2}, StageRef(tiny_reward_model)
+    )
     scores = reward(prompts=prompts, completions=completions)
     assert all(isinstance(s, float) for s in scores) and scores[0] == pytest.approx(scores[2], abs=1e-5)
     assert scores[0] != scores[1]
-    shifted = build_reward({"name": "reward_model", "model": "rm", "scale": 2, "shift": 1}, Ctx())
+    shifted = build_reward(
+        {"name": "reward_model", "model": "rm", "scale": 2, "shift": 1}, StageRef(tiny_reward_model)
+    )
     assert shifted(prompts=prompts[:1], completions=completions[:1])[0] == pytest.approx(
         2 * scores[0] + 1, abs=1e-4
     )
+
+
+def test_reward_model_scores_each_distinct_text_once(tiny_reward_model: Path, monkeypatch) -> None:
+    """A GRPO group often repeats an answer: the reward model runs on each distinct text once,
+    and every copy gets that text's score, the same as scored alone."""
+    from transformers import AutoModelForSequenceClassification
+
+    rows_seen: list[int] = []
+    load = AutoModelForSequenceClassification.from_pretrained
+
+    def counting_load(*args, **kwargs):
+        scorer = load(*args, **kwargs)
+        scorer.register_forward_hook(
+            lambda _m, _a, kw, _o: rows_seen.append(len(kw["input_ids"])), with_kwargs=True
+        )
+        return scorer
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", counting_load)
+    reward = build_reward(
+        {"name": "reward_model", "model": "rm", "batch_size": 2}, StageRef(tiny_reward_model)
+    )
+    prompts = [[{"role": "user", "content": "1+1="}]] * 5
+    answers = ["2", "3", "2", "2", "4"]
+    scores = reward(prompts=prompts, completions=[chat(f"<answer>{a}</answer>") for a in answers])
+    assert rows_seen == [2, 1]  # 3 distinct texts in batches of 2
+    alone = {a: reward(prompts=prompts[:1], completions=[chat(f"<answer>{a}</answer>")])[0] for a in "234"}
+    assert scores == [pytest.approx(alone[a], abs=1e-5) for a in answers]
+    assert scores[0] == scores[2] == scores[3]
 
 
 # --------------------------------------------------------------------------- posttrain rewards score
