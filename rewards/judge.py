@@ -11,7 +11,8 @@ holds the rest of a judge block exactly as in an `rlaif_label` stage, checked wh
 loads. No reward model is trained in between: the judge scores the policy's samples directly.
 
 - A pointwise judge (`likelihood`) scores each completion by itself: its mean token
-  log-likelihood under the judge (<= 0; higher is better).
+  log-likelihood under the judge (<= 0; higher is better). A completion repeated for the same
+  prompt in the batch is judged once.
 - A pairwise judge (`hf`, `openai`) compares each completion with the other completions of the
   same prompt in the batch (a GRPO group), in both orders, and scores it by its mean
   p(better) in [0, 1]. A completion with no peer in the batch scores None (not judged).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import RootModel, TypeAdapter, ValidationError, model_validator
@@ -91,10 +93,26 @@ def judge_reward(judge: JudgeOptions, model: Any) -> RewardFunc:
     def score_with_judge(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float | None]:
         texts = [completion_text(c) for c in completions]
         if built.score is not None:
-            return built.score([(p, t, {}) for p, t in zip(prompts, texts, strict=True)])
+            return pointwise_scores(built.score, prompts, texts)
         return group_win_rates(built, prompts, texts)
 
     return score_with_judge
+
+
+def pointwise_scores(
+    score: Callable[[list[tuple[Any, str, dict[str, Any]]]], list[float | None]],
+    prompts: list[Any],
+    texts: list[str],
+) -> list[float | None]:
+    """A pointwise judge's score of each completion, each distinct (prompt, completion) judged
+    once: GRPO groups repeat answers word for word (half of the demo's late batches), and every
+    judged text costs the judge a forward pass."""
+    first: dict[tuple[str, str], int] = {}
+    keys = [(json.dumps(p, sort_keys=True, default=str), t) for p, t in zip(prompts, texts, strict=True)]
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    scored = dict(zip(first, score([(prompts[i], texts[i], {}) for i in first.values()]), strict=True))
+    return [scored[key] for key in keys]
 
 
 def group_win_rates(judge: Any, prompts: list[Any], texts: list[str]) -> list[float | None]:

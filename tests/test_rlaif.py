@@ -682,6 +682,7 @@ def test_reward_backend_judges_with_a_registered_reward(tmp_path: Path):
 def test_judge_reward_scores_completions_during_rl(tmp_path: Path, tiny_dense: Path):
     from posttrain.recipe import RewardSpec
     from posttrain.rewards import build_reward, check_spec
+    from posttrain.rewards.judge import pointwise_scores
 
     ctx = stage_context(tmp_path)
     pointwise = build_reward(
@@ -690,6 +691,15 @@ def test_judge_reward_scores_completions_during_rl(tmp_path: Path, tiny_dense: P
     completions = [[{"role": "assistant", "content": c}] for c in (RIGHT, WRONG, RIGHT)]
     scores = pointwise(prompts=[QUESTION] * 3, completions=completions)
     assert scores[0] == pytest.approx(scores[2]) and all(s < 0 for s in scores)
+    judged: list[tuple] = []  # a repeated (prompt, completion) is judged once and shares the score
+
+    def length_judge(items: list[tuple]) -> list[float]:
+        judged.extend(items)
+        return [len(text) for _, text, _ in items]
+
+    prompts = [QUESTION, QUESTION, "other", QUESTION]
+    assert pointwise_scores(length_judge, prompts, ["ab", "c", "ab", "ab"]) == [2, 1, 2, 2]
+    assert [(p, t) for p, t, _ in judged] == [(QUESTION, "ab"), (QUESTION, "c"), ("other", "ab")]
 
     spec = RewardSpec(
         name="judge", model={"path": str(tiny_dense)}, judge={"backend": "hf", "principles": ["Be right."]}
