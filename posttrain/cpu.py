@@ -109,7 +109,8 @@ def free_cores(window_s: float = 0.2, reuse_s: float = 10.0) -> float | None:
     if _LAST and time.monotonic() - _LAST[0][0] < reuse_s:
         return _LAST[0][1]
     watch = CoreWatch()
-    time.sleep(window_s)
+    if watch.last[1] is not None:  # without /proc/stat there is nothing to wait for
+        time.sleep(window_s)
     _LAST[:] = [(time.monotonic(), watch.free())]
     return _LAST[0][1]
 

@@ -70,6 +70,15 @@ def test_a_busy_process_takes_its_core_off_the_count(picked) -> None:
     assert free is not None and free <= cpu.capacity() - 0.6
 
 
+def test_without_proc_stat_nothing_waits_and_torch_keeps_its_default(picked, tmp_path, monkeypatch) -> None:
+    """Off Linux the training callback looks every few seconds: each look must not sleep."""
+    monkeypatch.setattr(cpu, "PROC_STAT", tmp_path / "absent")
+    slept: list[float] = []
+    monkeypatch.setattr(cpu.time, "sleep", slept.append)
+    assert cpu.free_cores(reuse_s=0) is None and slept == []
+    assert cpu.follow_free_cores() == 2
+
+
 def test_loading_a_model_sets_the_count_and_the_ranks_share_the_free_cores(
     tiny_moe: Path, picked, monkeypatch
 ) -> None:
