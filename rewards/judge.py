@@ -107,11 +107,9 @@ def pointwise_scores(
     """A pointwise judge's score of each completion, each distinct (prompt, completion) judged
     once: GRPO groups repeat answers word for word (half of the demo's late batches), and every
     judged text costs the judge a forward pass."""
-    first: dict[tuple[str, str], int] = {}
     keys = [(json.dumps(p, sort_keys=True, default=str), t) for p, t in zip(prompts, texts, strict=True)]
-    for i, key in enumerate(keys):
-        first.setdefault(key, i)
-    scored = dict(zip(first, score([(prompts[i], texts[i], {}) for i in first.values()]), strict=True))
+    distinct = dict(zip(keys, zip(prompts, texts, strict=True), strict=True))
+    scored = dict(zip(distinct, score([(p, t, {}) for p, t in distinct.values()]), strict=True))
     return [scored[key] for key in keys]
 
 
