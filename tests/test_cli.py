@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -70,9 +71,11 @@ def test_shell_completion_completes_commands(monkeypatch) -> None:
     result = subprocess.run([sys.executable, "-c", "from posttrain.cli import main; main()"],
                             capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
     assert result.stdout.split() == ["export"], result
-    result = subprocess.run([sys.executable, "-m", "posttrain", "--show-completion", "bash"],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert result.returncode == 0 and "_POSTTRAIN_COMPLETE" in result.stdout
+    # --show-completion detects the shell it runs under (shellingham walks the parent processes), so
+    # it runs under bash here: pytest started in the background has no shell among its ancestors.
+    command = f"{shlex.quote(sys.executable)} -m posttrain --show-completion; exit $?"  # `exit`: bash stays the parent
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "_POSTTRAIN_COMPLETE" in result.stdout, result
 
 
 # --------------------------------------------------------------------------- the recipe schema
