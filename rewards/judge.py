@@ -99,6 +99,12 @@ def judge_reward(judge: JudgeOptions, model: Any) -> RewardFunc:
     return score_with_judge
 
 
+def prompt_key(prompt: Any) -> str:
+    """The same key for equal prompts, chat messages or plain text: completions of one prompt in
+    a batch are grouped (pairwise) or deduplicated (pointwise) by it."""
+    return json.dumps(prompt, sort_keys=True, default=str)
+
+
 def pointwise_scores(
     score: Callable[[list[tuple[Any, str, dict[str, Any]]]], list[float | None]],
     prompts: list[Any],
@@ -107,7 +113,7 @@ def pointwise_scores(
     """A pointwise judge's score of each completion, each distinct (prompt, completion) judged
     once: GRPO groups repeat answers word for word (half of the demo's late batches), and every
     judged text costs the judge a forward pass."""
-    keys = [(json.dumps(p, sort_keys=True, default=str), t) for p, t in zip(prompts, texts, strict=True)]
+    keys = [(prompt_key(p), t) for p, t in zip(prompts, texts, strict=True)]
     distinct = dict(zip(keys, zip(prompts, texts, strict=True), strict=True))
     scored = dict(zip(distinct, score([(p, t, {}) for p, t in distinct.values()]), strict=True))
     return [scored[key] for key in keys]
@@ -121,7 +127,7 @@ def group_win_rates(judge: Any, prompts: list[Any], texts: list[str]) -> list[fl
 
     groups: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
-        groups.setdefault(json.dumps(prompt, sort_keys=True, default=str), []).append(i)
+        groups.setdefault(prompt_key(prompt), []).append(i)
     members = list(groups.values())
     answers = [[texts[i] for i in group] for group in members]
     judged = judge_pairs(
